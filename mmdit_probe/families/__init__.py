@@ -1,0 +1,31 @@
+"""Model family adapters. A family differs from another only in its layout facts and processors."""
+
+from __future__ import annotations
+
+from .base import Attention, Family, TextSegment
+from .flux import FluxFamily
+from .sd3 import SD3Family
+
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily}
+_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def supported() -> str:
+    return ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
+
+
+def family_name_for_class(pipeline_class: str) -> str:
+    for name, family in FAMILIES.items():
+        if pipeline_class in family.pipeline_classes:
+            return name
+    raise TypeError(f"unsupported pipeline class {pipeline_class!r}; mmdit_probe supports {supported()}")
+
+
+def family_for(pipeline) -> Family:
+    """The adapter for a diffusers pipeline; raises naming the supported pipelines otherwise."""
+    transformer = type(getattr(pipeline, "transformer", None)).__name__
+    name = _TRANSFORMERS.get(transformer) or family_name_for_class(type(pipeline).__name__)
+    return FAMILIES[name](pipeline)
+
+
+__all__ = ["Attention", "Family", "TextSegment", "FAMILIES", "family_for", "family_name_for_class", "supported"]

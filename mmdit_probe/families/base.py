@@ -1,0 +1,113 @@
+"""What a model family adapter knows: its blocks, its token layout, and how to install taps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..taps import TapProcessor
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention module with taps: where it lives and what it sees."""
+
+    block: int  # global block index
+    name: str  # "attn" or "attn2"
+    path: str  # module path inside the transformer, e.g. "transformer_blocks.3.attn"
+    has_text: bool  # joint image+text attention (False: SD3.5-M attn2, image only)
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """One tokenizer's share of the text sequence the transformer sees."""
+
+    encoder: str  # "clip" or "t5"
+    tokenizer: str  # attribute of the pipeline, e.g. "tokenizer_3"
+    start: int
+    length: int
+
+
+class Family:
+    """Base adapter. Subclasses differ only in layout facts and their processor classes."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.transformer: nn.Module = pipeline.transformer
+        self.attentions: list[Attention] = self._attentions()
+        self._stock: dict[str, object] = {}
+
+    # -- layout ------------------------------------------------------------
+    def _attentions(self) -> list[Attention]:
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return 1 + max(a.block for a in self.attentions)
+
+    def block_path(self, block: int) -> str:
+        return self.attention(block).path.rsplit(".", 1)[0]
+
+    def attention(self, block: int, name: str = "attn") -> Attention:
+        self.check_block(block)
+        for a in self.attentions:
+            if a.block == block and a.name == name:
+                return a
+        raise ValueError(f"block {block} has no {name!r}; "
+                         f"blocks with attn2: {[a.block for a in self.attentions if a.name == 'attn2']}")
+
+    def check_block(self, block: int) -> int:
+        if not isinstance(block, int) or not 0 <= block < self.num_blocks:
+            raise IndexError(f"block index {block!r} out of range: {self.name} has blocks 0..{self.num_blocks - 1}")
+        return block
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        raise NotImplementedError
+
+    def text_length(self, max_sequence_length: int) -> int:
+        segments = self.text_segments(max_sequence_length)
+        return segments[-1].start + segments[-1].length if segments else 0
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Image tokens per column and row for an image of this size."""
+        raise NotImplementedError
+
+    latent_channels_divisor = 1  # Flux packs 2x2 latent patches into one token of 4x the channels
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """One initial latent, drawn exactly as the pipeline draws it for `seed`, repeated `batch` times."""
+        pipe = self.pipeline
+        channels = self.transformer.config.in_channels // self.latent_channels_divisor
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = pipe.prepare_latents(1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
+                                     generator)
+        noise = noise[0] if isinstance(noise, tuple) else noise
+        return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
+
+    # -- taps ----------------------------------------------------------------
+    def make_processor(self, attention: Attention, stock) -> TapProcessor:
+        raise NotImplementedError
+
+    def install_taps(self) -> None:
+        """Replace each attention processor by its tapped twin (idempotent)."""
+        for a in self.attentions:
+            module = self.transformer.get_submodule(a.path)
+            if not isinstance(module.processor, TapProcessor):
+                self._stock[a.path] = module.processor
+                module.set_processor(self.make_processor(a, module.processor))
+
+    def remove_taps(self) -> None:
+        """Put the stock processors back."""
+        for path, stock in self._stock.items():
+            self.transformer.get_submodule(path).set_processor(stock)
+        self._stock.clear()
+
+    def taps_installed(self) -> bool:
+        return all(isinstance(self.transformer.get_submodule(a.path).processor, TapProcessor)
+                   for a in self.attentions)

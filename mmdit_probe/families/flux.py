@@ -1,0 +1,137 @@
+"""Flux.1 (`FluxTransformer2DModel`): joint sequence [text | image], text = T5 only.
+
+Global block numbering: double-stream blocks 0..D-1, then single-stream blocks D..D+S-1.
+RoPE is applied to the joint q/k after the norms, so the q/k taps hold rotated vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..taps import TapProcessor
+from .base import Attention, Family, TextSegment
+
+
+class FluxTapProcessor(TapProcessor):
+    """`FluxAttnProcessor` with taps, for double-stream and single-stream blocks.
+
+    A single-stream block hands its attention one joint [text | image] sequence; the block knows
+    the text length and sets `text_length` before each call (see `FluxFamily.install_taps`).
+    Attention runs through diffusers' `dispatch_attention_fn`, so GPU backends stay selectable.
+    """
+
+    # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_length: int | None = None
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                image_rotary_emb=None, **kwargs):
+        fused = getattr(attn, "fused_projections", False)
+        if fused:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+
+        joint = attn.added_kv_proj_dim is not None
+        if joint:
+            if fused:
+                tq, tk, tv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                tq = attn.add_q_proj(encoder_hidden_states)
+                tk = attn.add_k_proj(encoder_hidden_states)
+                tv = attn.add_v_proj(encoder_hidden_states)
+            tq, tk, tv = (t.unflatten(-1, (-1, attn.head_dim)) for t in (tq, tk, tv))
+            tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
+            q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
+            n_text = encoder_hidden_states.shape[1]
+        else:
+            if self.text_length is None:
+                raise RuntimeError("single-stream tap processor called without its block setting text_length")
+            n_text = self.text_length
+
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+
+        # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that
+        # changes nothing leaves the attention inputs bit-identical.
+        streams = {}
+        for name, t in zip("qkv", (q, k, v)):
+            text, image = t[:, :n_text].transpose(1, 2), t[:, n_text:].transpose(1, 2)
+            streams[name] = (self.hook(name, "txt")(text).transpose(1, 2),
+                             self.hook(name, "img")(image).transpose(1, 2))
+        q, k, v = (torch.cat(streams[name], dim=1) for name in "qkv")
+
+        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(q.dtype)
+        text, image = out[:, :n_text], out[:, n_text:]
+        if joint:
+            image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+            text = attn.to_add_out(text.contiguous())
+            return self.hook_out_img(image), self.hook_out_txt(text)
+        return torch.cat([self.hook_out_txt(text), self.hook_out_img(image)], dim=1)
+
+
+def _set_text_length(block, args, kwargs) -> None:
+    encoder_hidden_states = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    block.attn.processor.text_length = encoder_hidden_states.shape[1]
+
+
+class FluxFamily(Family):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    image_first = False
+    latent_channels_divisor = 4
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self._block_hooks: list = []
+
+    @property
+    def num_double(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    def _attentions(self) -> list[Attention]:
+        double = len(self.transformer.transformer_blocks)
+        found = [Attention(i, "attn", f"transformer_blocks.{i}.attn", True) for i in range(double)]
+        found += [Attention(double + j, "attn", f"single_transformer_blocks.{j}.attn", True)
+                  for j in range(len(self.transformer.single_transformer_blocks))]
+        return found
+
+    def is_single(self, block: int) -> bool:
+        return self.check_block(block) >= self.num_double
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        return [TextSegment("t5", "tokenizer_2", 0, max_sequence_length)]
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        # Latents are packed 2x2 into one token.
+        step = self.pipeline.vae_scale_factor * 2
+        return height // step, width // step
+
+    def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
+        processor = FluxTapProcessor()
+        processor._attention_backend = getattr(stock, "_attention_backend", None)
+        processor._parallel_config = getattr(stock, "_parallel_config", None)
+        return processor
+
+    def install_taps(self) -> None:
+        super().install_taps()
+        if not self._block_hooks:
+            self._block_hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
+                                 for block in self.transformer.single_transformer_blocks]
+
+    def remove_taps(self) -> None:
+        super().remove_taps()
+        for handle in self._block_hooks:
+            handle.remove()
+        self._block_hooks = []

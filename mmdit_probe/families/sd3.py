@@ -1,0 +1,92 @@
+"""SD3 / SD3.5 (`SD3Transformer2DModel`): joint sequence [image | text], text = CLIP 77 + T5."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..taps import TapProcessor
+from .base import Attention, Family, TextSegment
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, tokens, heads * dim) -> (batch, heads, tokens, dim), a view as in the stock processor."""
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+class SD3TapProcessor(TapProcessor):
+    """`JointAttnProcessor2_0` with taps; the same operations in the same order.
+
+    Called with text (joint attention) or without (SD3.5-M `attn2`: image-only self-attention).
+    Also serves modules whose projections were fused by `fuse_qkv_projections()`.
+    """
+
+    def __init__(self, has_text: bool = True) -> None:
+        super().__init__(("img", "txt") if has_text else ("img",))
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        n_image = hidden_states.shape[1]
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        q, k, v = self.tap_qkv("img", q, k, v)
+
+        if encoder_hidden_states is not None:
+            if getattr(attn, "fused_projections", False):
+                tq, tk, tv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                tq = attn.add_q_proj(encoder_hidden_states)
+                tk = attn.add_k_proj(encoder_hidden_states)
+                tv = attn.add_v_proj(encoder_hidden_states)
+            tq, tk, tv = (_heads(t, attn.heads) for t in (tq, tk, tv))
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            tq, tk, tv = self.tap_qkv("txt", tq, tk, tv)
+            q, k, v = torch.cat([q, tq], dim=2), torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
+
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(q.dtype)
+
+        image = self.hook_out_img(attn.to_out[1](attn.to_out[0](out[:, :n_image])))
+        if encoder_hidden_states is None:
+            return image
+        text = out[:, n_image:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, self.hook_out_txt(text)
+
+
+class SD3Family(Family):
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    image_first = True
+
+    def _attentions(self) -> list[Attention]:
+        found = []
+        for i, block in enumerate(self.transformer.transformer_blocks):
+            found.append(Attention(i, "attn", f"transformer_blocks.{i}.attn", has_text=True))
+            if getattr(block, "attn2", None) is not None:
+                found.append(Attention(i, "attn2", f"transformer_blocks.{i}.attn2", has_text=False))
+        return found
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        clip = self.pipeline.tokenizer_max_length
+        segments = [TextSegment("clip", "tokenizer", 0, clip)]
+        # Without T5 the pipeline still appends `max_sequence_length` zero rows: positions, no tokens.
+        segments.append(TextSegment("t5", "tokenizer_3", clip, max_sequence_length))
+        return segments
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        step = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
+        return height // step, width // step
+
+    def make_processor(self, attention: Attention, stock) -> SD3TapProcessor:
+        return SD3TapProcessor(has_text=attention.has_text)

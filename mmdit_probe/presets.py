@@ -1,0 +1,93 @@
+"""Known checkpoints as data: family, sampling defaults, the paper's map layers, editing defaults.
+
+Values follow the paper ("Exploring Multimodal Diffusion Transformers for Enhanced Prompt-based
+Image Editing") and its public code; block numbers are global block indices (Flux: double-stream
+0-18, then single-stream 19-56). Unknown checkpoints get their family's defaults.
+
+>>> preset("sd3.5-large").top_layers
+(18, 21, 20, 24, 16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str  # "sd3" or "flux"
+    hub_id: str | None
+    steps: int
+    guidance: float
+    resolution: int
+    max_sequence_length: int  # T5 tokens (zeros for SD3 without T5)
+    top_layers: tuple[int, ...]  # blocks whose T2I maps are averaged for masks
+    tau: float = 0.2  # fraction of steps with image q/k injection
+    eta: float = 0.5  # fraction of steps with local blending
+    theta: float = 0.3  # local-blend mask threshold
+    inject_blocks: tuple[int, ...] | None = None  # None: every block
+    notes: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 28, 7.0, 1024, 256,
+               (7, 8, 5, 4, 9), theta=0.3, notes="24 joint blocks, no qk-norm"),
+        Preset("sd3.5-medium", "sd3", "stabilityai/stable-diffusion-3.5-medium", 28, 7.0, 1024, 256,
+               (7, 9, 8, 5, 10), theta=0.2,
+               notes="blocks 0-12 also have attn2 (image-only); the paper's code counted attn2 "
+                     "processors, so its block numbers here may be shifted"),
+        Preset("sd3.5-large", "sd3", "stabilityai/stable-diffusion-3.5-large", 28, 7.0, 1024, 256,
+               (18, 21, 20, 24, 16), theta=0.5, notes="38 joint blocks, qk rms-norm"),
+        Preset("sd3.5-large-turbo", "sd3", "stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0, 1024, 256,
+               (18, 21, 20, 24, 16), tau=0.25, theta=0.5, inject_blocks=tuple(range(30)),
+               notes="few-step: inject in a subset of blocks or the edit sticks to the source"),
+        Preset("flux.1-dev", "flux", "black-forest-labs/FLUX.1-dev", 28, 3.5, 1024, 512,
+               (18, 17, 12, 14, 11), theta=0.3, notes="distilled guidance: no batch doubling"),
+        Preset("flux.1-schnell", "flux", "black-forest-labs/FLUX.1-schnell", 4, 0.0, 1024, 256,
+               (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
+               notes="few-step; T5 length 256"),
+        # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
+        Preset("toy", "sd3", None, 20, 4.0, 32, 4, (0, 1, 2, 3, 4), theta=0.3,
+               notes="trained on the Shapes world; CLIP only, T5 zeros of length 4"),
+    ]
+}
+
+FAMILY_DEFAULTS: dict[str, Preset] = {
+    "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
+    "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
+}
+
+_HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
+
+
+def preset(name: str) -> Preset:
+    """A preset by its short name (``"sd3-medium"``) or hub id; raises with the known names."""
+    key = name.lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    if key in _HUB_IDS:
+        return _HUB_IDS[key]
+    raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)} "
+                   f"(or pass a hub id / local directory of a supported pipeline)")
+
+
+def find_preset(source: str | None, family: str) -> Preset:
+    """The preset matching a hub id or preset name, else the family defaults."""
+    if source is not None:
+        key = str(source).lower().rstrip("/")
+        if key in PRESETS:
+            return PRESETS[key]
+        if key in _HUB_IDS:
+            return _HUB_IDS[key]
+    return FAMILY_DEFAULTS[family]
+
+
+def register(p: Preset) -> Preset:
+    """Add a preset (e.g. for a fine-tuned checkpoint) so `load(name)` finds it."""
+    PRESETS[p.name.lower()] = p
+    if p.hub_id:
+        _HUB_IDS[p.hub_id.lower()] = p
+    return p

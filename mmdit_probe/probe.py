@@ -1,0 +1,200 @@
+"""`load` a model and get a `Probe`: the pipeline with taps, wrapped in an nnsight `DiffusionModel`.
+
+>>> probe = mmdit_probe.load("toy")                      # or "sd3-medium", a hub id, a local dir, a pipeline
+>>> with probe.model.generate(**probe.inputs(["a red circle", "a blue circle"], seed=0)) as tracer:
+...     q = probe.hook("blocks.2.attn.hook_q_img").output.save()    # first step's image queries
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
+
+from .families import Family, family_for, family_name_for_class
+from .presets import PRESETS, Preset, find_preset
+from .taps import ACTIVATIONS, STREAMS
+from .tokens import TokenTable, tokenize
+
+TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+
+
+class _PipelineModel(DiffusionModel):
+    """nnsight's `DiffusionModel`, also accepting a pipeline that is already built."""
+
+    def _load(self, repo_id: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        if isinstance(repo_id, DiffusionPipeline):
+            self.pipeline = repo_id
+            return _PipelineModule(repo_id)
+        return super()._load(repo_id, *args, **kwargs)
+
+
+def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
+    """Safe loading: safetensors only, never remote code; a clear message when offline."""
+    if kwargs.pop("trust_remote_code", False):
+        raise ValueError("mmdit_probe never loads remote code (trust_remote_code=True is refused)")
+    local = Path(source).expanduser()
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.exists():
+            raise FileNotFoundError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
+        family_name_for_class(json.loads(index.read_text())["_class_name"])  # refuse before loading weights
+        return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
+    try:
+        return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
+    except OSError as error:
+        raise OSError(
+            f"could not load {source!r}: {error}\n"
+            f"Without network access, download the checkpoint on a machine that has it "
+            f"(e.g. `hf download {source} --local-dir DIR`) and call mmdit_probe.load('DIR'). "
+            f"Known presets: {', '.join(PRESETS)}."
+        ) from error
+
+
+def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None, preset: str | Preset | None = None, **from_pretrained: Any) -> Probe:
+    """Load a supported MM-DiT pipeline and install taps.
+
+    `model` is a preset name (``"sd3-medium"``, ``"flux.1-dev"``, ``"toy"``, ...), a hub id, a local
+    pipeline directory, or a built diffusers pipeline. Sampling defaults (steps, guidance, size,
+    T5 length) and the map/editing defaults come from the matching preset, or the family's.
+
+    >>> probe = load("toy")
+    >>> probe.family.name, probe.family.num_blocks
+    ('sd3', 6)
+    """
+    source = None
+    if isinstance(model, DiffusionPipeline):
+        pipeline = model
+    else:
+        source = str(model)
+        if source.lower() == "toy":
+            location = TOY_WEIGHTS
+            from_pretrained.setdefault("torch_dtype", torch.float32)  # shipped as fp16 to stay small
+        elif source.lower() in PRESETS and PRESETS[source.lower()].hub_id:
+            location = PRESETS[source.lower()].hub_id
+        else:
+            location = source
+        if dtype is not None:
+            from_pretrained["torch_dtype"] = dtype
+        pipeline = _from_pretrained(str(location), **from_pretrained)
+    if dtype is not None:
+        pipeline.to(dtype=dtype)
+    if device is not None:
+        pipeline.to(device)
+    return Probe(pipeline, preset=preset if preset is not None else source)
+
+
+class Probe:
+    """A pipeline with taps installed and its nnsight wrapper.
+
+    - `probe.pipeline`: the diffusers pipeline (taps installed; usable directly);
+    - `probe.model`: the nnsight `DiffusionModel` over it, for `trace`/`generate` interventions;
+    - `probe.hook(name)`: the nnsight envoy of a hook point, by its stable name;
+    - `probe.inputs(prompts, seed=...)`: pipeline arguments with the preset's defaults and one
+      shared initial noise for every prompt;
+    - `probe.tokens(prompt)`: which text positions belong to which word.
+    """
+
+    def __init__(self, pipeline: DiffusionPipeline, preset: str | Preset | None = None) -> None:
+        self.pipeline = pipeline
+        self.family: Family = family_for(pipeline)
+        self.preset: Preset = preset if isinstance(preset, Preset) else find_preset(preset, self.family.name)
+        self.family.install_taps()
+        self.model = _PipelineModel(pipeline, dispatch=True)
+
+    # -- names --------------------------------------------------------------
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook point's stable name."""
+        names = []
+        for a in self.family.attentions:
+            streams = STREAMS if a.has_text else ("img",)
+            names += [f"blocks.{a.block}.{a.name}.hook_{act}_{s}" for act in ACTIVATIONS for s in streams]
+        return names
+
+    def module_path(self, name: str) -> str:
+        """The module path (inside the pipeline) of a hook point, e.g. for nnsight or torch hooks."""
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blocks" or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"hook names look like 'blocks.7.attn.hook_q_img'; got {name!r}")
+        attention = self.family.attention(int(parts[1]), parts[2])
+        streams = STREAMS if attention.has_text else ("img",)
+        valid = [f"hook_{act}_{s}" for act in ACTIVATIONS for s in streams]
+        if parts[3] not in valid:
+            raise ValueError(f"{parts[2]} of block {parts[1]} has no {parts[3]!r}; it has {', '.join(valid)}")
+        return f"transformer.{attention.path}.processor.{parts[3]}"
+
+    def hook(self, name: str):
+        """The nnsight envoy of a hook point: read `.output`, or assign to it, inside a trace."""
+        envoy = self.model
+        for part in self.module_path(name).split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
+    def module(self, name: str) -> torch.nn.Module:
+        """The torch module of a hook point (for plain forward hooks, outside nnsight)."""
+        return self.pipeline.transformer.get_submodule(self.module_path(name).removeprefix("transformer."))
+
+    # -- inputs -------------------------------------------------------------
+    def tokens(self, prompt: str, max_sequence_length: int | None = None) -> TokenTable:
+        """The token table of a prompt: position, encoder, piece and word of every real token."""
+        length = max_sequence_length or self.preset.max_sequence_length
+        return tokenize(prompt, self.family.text_segments(length), self.pipeline)
+
+    def inputs(self, prompts: str | list[str], *, seed: int = 0, same_noise: bool = True,
+               steps: int | None = None, guidance: float | None = None, height: int | None = None,
+               width: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Pipeline keyword arguments with this model's defaults.
+
+        With `same_noise` every prompt starts from the same initial latent (drawn as the pipeline
+        would for `seed`), as editing and prompt comparisons need. Extra keywords pass through.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        height = height or self.preset.resolution
+        width = width or self.preset.resolution
+        args: dict[str, Any] = {
+            "prompt": prompts,
+            "num_inference_steps": steps or self.preset.steps,
+            "guidance_scale": self.preset.guidance if guidance is None else guidance,
+            "height": height,
+            "width": width,
+            "max_sequence_length": self.preset.max_sequence_length,
+        }
+        if same_noise:
+            args["latents"] = self.family.initial_noise(len(prompts), height, width, seed)
+        else:
+            args["generator"] = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        args.update(kwargs)
+        return args
+
+    def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The image-token grid (rows, columns) for an image size (default: the preset's)."""
+        return self.family.grid(height or self.preset.resolution, width or self.preset.resolution)
+
+    def info(self) -> str:
+        """A summary: family, blocks, token layout, tap names."""
+        f, p = self.family, self.preset
+        rows, cols = self.grid()
+        n_text = f.text_length(p.max_sequence_length)
+        segments = ", ".join(f"{s.encoder} {s.start}..{s.start + s.length - 1}"
+                             for s in f.text_segments(p.max_sequence_length))
+        order = "[image | text]" if f.image_first else "[text | image]"
+        attn2 = [a.block for a in f.attentions if a.name == "attn2"]
+        lines = [
+            f"pipeline      {type(self.pipeline).__name__} (family {f.name}, preset {p.name})",
+            f"blocks        {f.num_blocks}" + (f"; attn2 (image-only) in blocks {attn2}" if attn2 else ""),
+            f"joint order   {order}",
+            f"image tokens  {rows} x {cols} = {rows * cols} at {p.resolution}px",
+            f"text tokens   {n_text}: {segments}",
+            f"defaults      {p.steps} steps, guidance {p.guidance}, top layers {list(p.top_layers)}",
+            f"hook points   {len(self.hook_names)}, e.g. {', '.join(self.hook_names[:4])}, ...",
+        ]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Probe({type(self.pipeline).__name__}, family={self.family.name!r}, preset={self.preset.name!r})"

@@ -1,0 +1,57 @@
+"""Hook points: named identity modules that every activation of interest passes through.
+
+An attention processor with taps is an `nn.Module` holding one `HookPoint` per activation, so
+nnsight (or a plain torch hook) reads and replaces them like any module output, by a name that
+does not change between diffusers releases or model families:
+
+    blocks.{i}.attn.hook_q_img     image-stream queries, after qk-norm (and RoPE for Flux)
+    blocks.{i}.attn.hook_k_txt     text-stream keys
+    blocks.{i}.attn.hook_out_img   the attention output of the image stream
+    blocks.{i}.attn2.hook_q_img    SD3.5-M's image-only self-attention (blocks that have it)
+
+q, k and v taps have shape (batch, heads, tokens, head_dim) in every family; output taps have
+shape (batch, tokens, features). Text-stream taps are absent where the attention has no text
+(SD3.5-M `attn2`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QKV = ("q", "k", "v")
+STREAMS = ("img", "txt")
+ACTIVATIONS = (*QKV, "out")
+
+
+class HookPoint(nn.Module):
+    """The identity. It exists to be read and replaced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class TapProcessor(nn.Module):
+    """Base of the attention processors with taps: one `HookPoint` per activation and stream."""
+
+    def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
+        super().__init__()
+        self.streams = streams
+        for activation in ACTIVATIONS:
+            for stream in self.streams:
+                self.add_module(f"hook_{activation}_{stream}", HookPoint())
+
+    def hook(self, activation: str, stream: str) -> HookPoint:
+        return getattr(self, f"hook_{activation}_{stream}")
+
+    def tap_qkv(self, stream: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return self.hook("q", stream)(q), self.hook("k", stream)(k), self.hook("v", stream)(v)
+
+
+def tap_name(block: int, activation: str, stream: str = "img", attention: str = "attn") -> str:
+    """The stable name of a hook point, e.g. ``tap_name(7, "q") == "blocks.7.attn.hook_q_img"``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; choose from {STREAMS}")
+    return f"blocks.{block}.{attention}.hook_{activation}_{stream}"

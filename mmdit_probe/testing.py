@@ -1,0 +1,330 @@
+"""Tiny random SD3 / SD3.5 / Flux.1 pipelines for tests, built offline from the real classes.
+
+Every pipeline keeps the real model's *structure* -- the same diffusers and transformers classes,
+text encoders, tokenizer conventions, token layout, VAE scale factor 8, 16 latent channels and
+2x2 patches -- at toy widths with seeded random weights, so a 2-step 64x64 generation takes well
+under a second on CPU. Nothing is downloaded: the tokenizers' vocabularies are built here.
+
+Token layouts, with N = ``max_sequence_length`` (16 in `TINY_GENERATION_KWARGS`; the pipelines'
+defaults, 256 for SD3 and 512 for Flux, work too but are slower):
+
+* SD3 / SD3.5: ``prompt_embeds`` holds 77 + N tokens: 77 CLIP tokens (CLIP-L and CLIP-G hidden
+  states side by side, zero-padded to the T5 width) then N T5 tokens. Inside each joint block the
+  sequence is ``[image tokens, text tokens]``; 64x64 pixels give 4x4 = 16 image tokens.
+* Flux: the text is the N T5 tokens only (CLIP contributes just its pooled vector). Inside each
+  block the sequence is ``[text tokens, image tokens]``; 64x64 pixels give 4x4 = 16 image tokens.
+
+`FluxPipeline` hard-codes a 1024x1024 default, so pass the sizes in `TINY_GENERATION_KWARGS`.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+_PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
+    "sd3": StableDiffusion3Pipeline,
+    "sd3.5": StableDiffusion3Pipeline,
+    "flux-dev": FluxPipeline,
+    "flux-schnell": FluxPipeline,
+}
+TINY_KINDS: tuple[str, ...] = tuple(_PIPELINE_CLASSES)
+
+# Guidance scales are the models' usual ones, so SD3 runs classifier-free guidance (batch 2 in the
+# transformer) and Flux-dev feeds its guidance embedding.
+TINY_GENERATION_KWARGS: dict[str, dict] = {
+    kind: {
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": guidance_scale,
+        "max_sequence_length": 16,
+    }
+    for kind, guidance_scale in (("sd3", 7.0), ("sd3.5", 7.0), ("flux-dev", 3.5), ("flux-schnell", 0.0))
+}
+
+_COMMON_WORDS = """
+    a an the of on in at to by for from with without and or but not no is are was be it its this that
+    there here one two three four five six seven eight nine ten many some several few all each both
+    very more most left right top bottom front back middle center side above below under over next
+    behind near inside outside between beside around across along through up down into onto out off
+    red green blue yellow orange purple pink black white gray grey brown golden silver gold colorful
+    dark light bright pale shiny
+    cat cats dog dogs bird birds horse cow sheep pig fish lion tiger bear elephant giraffe zebra monkey
+    rabbit fox wolf mouse owl duck chicken frog snake turtle butterfly dragon unicorn robot
+    man woman men women boy girl child children person people baby king queen knight astronaut wizard
+    chef
+    car cars bus truck bike bicycle motorcycle boat ship train plane airplane rocket
+    house home building castle tower bridge church door window wall roof fence road street city town
+    village tree trees flower flowers grass leaf leaves plant rose garden park field farm forest jungle
+    desert mountain mountains hill river lake ocean sea beach island sky cloud clouds sun moon star
+    stars rain snow fire water ice stone rock sand
+    table chair bed sofa couch lamp clock cup mug glass bottle bowl plate vase box bag ball book
+    books phone computer guitar piano umbrella hat shirt dress shoes glasses crown sword
+    apple apples banana orange pizza cake bread cheese coffee tea sandwich
+    room kitchen bedroom office library street shop market cafe restaurant space planet
+    big small large tiny huge little tall short long round square old new young happy sad angry cute
+    beautiful pretty ugly scary funny fluffy furry wooden metal glass plastic soft hard wet dry hot
+    cold warm sunny cloudy rainy snowy foggy quiet busy empty full clean dirty
+    sitting standing running walking jumping flying swimming eating drinking holding playing sleeping
+    wearing riding reading looking smiling dancing singing lying floating painted made
+    photo photograph picture image painting drawing sketch illustration portrait landscape poster
+    render rendering art artwork style oil watercolor cartoon anime pixel digital realistic
+    photorealistic cinematic detailed highly high quality resolution lighting light shadow shadows
+    background foreground scene view close closeup shot camera lens focus bokeh sharp blurry hd
+    circle square triangle cube sphere shape shapes line lines pattern text sign letter word words
+    day night morning evening sunset sunrise summer winter spring autumn
+"""
+# Whole-word tokens of both tokenizers; any other text falls back to characters.
+WORDS: tuple[str, ...] = tuple(dict.fromkeys(_COMMON_WORDS.split()))
+
+
+def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
+    """A tiny random float32 pipeline of `kind` (one of `TINY_KINDS`), in eval mode.
+
+    The same `kind` and `seed` always give the same weights; the caller's RNG is left alone.
+    The pipeline is returned as `from_pretrained` loads it from `save_tiny_pipeline`'s files:
+    CPU matmuls round differently depending on the weights' memory alignment, and loaded weights
+    keep their (unaligned) offsets in the safetensors file, so only a loaded pipeline gives results
+    bit-identical to any saved and reloaded copy of it.
+    """
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as directory:
+        path = save_tiny_pipeline(kind, directory, seed)
+        return _PIPELINE_CLASSES[kind].from_pretrained(path)
+
+
+def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0) -> Path:
+    """Build the `tiny_pipeline(kind, seed)` weights and save them to `directory` (safetensors).
+
+    Returns the path; ``from_pretrained(path)`` of the pipeline class loads the pipeline back.
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {TINY_KINDS}")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            pipe = _build_sd3(kind, seed) if kind.startswith("sd3") else _build_flux(kind, seed)
+    finally:
+        torch.set_default_dtype(dtype)
+    path = Path(directory)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A byte-level BPE `CLIPTokenizer` laid out like OpenAI's: bytes, bytes + "</w>", merges, specials.
+
+    Every word of `WORDS` is one token. SD3's CLIP-G tokenizer pads with "!" (id 0) instead of
+    "<|endoftext|>"; pass ``pad_token="!"`` to get that one.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(byte_chars + [c + "</w>" for c in byte_chars])}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    # A merge ranked after all existing ones cannot change a word that is already one token, so
+    # merging each word's first remaining pair, word by word, ends with every word a single token.
+    for word in WORDS:
+        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A unigram `T5Tokenizer` with T5's special ids (pad 0, eos 1, unk 2) and "▁" word prefixes.
+
+    Each word of `WORDS` is one piece ("▁cat"); anything else splits into characters, unknown
+    characters become <unk>. Scores make a whole word always beat its characters.
+    """
+    characters = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -10.0)]
+    vocab += [("▁" + word, -5.0) for word in WORDS]
+    vocab += [(prefix + c, -10.0) for prefix in ("▁", "") for c in characters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Segment like BPE: repeatedly merge the best-ranked adjacent pair."""
+    while len(pieces) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairwise(pieces)))
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's byte -> printable character table, in CLIP's vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def _seed(seed: int, component: int) -> None:
+    # One seed per component, so resizing one model leaves the others' weights unchanged.
+    torch.manual_seed(seed * 1000 + component)
+
+
+def _clip(
+    tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str, projection: bool
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        # Two layers at least: SD3 reads the penultimate hidden state.
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act=hidden_act,
+        projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        # T5 v1.1, as used by SD3 and Flux.
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    # Four levels give the real scale factor 8; no quant convs, as in the SD3 and Flux VAEs.
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _build_sd3(kind: str, seed: int) -> StableDiffusion3Pipeline:
+    # Widths: CLIP-L 16 + CLIP-G 32 <= T5 64, so the CLIP half of the text is really zero-padded.
+    clip_l_width, clip_g_width, t5_width = 16, 32, 64
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(pad_token="!"), t5_tokenizer()
+    _seed(seed, 0)
+    text_encoder = _clip(tokenizer, clip_l_width, "quick_gelu", projection=True)
+    _seed(seed, 1)
+    text_encoder_2 = _clip(tokenizer_2, clip_g_width, "gelu", projection=True)
+    _seed(seed, 2)
+    text_encoder_3 = _t5(tokenizer_3, t5_width)
+    _seed(seed, 3)
+    if kind == "sd3":
+        layout = {"num_layers": 2}
+    else:
+        # SD3.5-Medium: qk RMSNorm, and an extra image-only attention (attn2) in the first blocks.
+        layout = {"num_layers": 3, "qk_norm": "rms_norm", "dual_attention_layers": (0,)}
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,
+        pooled_projection_dim=clip_l_width + clip_g_width,
+        pos_embed_max_size=32,
+        **layout,
+    )
+    _seed(seed, 4)
+    vae = _vae(scaling_factor=1.5305, shift_factor=0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_flux(kind: str, seed: int) -> FluxPipeline:
+    clip_width, t5_width = 16, 64
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    _seed(seed, 0)
+    text_encoder = _clip(tokenizer, clip_width, "quick_gelu", projection=False)
+    _seed(seed, 1)
+    text_encoder_2 = _t5(tokenizer_2, t5_width)
+    _seed(seed, 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        # 16 latent channels packed 2x2.
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
+        guidance_embeds=kind == "flux-dev",
+        axes_dims_rope=(4, 6, 6),
+    )
+    _seed(seed, 3)
+    vae = _vae(scaling_factor=0.3611, shift_factor=0.1159)
+    if kind == "flux-dev":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )

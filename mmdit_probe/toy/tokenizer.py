@@ -1,0 +1,45 @@
+"""A word-level CLIP tokenizer for the Shapes grammar.
+
+It is a stock `CLIPTokenizer` (byte-level BPE), so the pipeline and the word-to-token code treat it
+exactly like a real CLIP tokenizer; its merges are chosen so that every grammar word is one token.
+Any other text still tokenizes, character by character.
+"""
+
+from __future__ import annotations
+
+import string
+
+from transformers import CLIPTokenizer
+
+from .world import VOCABULARY
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+_CHARACTERS = string.ascii_lowercase + string.digits + ",.!?;:'-"
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Segment like BPE does: repeatedly merge the best-ranked adjacent pair."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
+def build_tokenizer(model_max_length: int) -> CLIPTokenizer:
+    vocab: dict[str, int] = {}
+    for token in SPECIAL_TOKENS + tuple(_CHARACTERS) + tuple(c + "</w>" for c in _CHARACTERS):
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    # A merge appended last never changes words already reduced to one token, so greedily
+    # adding the first pair of each word's current segmentation terminates with one token per word.
+    for word in VOCABULARY:
+        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

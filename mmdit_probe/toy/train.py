@@ -1,0 +1,200 @@
+"""Train the toy MM-DiT on the Shapes world, on CPU, resumably.
+
+    python -m mmdit_probe.toy.train --out runs/toy --minutes 90      # trains, checkpoints, resumes
+    python -m mmdit_probe.toy.train --out runs/toy --export          # writes the shipped weights
+
+Two stages: the near-identity VAE (a few minutes), then the transformer and both text encoders
+jointly with the rectified-flow objective (logit-normal timesteps, 10% caption dropout, EMA).
+A checkpoint is written every few hundred steps; rerunning the same command continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .model import CLIP_LENGTH, T5_LENGTH, WEIGHTS_DIR, build_pipeline
+from .world import caption, render, sample_split_scene
+
+
+def make_dataset(n: int, seed: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-split scenes as images in [-1, 1] (n, 3, 32, 32) and CLIP token ids (n, CLIP_LENGTH)."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_split_scene(rng, held_out=False) for _ in tqdm(range(n), desc="scenes")]
+    images = np.stack([render(s)[0] for s in tqdm(scenes, desc="render")])
+    ids = tokenizer([caption(s) for s in scenes], padding="max_length", max_length=CLIP_LENGTH,
+                    truncation=True, return_tensors="pt").input_ids
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, ids
+
+
+def encode_text(pipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same embeddings `StableDiffusion3Pipeline.encode_prompt` builds, with gradients."""
+    hidden, pooled = [], []
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    clip = torch.cat(hidden, dim=-1)
+    t5 = clip.new_zeros(clip.shape[0], T5_LENGTH, pipe.transformer.config.joint_attention_dim)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
+
+
+def train_vae(pipe, pixels: torch.Tensor, steps: int, seed: int) -> None:
+    vae = pipe.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in (bar := tqdm(range(steps), desc="vae")):
+        x = pixels[torch.randint(len(pixels), (32,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.5f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """Latents as the pipeline sees them; sets the VAE's scaling and shift so they are unit-scale."""
+    raw = torch.cat([pipe.vae.encode(x).latent_dist.mode() for x in pixels.split(256)])
+    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return (raw - shift) * scale
+
+
+def diffusion_modules(pipe) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict(
+        {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    )
+
+
+def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, vae_steps: int,
+          batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999) -> None:
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(seed)
+    pixels, ids = make_dataset(n_scenes, seed, pipe.tokenizer)
+    empty_ids = pipe.tokenizer("", padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids
+
+    vae_path = out / "vae.pt"
+    if vae_path.exists():
+        state = torch.load(vae_path, weights_only=True)
+        pipe.vae.load_state_dict(state["weights"])
+        pipe.vae.register_to_config(**state["config"])
+    else:
+        train_vae(pipe, pixels, vae_steps, seed)
+        encode_latents(pipe, pixels)
+        config = {k: pipe.vae.config[k] for k in ("shift_factor", "scaling_factor")}
+        torch.save({"weights": pipe.vae.state_dict(), "config": config}, vae_path)
+    pipe.vae.eval()
+    with torch.no_grad():
+        raw = torch.cat([pipe.vae.encode(x).latent_dist.mode() for x in pixels.split(256)])
+    latents = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    recon_error = evaluate_vae(pipe, pixels[:512])
+    print(f"vae reconstruction: mean abs error {recon_error:.4f} (pixels in [-1, 1])")
+
+    model = diffusion_modules(pipe).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    step = 0
+    ckpt_path = out / "diffusion.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step = state["step"]
+        print(f"resumed at step {step}")
+
+    def save() -> None:
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "gen": gen.get_state(), "step": step}
+        torch.save(state, ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+
+    deadline = time.monotonic() + minutes * 60
+    bar = tqdm(total=max_steps, initial=step, desc="diffusion")
+    losses: list[float] = []
+    while step < max_steps and time.monotonic() < deadline:
+        idx = torch.randint(len(latents), (batch_size,), generator=gen)
+        x0, tokens = latents[idx], ids[idx].clone()
+        tokens[torch.rand(batch_size, generator=gen) < 0.1] = empty_ids
+        sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        text, pooled = encode_text(pipe, tokens)
+        pred = pipe.transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text,
+                                pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        warmup = min(1.0, (step + 1) / 500)
+        for group in opt.param_groups:
+            group["lr"] = lr * warmup
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - ema_decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        if step % 500 == 0:
+            save()
+    save()
+    bar.close()
+    print(f"stopped at step {step}; checkpoint in {ckpt_path}")
+
+
+@torch.no_grad()
+def evaluate_vae(pipe, pixels: torch.Tensor) -> float:
+    recon = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample
+    return (recon.clamp(-1, 1) - pixels).abs().mean().item()
+
+
+def export(out: Path, seed: int, target: Path = WEIGHTS_DIR) -> None:
+    """Write the EMA weights as a stock diffusers pipeline directory (fp16 safetensors)."""
+    pipe = build_pipeline(seed)
+    vae_state = torch.load(out / "vae.pt", weights_only=True)
+    pipe.vae.load_state_dict(vae_state["weights"])
+    pipe.vae.register_to_config(**vae_state["config"])
+    diffusion_modules(pipe).load_state_dict(torch.load(out / "diffusion.pt", weights_only=False)["ema"])
+    pipe.to(torch.float16).save_pretrained(target, safe_serialization=True)
+    print(f"exported to {target}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/toy"), help="checkpoint directory")
+    parser.add_argument("--minutes", type=float, default=120.0, help="stop (and checkpoint) after this long")
+    parser.add_argument("--steps", type=int, default=40_000, help="total diffusion steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenes", type=int, default=40_000, help="training scenes rendered up front")
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and exit")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.export:
+        export(args.out, args.seed)
+    else:
+        train(args.out, args.minutes, args.steps, args.seed, args.scenes, args.vae_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The Shapes world: scenes of one or two coloured shapes with exact captions and masks.
+
+A scene is drawn at 4x resolution and box-filtered down, so edges are anti-aliased like a
+generated image, while masks come from the same geometry (pixel coverage > 1/2).
+
+>>> scene = sample_scene(np.random.default_rng(0))
+>>> image, masks = render(scene)           # (32, 32, 3) uint8, one bool mask per object
+>>> caption(scene)
+'a small green square on the left and a large red circle on the right on a black background'
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 32
+SUPERSAMPLE = 4
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (250, 140, 20),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, int] = {"small": 9, "large": 13}
+POSITIONS = ("left", "right", "center")
+_CENTRE_X = {"left": 8.0, "right": 24.0, "center": 16.0}
+
+# Every word the grammar can produce; the toy tokenizer has one token per word.
+FILLER_WORDS = ("a", "on", "the", "and", "in", "background")
+VOCABULARY: tuple[str, ...] = (
+    FILLER_WORDS + tuple(SIZES) + tuple(COLOURS) + tuple(BACKGROUNDS) + SHAPES + POSITIONS
+)
+WORD_TYPE: dict[str, str] = {
+    **{w: "size" for w in SIZES},
+    **{w: "colour" for w in COLOURS},
+    **{w: "background" for w in BACKGROUNDS},
+    "background": "background",
+    **{w: "shape" for w in SHAPES},
+    **{w: "position" for w in POSITIONS},
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    colour: str
+    size: str
+    position: str
+    # Layout jitter in pixels, so the model sees layouts, not one fixed place per word.
+    dx: float = 0.0
+    dy: float = 0.0
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return _CENTRE_X[self.position] + self.dx, IMAGE_SIZE / 2 + self.dy
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Shape, ...]
+    background: str
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """One or two objects; two objects always sit left and right, in either caption order."""
+    def obj(position: str) -> Shape:
+        return Shape(
+            shape=str(rng.choice(SHAPES)),
+            colour=str(rng.choice(list(COLOURS))),
+            size=str(rng.choice(list(SIZES))),
+            position=position,
+            dx=float(rng.uniform(-1.0, 1.0)),
+            dy=float(rng.uniform(-6.0, 6.0)),
+        )
+
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if rng.random() < 0.3:
+        return Scene((obj(str(rng.choice(POSITIONS))),), background)
+    left, right = obj("left"), obj("right")
+    return Scene((left, right) if rng.random() < 0.5 else (right, left), background)
+
+
+def _object_phrase(o: Shape) -> list[str]:
+    where = ["in", "the", "center"] if o.position == "center" else ["on", "the", o.position]
+    return ["a", o.size, o.colour, o.shape, *where]
+
+
+def caption_words(scene: Scene) -> list[str]:
+    words = _object_phrase(scene.objects[0])
+    for o in scene.objects[1:]:
+        words += ["and", *_object_phrase(o)]
+    return words + ["on", "a", scene.background, "background"]
+
+
+def caption(scene: Scene) -> str:
+    return " ".join(caption_words(scene))
+
+
+def is_held_out(scene: Scene) -> bool:
+    """Fixed split: about 10% of the attribute combinations (the caption) never appear in training."""
+    return zlib.crc32(caption(scene).encode()) % 10 == 0
+
+
+def sample_split_scene(rng: np.random.Generator, held_out: bool) -> Scene:
+    while True:
+        scene = sample_scene(rng)
+        if is_held_out(scene) == held_out:
+            return scene
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Shape, fill) -> None:
+    s = SUPERSAMPLE
+    cx, cy = (c * s for c in o.centre)
+    r = SIZES[o.size] * s / 2
+    if o.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "square":
+        r *= 0.9  # equal area to the eye: a square of the circle's width looks bigger
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {o.shape!r}; known: {SHAPES}")
+
+
+def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Return the RGB image (uint8, IMAGE_SIZE^2) and one boolean coverage mask per object."""
+    big = IMAGE_SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    masks = []
+    for o in scene.objects:
+        _draw(draw, o, COLOURS[o.colour])
+        cover = Image.new("L", (big, big), 0)
+        _draw(ImageDraw.Draw(cover), o, 255)
+        small = np.asarray(cover.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX))
+        masks.append(small > 127)
+    # Later objects are drawn on top; objects never overlap by construction, but stay exact if they do.
+    for i in range(len(masks)):
+        for later in masks[i + 1:]:
+            masks[i] = masks[i] & ~later
+    return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)), masks
+
+
+def word_masks(scene: Scene, object_masks: list[np.ndarray]) -> list[tuple[str, np.ndarray | None]]:
+    """Ground truth per caption word, in caption order: the object's mask for its size, colour,
+    shape and position words, the background mask for the background words, None for fillers."""
+    background = ~np.any(object_masks, axis=0)
+    out: list[tuple[str, np.ndarray | None]] = []
+    for i, o in enumerate(scene.objects):
+        if i:
+            out.append(("and", None))
+        for word in _object_phrase(o):
+            out.append((word, object_masks[i] if word in (o.size, o.colour, o.shape, o.position) else None))
+    out += [("on", None), ("a", None), (scene.background, background), ("background", background)]
+    return out
+
+
+def with_object(scene: Scene, index: int, **changes) -> Scene:
+    """The same scene with one object's attributes changed (for editing pairs)."""
+    objects = list(scene.objects)
+    objects[index] = replace(objects[index], **changes)
+    return replace(scene, objects=tuple(objects))

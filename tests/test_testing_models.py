@@ -1,0 +1,124 @@
+"""The tiny offline pipelines of `mmdit_probe.testing`."""
+
+import re
+
+import pytest
+import torch
+
+from mmdit_probe.testing import (
+    TINY_GENERATION_KWARGS,
+    TINY_KINDS,
+    WORDS,
+    save_tiny_pipeline,
+    tiny_pipeline,
+)
+
+PROMPT = "a photo of a red cat, sitting."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    # Tiny matmuls gain nothing from threads, and an OpenMP thread sharing a busy core stalls
+    # every op by milliseconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=TINY_KINDS)
+def kind_and_pipe(request):
+    pipe = tiny_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return request.param, pipe
+
+
+def generate(pipe, kind):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(PROMPT, generator=generator, output_type="latent", **TINY_GENERATION_KWARGS[kind]).images
+
+
+def test_generation_is_bit_identical_after_save_and_reload(kind_and_pipe, tmp_path):
+    kind, pipe = kind_and_pipe
+    latents = generate(pipe, kind)
+    # SD3 latents are 16 x 8 x 8; Flux packs them 2x2 into 16 tokens of 64 channels.
+    assert latents.shape == ((1, 16, 8, 8) if kind.startswith("sd3") else (1, 16, 64))
+    assert latents.isfinite().all()
+
+    pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    for path in (tmp_path / "saved", save_tiny_pipeline(kind, tmp_path / "fresh")):
+        reloaded = type(pipe).from_pretrained(path)
+        reloaded.set_progress_bar_config(disable=True)
+        assert torch.equal(generate(reloaded, kind), latents)
+
+
+def test_components(kind_and_pipe):
+    kind, pipe = kind_and_pipe
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            assert not component.training
+            assert all(p.dtype == torch.float32 for p in component.parameters())
+    transformer = pipe.transformer
+    if kind.startswith("sd3"):
+        clip_widths = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+        assert clip_widths < transformer.config.joint_attention_dim == pipe.text_encoder_3.config.d_model
+        assert transformer.config.pooled_projection_dim == clip_widths
+        assert pipe.text_encoder.config.num_hidden_layers >= 2
+        blocks = transformer.transformer_blocks
+        assert blocks[-1].context_pre_only and not blocks[0].context_pre_only
+        dual = kind == "sd3.5"
+        assert blocks[0].use_dual_attention == dual and not blocks[-1].use_dual_attention
+        assert (transformer.config.qk_norm == "rms_norm") == dual
+    else:
+        assert transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
+        assert transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
+        assert transformer.config.guidance_embeds == (kind == "flux-dev")
+        assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+
+
+def test_text_layout(kind_and_pipe):
+    kind, pipe = kind_and_pipe
+    n = TINY_GENERATION_KWARGS[kind]["max_sequence_length"]
+    with torch.no_grad():
+        if kind.startswith("sd3"):
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False, max_sequence_length=n
+            )
+            assert embeds.shape == (1, 77 + n, pipe.text_encoder_3.config.d_model)
+            # The CLIP rows are zero-padded from CLIP-L + CLIP-G widths up to the T5 width.
+            clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+            assert not embeds[:, :77, clip_width:].any() and embeds[:, 77:, clip_width:].any()
+        else:
+            embeds, pooled, text_ids = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=n)
+            assert embeds.shape == (1, n, pipe.text_encoder_2.config.d_model)
+            assert text_ids.shape == (n, 3)
+    assert pooled.shape == (1, pipe.transformer.config.pooled_projection_dim)
+
+
+def test_tokenizers_round_trip(kind_and_pipe):
+    kind, pipe = kind_and_pipe
+    if kind.startswith("sd3"):
+        clips, t5 = [pipe.tokenizer, pipe.tokenizer_2], pipe.tokenizer_3
+    else:
+        clips, t5 = [pipe.tokenizer], pipe.tokenizer_2
+    for tokenizer in [*clips, t5]:
+        decoded = tokenizer.decode(tokenizer(PROMPT).input_ids, skip_special_tokens=True)
+        assert re.findall(r"\w+", decoded) == ["a", "photo", "of", "a", "red", "cat", "sitting"]
+        assert all(len(tokenizer.tokenize(word)) == 1 for word in WORDS)
+        # Text outside the vocabulary still tokenizes, falling back to characters.
+        assert len(tokenizer.tokenize("xylophones")) > 1
+    assert all(clip.model_max_length == 77 for clip in clips)
+    assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (0, 1, 2)
+    assert t5.convert_ids_to_tokens(t5(PROMPT).input_ids)[:3] == ["▁a", "▁photo", "▁of"]
+
+
+def test_rng_untouched_and_seeded():
+    state = torch.get_rng_state()
+    a, b = tiny_pipeline("flux-schnell", seed=1), tiny_pipeline("flux-schnell", seed=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(a.transformer.proj_out.weight, b.transformer.proj_out.weight)
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown kind"):
+        tiny_pipeline("sdxl")
