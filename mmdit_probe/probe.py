@@ -17,7 +17,7 @@ from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from .families import Family, family_for, family_name_for_class
 from .presets import PRESETS, Preset, find_preset
-from .taps import ACTIVATIONS, STREAMS
+from .taps import ACTIVATIONS, QKV, STREAMS
 from .tokens import TokenTable, tokenize
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
@@ -110,11 +110,12 @@ class Probe:
     # -- names --------------------------------------------------------------
     @property
     def hook_names(self) -> list[str]:
-        """Every hook point's stable name."""
+        """Every hook point's stable name, in execution order (nnsight reads must follow it)."""
         names = []
         for a in self.family.attentions:
             streams = STREAMS if a.has_text else ("img",)
-            names += [f"blocks.{a.block}.{a.name}.hook_{act}_{s}" for act in ACTIVATIONS for s in streams]
+            names += [f"blocks.{a.block}.{a.name}.hook_{act}_{s}" for s in streams for act in QKV]
+            names += [f"blocks.{a.block}.{a.name}.hook_out_{s}" for s in streams]
         return names
 
     def module_path(self, name: str) -> str:

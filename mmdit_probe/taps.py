@@ -11,7 +11,8 @@ does not change between diffusers releases or model families:
 
 q, k and v taps have shape (batch, heads, tokens, head_dim) in every family; output taps have
 shape (batch, tokens, features). Text-stream taps are absent where the attention has no text
-(SD3.5-M `attn2`).
+(SD3.5-M `attn2`). In every family they run in the same order: q, k, v of the image stream, q, k, v
+of the text stream, then the image and text outputs; nnsight reads must follow that order.
 """
 
 from __future__ import annotations

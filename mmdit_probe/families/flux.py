@@ -63,12 +63,10 @@ class FluxTapProcessor(TapProcessor):
 
         # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that
         # changes nothing leaves the attention inputs bit-identical.
-        streams = {}
-        for name, t in zip("qkv", (q, k, v)):
-            text, image = t[:, :n_text].transpose(1, 2), t[:, n_text:].transpose(1, 2)
-            streams[name] = (self.hook(name, "txt")(text).transpose(1, 2),
-                             self.hook(name, "img")(image).transpose(1, 2))
-        q, k, v = (torch.cat(streams[name], dim=1) for name in "qkv")
+        text = [t[:, :n_text].transpose(1, 2) for t in (q, k, v)]
+        image = [t[:, n_text:].transpose(1, 2) for t in (q, k, v)]
+        image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
+        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
         out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)
@@ -78,7 +76,8 @@ class FluxTapProcessor(TapProcessor):
             image = attn.to_out[1](attn.to_out[0](image.contiguous()))
             text = attn.to_add_out(text.contiguous())
             return self.hook_out_img(image), self.hook_out_txt(text)
-        return torch.cat([self.hook_out_txt(text), self.hook_out_img(image)], dim=1)
+        image = self.hook_out_img(image)
+        return torch.cat([self.hook_out_txt(text), image], dim=1)
 
 
 def _set_text_length(block, args, kwargs) -> None:

@@ -51,6 +51,8 @@ def encode_text(pipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def train_vae(pipe, pixels: torch.Tensor, steps: int, seed: int) -> None:
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    # Decaying to zero sharpens edges, which decide whether a small square still looks square.
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     gen = torch.Generator().manual_seed(seed)
     for _ in (bar := tqdm(range(steps), desc="vae")):
         x = pixels[torch.randint(len(pixels), (32,), generator=gen)]
@@ -60,17 +62,16 @@ def train_vae(pipe, pixels: torch.Tensor, steps: int, seed: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
         bar.set_postfix(loss=f"{loss.item():.5f}")
     vae.eval()
 
 
 @torch.no_grad()
 def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
-    """Latents as the pipeline sees them; sets the VAE's scaling and shift so they are unit-scale."""
-    raw = torch.cat([pipe.vae.encode(x).latent_dist.mode() for x in pixels.split(256)])
-    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return (raw - shift) * scale
+    """Raw (unscaled) VAE latents, deterministic (the posterior mode)."""
+    pipe.vae.eval()
+    return torch.cat([pipe.vae.encode(x).latent_dist.mode() for x in pixels.split(256)])
 
 
 def diffusion_modules(pipe) -> torch.nn.ModuleDict:
@@ -92,14 +93,14 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
         state = torch.load(vae_path, weights_only=True)
         pipe.vae.load_state_dict(state["weights"])
         pipe.vae.register_to_config(**state["config"])
+        raw = encode_latents(pipe, pixels)
     else:
         train_vae(pipe, pixels, vae_steps, seed)
-        encode_latents(pipe, pixels)
-        config = {k: pipe.vae.config[k] for k in ("shift_factor", "scaling_factor")}
+        raw = encode_latents(pipe, pixels)
+        # Unit-scale latents, as SD3's own scaling and shift factors give for its VAE.
+        config = {"shift_factor": raw.mean().item(), "scaling_factor": 1.0 / raw.std().item()}
+        pipe.vae.register_to_config(**config)
         torch.save({"weights": pipe.vae.state_dict(), "config": config}, vae_path)
-    pipe.vae.eval()
-    with torch.no_grad():
-        raw = torch.cat([pipe.vae.encode(x).latent_dist.mode() for x in pixels.split(256)])
     latents = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     recon_error = evaluate_vae(pipe, pixels[:512])
     print(f"vae reconstruction: mean abs error {recon_error:.4f} (pixels in [-1, 1])")
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40_000, help="total diffusion steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenes", type=int, default=40_000, help="training scenes rendered up front")
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)

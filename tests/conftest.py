@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny pipelines, saved once and loaded through `mmdit_probe.load(path)`."""
+
+import pytest
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+import mmdit_probe
+from mmdit_probe.testing import TINY_GENERATION_KWARGS, TINY_KINDS, save_tiny_pipeline
+
+diffusers_logging.disable_progress_bar()
+# Tiny matmuls gain nothing from threads, and a thread sharing a busy core stalls every op.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: str(save_tiny_pipeline(kind, root / kind)) for kind in TINY_KINDS}
+
+
+@pytest.fixture(params=TINY_KINDS)
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def probe(kind, tiny_dirs):
+    """A fresh probe per test (tests may remove taps or patch)."""
+    return mmdit_probe.load(tiny_dirs[kind])
+
+
+def tiny_inputs(probe, kind, prompts, **overrides):
+    """Pipeline arguments for a tiny model: its test sizes, shared noise, latent output."""
+    kw = dict(TINY_GENERATION_KWARGS[kind])
+    kw.update(overrides)
+    return probe.inputs(prompts, seed=0, steps=kw.pop("num_inference_steps"), guidance=kw.pop("guidance_scale"),
+                        output_type="latent", **kw)
