@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,24 @@ import torch
 from diffusers import DiffusionPipeline
 from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
+from .attention import AttentionRecorder
 from .families import Family, family_for, family_name_for_class
+from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
 from .taps import ACTIVATIONS, QKV, STREAMS
 from .tokens import TokenTable, tokenize
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+
+
+@dataclass
+class Generation:
+    """What `Probe.generate` returns: the images (PIL, or latents with output_type="latent"),
+    the recorded maps if asked for, and the exact pipeline inputs used."""
+
+    images: Any
+    maps: AttentionMaps | None
+    inputs: dict[str, Any] = field(repr=False)
 
 
 class _PipelineModel(DiffusionModel):
@@ -125,7 +138,7 @@ class Probe:
             raise ValueError(f"hook names look like 'blocks.7.attn.hook_q_img'; got {name!r}")
         attention = self.family.attention(int(parts[1]), parts[2])
         streams = STREAMS if attention.has_text else ("img",)
-        valid = [f"hook_{act}_{s}" for act in ACTIVATIONS for s in streams]
+        valid = [f"hook_{act}_{s}" for act in (*ACTIVATIONS, "lse") for s in streams]
         if parts[3] not in valid:
             raise ValueError(f"{parts[2]} of block {parts[1]} has no {parts[3]!r}; it has {', '.join(valid)}")
         return f"transformer.{attention.path}.processor.{parts[3]}"
@@ -172,6 +185,33 @@ class Probe:
             args["generator"] = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
         args.update(kwargs)
         return args
+
+    def generate(self, prompts: str | list[str], *, seed: int = 0, record: bool | dict = False,
+                 steps: int | None = None, guidance: float | None = None, height: int | None = None,
+                 width: int | None = None, **kwargs: Any) -> Generation:
+        """Generate from one shared initial noise, optionally recording attention maps.
+
+        `record=True` records T2I and I2T maps of every block and step (head mean, conditional half,
+        real text positions); a dict passes options to `AttentionRecorder` (blocks, steps, kinds,
+        heads, rows, positions, dtype).
+
+        >>> out = probe.generate("a large red circle on the left on a white background", record=True)
+        >>> out.images[0], out.maps.word("red", blocks="top")
+        """
+        inputs = self.inputs(prompts, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
+                             **kwargs)
+        recorder = None
+        if record:
+            recorder = AttentionRecorder(self, inputs, **(record if isinstance(record, dict) else {}))
+        with self.model.generate(**inputs) as tracer:
+            if recorder is not None:
+                for step in tracer.iter[0:inputs["num_inference_steps"]]:
+                    recorder.record(step)
+            output = self.model.output.save()
+        maps = recorder.maps() if recorder is not None else None
+        if maps is not None and inputs.get("output_type", "pil") == "pil":
+            maps.images = list(output.images)
+        return Generation(images=output.images, maps=maps, inputs=inputs)
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The image-token grid (rows, columns) for an image size (default: the preset's)."""

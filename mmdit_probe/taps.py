@@ -8,6 +8,8 @@ does not change between diffusers releases or model families:
     blocks.{i}.attn.hook_k_txt     text-stream keys
     blocks.{i}.attn.hook_out_img   the attention output of the image stream
     blocks.{i}.attn2.hook_q_img    SD3.5-M's image-only self-attention (blocks that have it)
+    blocks.{i}.attn.hook_lse_img   log-sum-exp of each image query's logits over all keys;
+                                   fires only while the processor's `record_lse` is set
 
 q, k and v taps have shape (batch, heads, tokens, head_dim) in every family; output taps have
 shape (batch, tokens, features). Text-stream taps are absent where the attention has no text
@@ -38,9 +40,11 @@ class TapProcessor(nn.Module):
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__()
         self.streams = streams
-        for activation in ACTIVATIONS:
+        for activation in (*ACTIVATIONS, "lse"):
             for stream in self.streams:
                 self.add_module(f"hook_{activation}_{stream}", HookPoint())
+        # Set by attention recording: attention then also yields each query's log-sum-exp.
+        self.record_lse = False
 
     def hook(self, activation: str, stream: str) -> HookPoint:
         return getattr(self, f"hook_{activation}_{stream}")

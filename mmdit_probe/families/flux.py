@@ -10,6 +10,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..kernels import attention_with_lse
 from ..taps import TapProcessor
 from .base import Attention, Family, TextSegment
 
@@ -68,8 +69,14 @@ class FluxTapProcessor(TapProcessor):
         image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
-        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+        if self.record_lse and attention_mask is None:
+            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out.transpose(1, 2)
+            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_txt(lse[:, :, :n_text])
+        else:
+            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if joint:

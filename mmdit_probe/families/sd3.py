@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import attention_with_lse
 from ..taps import TapProcessor
 from .base import Attention, Family, TextSegment
 
@@ -52,7 +53,13 @@ class SD3TapProcessor(TapProcessor):
             tq, tk, tv = self.tap_qkv("txt", tq, tk, tv)
             q, k, v = torch.cat([q, tq], dim=2), torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
 
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        if self.record_lse:
+            out, lse = attention_with_lse(q, k, v)
+            self.hook_lse_img(lse[:, :, :n_image])
+            if encoder_hidden_states is not None:
+                self.hook_lse_txt(lse[:, :, n_image:])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(q.dtype)
 
         image = self.hook_out_img(attn.to_out[1](attn.to_out[0](out[:, :n_image])))

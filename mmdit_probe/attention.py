@@ -1,0 +1,147 @@
+"""Record exact T2I and I2T attention maps inside an nnsight generation.
+
+T2I: each image query's attention probability on each text key; I2T: each text query's on each
+image key. Both are the true softmax over the *whole* joint key set, from the tapped q and k and
+the row normalisers (log-sum-exp) that the fused kernel returns; the joint N x N matrix is never
+built. Maps are reduced as they are recorded (head mean, conditional half, the prompt's real text
+positions by default) and moved to the CPU in a compact dtype.
+
+>>> inputs = probe.inputs(["a red circle on the left"], seed=0)
+>>> recorder = AttentionRecorder(probe, inputs)
+>>> with probe.model.generate(**inputs) as tracer:
+...     for step in tracer.iter[0:inputs["num_inference_steps"]]:
+...         recorder.record(step)
+>>> maps = recorder.maps()
+>>> maps.word("red").shape            # (rows, cols) of the token grid
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .maps import KINDS, AttentionMaps
+from .tokens import normalise
+
+ROWS = ("cond", "uncond", "both")
+
+
+class AttentionRecorder:
+    """Collects maps step by step; `maps()` returns them as an `AttentionMaps`.
+
+    blocks: global block indices (default: every block, Flux single-stream ones included).
+    steps: denoising step indices to keep (default: all).
+    kinds: any of "t2i", "i2t".
+    heads: "mean" (default) or "all".
+    rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
+    positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
+    """
+
+    def __init__(self, probe, inputs: dict[str, Any], *, blocks: Iterable[int] | None = None,
+                 steps: Iterable[int] | None = None, kinds: Iterable[str] = KINDS, heads: str = "mean",
+                 rows: str = "cond", positions: str | list[int] | list[str] = "real",
+                 dtype: torch.dtype = torch.float16) -> None:
+        self.probe = probe
+        family = probe.family
+        self.prompts = list(inputs["prompt"])
+        self.n_steps = inputs["num_inference_steps"]
+        length = inputs.get("max_sequence_length", probe.preset.max_sequence_length)
+        self.tables = [probe.tokens(p, length) for p in self.prompts]
+        self.grid = family.grid(inputs["height"], inputs["width"])
+        self.blocks = sorted(family.check_block(b) for b in (range(family.num_blocks) if blocks is None else blocks))
+        self.steps = set(range(self.n_steps) if steps is None else steps)
+        for s in self.steps:
+            if not 0 <= s < self.n_steps:
+                raise IndexError(f"step {s} out of range: this run has steps 0..{self.n_steps - 1}")
+        self.kinds = tuple(kinds)
+        if not set(self.kinds) <= set(KINDS) or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}; got {self.kinds}")
+        if heads not in ("mean", "all"):
+            raise ValueError(f"heads must be 'mean' or 'all'; got {heads!r}")
+        if rows not in ROWS:
+            raise ValueError(f"rows must be one of {ROWS}; got {rows!r}")
+        self.heads, self.rows, self.dtype = heads, rows, dtype
+        self.positions = self._positions(positions, family.text_length(length))
+        self._index = torch.tensor(self.positions)
+        self._recorded: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in self.kinds}
+        self._timesteps: dict[int, float] = {}
+        self._processors = [probe.pipeline.transformer.get_submodule(family.attention(b).path).processor
+                            for b in self.blocks]
+        for processor in self._processors:
+            processor.record_lse = True
+
+    def _positions(self, positions, text_length: int) -> list[int]:
+        if isinstance(positions, str):
+            if positions == "real":
+                return sorted(set().union(*(t.real_positions for t in self.tables)))
+            if positions == "all":
+                return list(range(text_length))
+            positions = [positions]
+        chosen: set[int] = set()
+        for p in positions:
+            if isinstance(p, str):
+                found = set()
+                for table in self.tables:
+                    if normalise(p) in table.words:
+                        found.update(table.positions(p))
+                if not found:
+                    raise KeyError(f"word {p!r} is in none of the prompts {self.prompts}")
+                chosen.update(found)
+            elif 0 <= p < text_length:
+                chosen.add(int(p))
+            else:
+                raise IndexError(f"text position {p} out of range 0..{text_length - 1}")
+        return sorted(chosen)
+
+    def _row_index(self, batch: int) -> torch.Tensor:
+        n = len(self.prompts)
+        if batch == n:
+            if self.rows == "cond":
+                return torch.arange(n)
+            raise ValueError(f"rows={self.rows!r} needs classifier-free guidance, but this run has none "
+                             f"(guidance <= 1 or a guidance-distilled model)")
+        if batch != 2 * n:
+            raise ValueError(f"unexpected batch of {batch} rows for {n} prompts")
+        return {"cond": torch.arange(n, 2 * n), "uncond": torch.arange(n), "both": torch.arange(2 * n)}[self.rows]
+
+    def record(self, step: int) -> None:
+        """Read the taps of the chosen blocks for this step. Call once per step inside the trace."""
+        if step not in self.steps:
+            return
+        for block in self.blocks:
+            taps = {name: self.probe.hook(f"blocks.{block}.attn.hook_{name}").output
+                    for name in ("q_img", "k_img", "q_txt", "k_txt", "lse_img", "lse_txt")}
+            rows = self._row_index(taps["q_img"].shape[0])
+            q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in
+                                                            ("q_img", "k_img", "q_txt", "k_txt",
+                                                             "lse_img", "lse_txt"))
+            index = self._index.to(q_img.device)
+            scale = q_img.shape[-1] ** -0.5
+            maps = {}
+            if "t2i" in self._recorded:
+                logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
+                maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
+            if "i2t" in self._recorded:
+                logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
+                maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)
+            for kind, m in maps.items():
+                if self.heads == "mean":
+                    m = m.mean(dim=1)
+                self._recorded[kind][(step, block)] = m.to("cpu", self.dtype)
+
+    def maps(self) -> AttentionMaps:
+        """Stop recording and return the maps."""
+        for processor in self._processors:
+            processor.record_lse = False
+        steps = sorted({s for recorded in self._recorded.values() for s, _ in recorded})
+        tensors = {kind: torch.stack([torch.stack([recorded[(s, b)] for b in self.blocks]) for s in steps])
+                   for kind, recorded in self._recorded.items() if recorded}
+        if not tensors:
+            raise RuntimeError("nothing was recorded: call recorder.record(step) inside the trace's step loop")
+        return AttentionMaps(
+            t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=steps, blocks=self.blocks,
+            positions=self.positions, tables=self.tables, grid=self.grid, rows=self.rows,
+            heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
+        )

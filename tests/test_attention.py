@@ -1,0 +1,139 @@
+"""Recorded T2I / I2T maps equal softmax(QK^T / sqrt(d)) computed independently from the same q and k."""
+
+from collections import defaultdict
+
+import pytest
+import torch
+from conftest import tiny_inputs
+
+from mmdit_probe.attention import AttentionRecorder
+from mmdit_probe.maps import AttentionMaps, normalise, smooth
+
+PROMPTS = ["a red cat on a mat", "a blue dog, sitting"]
+
+
+def record_with_reference(probe, kind, **options):
+    """One traced generation that records maps, while plain torch hooks keep every q and k."""
+    inputs = tiny_inputs(probe, kind, PROMPTS)
+    seen, handles = defaultdict(list), []
+    for block in range(probe.family.num_blocks):
+        for name in ("q_img", "k_img", "q_txt", "k_txt"):
+            tap = f"blocks.{block}.attn.hook_{name}"
+            handles.append(probe.module(tap).register_forward_hook(
+                lambda m, i, out, key=(block, name): seen[key].append(out.detach().clone())))
+    recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, **options)
+    with probe.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:inputs["num_inference_steps"]]:
+            recorder.record(step)
+        output = probe.model.output.save()
+    for h in handles:
+        h.remove()
+    return recorder.maps(), seen, inputs, output
+
+
+def reference(seen, block, step):
+    """Explicit joint softmax; returns T2I (batch, heads, image, text) and I2T transposed alike."""
+    q_img, k_img, q_txt, k_txt = (seen[(block, n)][step] for n in ("q_img", "k_img", "q_txt", "k_txt"))
+    q, k = torch.cat([q_img, q_txt], dim=2), torch.cat([k_img, k_txt], dim=2)
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    n_img = q_img.shape[2]
+    return p[:, :, :n_img, n_img:], p[:, :, n_img:, :n_img].transpose(-1, -2)
+
+
+def cfg_rows(kind):
+    return "both" if kind.startswith("sd3") else "cond"
+
+
+def test_per_head_maps_equal_the_explicit_softmax(probe, kind):
+    maps, seen, inputs, _ = record_with_reference(probe, kind, heads="all", rows=cfg_rows(kind), positions="all")
+    assert maps.blocks == list(range(probe.family.num_blocks))  # Flux single-stream blocks included
+    for step in range(inputs["num_inference_steps"]):
+        for block in maps.blocks:
+            t2i, i2t = reference(seen, block, step)
+            torch.testing.assert_close(maps.t2i[step, block], t2i, rtol=0, atol=2e-6)
+            torch.testing.assert_close(maps.i2t[step, block], i2t, rtol=0, atol=2e-6)
+
+
+def test_head_mean_conditional_real_tokens_by_default(probe, kind):
+    maps, seen, inputs, _ = record_with_reference(probe, kind)
+    real = sorted(set(probe.tokens(PROMPTS[0], inputs["max_sequence_length"]).real_positions)
+                  | set(probe.tokens(PROMPTS[1], inputs["max_sequence_length"]).real_positions))
+    assert maps.positions == real and maps.rows == "cond" and maps.heads == "mean"
+    cond = slice(2, 4) if inputs["guidance_scale"] > 1 and kind.startswith("sd3") else slice(0, 2)
+    for block in maps.blocks:
+        t2i, i2t = reference(seen, block, 1)
+        torch.testing.assert_close(maps.t2i[1, block], t2i[cond].mean(1)[..., real], rtol=0, atol=2e-6)
+        torch.testing.assert_close(maps.i2t[1, block], i2t[cond].mean(1)[..., real], rtol=0, atol=2e-6)
+
+
+def test_unconditional_half_is_recorded_on_request(tiny_dirs):
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["sd3"])
+    maps, seen, _, _ = record_with_reference(probe, "sd3", rows="uncond", positions="all")
+    t2i, _ = reference(seen, 0, 0)
+    torch.testing.assert_close(maps.t2i[0, 0], t2i[:2].mean(1), rtol=0, atol=2e-6)
+
+
+def test_a_word_map_is_the_mean_over_its_positions_in_every_tokenizer(probe, kind):
+    maps, seen, inputs, _ = record_with_reference(probe, kind)
+    table = probe.tokens(PROMPTS[1], inputs["max_sequence_length"])
+    dog = table.positions("dog")
+    assert len(dog) == (2 if kind.startswith("sd3") else 1)  # CLIP and T5 for SD3, T5 for Flux
+    t2i, i2t = reference(seen, 1, 0)
+    cond = 3 if kind.startswith("sd3") else 1
+    expected = t2i[cond].mean(0)[:, dog].mean(-1).reshape(maps.grid)
+    torch.testing.assert_close(maps.word("dog,", prompt=1, blocks=[1], steps=[0]), expected, rtol=0, atol=2e-6)
+    expected = i2t[cond].mean(0)[:, dog].mean(-1).reshape(maps.grid)
+    torch.testing.assert_close(maps.word("dog", prompt=1, kind="i2t", blocks=[1], steps=[0]), expected,
+                               rtol=0, atol=2e-6)
+
+
+def test_recording_changes_no_output_bit(probe, kind):
+    _, _, inputs, output = record_with_reference(probe, kind)
+    assert torch.equal(output.images, probe.pipeline(**inputs).images)
+
+
+def test_chosen_blocks_steps_and_words(tiny_dirs, tmp_path):
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["sd3"])
+    maps, _, _, _ = record_with_reference(probe, "sd3", blocks=[1], steps=[1], kinds=["t2i"], positions=["cat", "dog"])
+    assert maps.blocks == [1] and maps.steps == [1] and maps.i2t is None
+    # "cat" and "dog" are both the third word: the same CLIP and T5 positions in either prompt.
+    assert maps.positions == maps.tables[0].positions("cat") == maps.tables[1].positions("dog")
+    assert len(maps.positions) == 2
+    with pytest.raises(IndexError, match=r"block 0 was not recorded; recorded blocks: \[1\]"):
+        maps.word("cat", blocks=[0])
+    with pytest.raises(ValueError, match="no 'i2t' maps here"):
+        maps.word("cat", kind="i2t")
+    with pytest.raises(KeyError, match="word 'mat' is not in the prompt 'a blue dog, sitting'"):
+        maps.word("mat", prompt=1)
+    loaded = AttentionMaps.load(maps.save(tmp_path / "maps.safetensors"))
+    assert torch.equal(loaded.t2i, maps.t2i) and loaded.positions == maps.positions
+    assert loaded.tables[1].positions("dog") == maps.tables[1].positions("dog")
+
+
+def test_recorder_rejects_bad_requests(tiny_dirs):
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["flux-dev"])
+    inputs = tiny_inputs(probe, "flux-dev", PROMPTS)
+    with pytest.raises(IndexError, match="out of range"):
+        AttentionRecorder(probe, inputs, blocks=[99])
+    with pytest.raises(IndexError, match=r"step 5 out of range: this run has steps 0..1"):
+        AttentionRecorder(probe, inputs, steps=[5])
+    with pytest.raises(KeyError, match="word 'zebra' is in none of the prompts"):
+        AttentionRecorder(probe, inputs, positions=["zebra"])
+    recorder = AttentionRecorder(probe, inputs, rows="uncond")
+    with pytest.raises(ValueError, match="needs classifier-free guidance"):
+        recorder._row_index(2)
+
+
+def test_smoothing_and_normalising():
+    m = torch.zeros(9, 9)
+    m[4, 4] = 1.0
+    s = smooth(m)
+    assert s.sum().item() == pytest.approx(1.0, abs=1e-3) and s[4, 4] < 1 and s[4, 5] > 0
+    assert s[0, 0] == 0  # kernel 7 reaches 3 cells, not 4
+    assert normalise(s).max() == 1.0 and normalise(s, "minmax").min() == 0.0
