@@ -2,11 +2,13 @@
 
     mmdit-probe info toy                 # family, blocks, token layout, hook names
     mmdit-probe info ./my-sd3-dir --hooks
+    mmdit-probe maps toy "a large red circle on the left on a white background" --out out/
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .probe import load
 
@@ -20,6 +22,32 @@ def _info(args: argparse.Namespace) -> None:
         print(probe.tokens(args.prompt))
 
 
+def _maps(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .viz import t2i_vs_i2t, word_grid
+
+    probe = load(args.model)
+    out = probe.generate(args.prompt, seed=args.seed, steps=args.steps, record=True)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    out.images[0].save(folder / "image.png")
+    out.maps.save(folder / "maps.safetensors")
+    words = args.words or [w for w in dict.fromkeys(out.maps.tables[0].words) if w not in _FILLER]
+    blocks = "top" if set(probe.preset.top_layers) <= set(out.maps.blocks) else None
+    figures = {"t2i_vs_i2t.png": t2i_vs_i2t(out.maps, words, blocks=blocks),
+               "t2i_by_block.png": word_grid(out.maps, words, by="block"),
+               "i2t_by_block.png": word_grid(out.maps, words, by="block", kind="i2t"),
+               "t2i_by_step.png": word_grid(out.maps, words, by="step")}
+    for name, fig in figures.items():
+        fig.savefig(folder / name, dpi=110)
+    print(f"wrote {', '.join(['image.png', 'maps.safetensors', *figures])} to {folder}/")
+
+
+_FILLER = {"a", "an", "the", "on", "in", "of", "and", "with", "at", "to"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     info.add_argument("--hooks", action="store_true", help="list every hook point name")
     info.add_argument("--prompt", help="also show this prompt's token table")
     info.set_defaults(run=_info)
+
+    maps = commands.add_parser("maps", help="generate an image and write its T2I and I2T attention maps")
+    maps.add_argument("model", help="preset name (e.g. toy), hub id, or local pipeline directory")
+    maps.add_argument("prompt")
+    maps.add_argument("--out", default="out", help="output directory (default: out)")
+    maps.add_argument("--seed", type=int, default=0)
+    maps.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    maps.add_argument("--words", nargs="*", help="words to show (default: the prompt's content words)")
+    maps.set_defaults(run=_maps)
 
     args = parser.parse_args(argv)
     args.run(args)

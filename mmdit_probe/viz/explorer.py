@@ -1,0 +1,92 @@
+"""An ipywidgets explorer of recorded maps: block, step, word, T2I/I2T, smoothing, opacity.
+
+Everything is precomputed by the recording; a slider move only re-colours one small map, so it
+is instant. With masks, a bar chart ranks the blocks, which is why a few layers are averaged.
+
+>>> explorer(out.maps, masks={"cat": cat_mask})        # in a notebook cell
+"""
+
+from __future__ import annotations
+
+import io
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+
+from ..maps import AttentionMaps, smooth
+from ..metrics import score_blocks
+from .figures import block_scores
+from .render import colourise, overlay, png
+
+
+class Explorer:
+    """The widget state and its controls; `.widget` is what a notebook displays."""
+
+    def __init__(self, maps: AttentionMaps, masks: dict | None = None, prompt: int = 0, size: int = 256) -> None:
+        self.maps, self.prompt, self.size = maps, prompt, size
+        words = [w for w in dict.fromkeys(maps.tables[prompt].words) if _recorded(maps, w, prompt)]
+        if not words:
+            raise ValueError("none of the prompt's words was recorded; record with positions='real' or 'all'")
+        self.word = widgets.Dropdown(options=words, description="word")
+        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds], description="map")
+        self.block = widgets.SelectionSlider(options=maps.blocks, description="block")
+        self.top = widgets.Checkbox(value=False, description=f"mean of top layers {list(maps.top_layers)}",
+                                    disabled=not set(maps.top_layers) <= set(maps.blocks) or not maps.top_layers)
+        self.step = widgets.SelectionSlider(options=maps.steps, description="step")
+        self.all_steps = widgets.Checkbox(value=True, description="mean over all steps")
+        self.smoothing = widgets.Checkbox(value=False, description="Gaussian smoothing (k=7, σ=1)")
+        self.opacity = widgets.FloatSlider(value=0.6, min=0.0, max=1.0, step=0.05, description="opacity")
+        self.image = widgets.Image(format="png", layout=widgets.Layout(width=f"{size}px", height=f"{size}px"))
+        self.caption = widgets.HTML()
+        controls = [self.word, self.kind, self.block, self.top, self.step, self.all_steps, self.smoothing,
+                    self.opacity]
+        for control in controls:
+            control.observe(lambda change: self.update(), names="value")
+        panels = [widgets.VBox([self.image, self.caption])]
+        if masks:
+            panels.append(self._scores_panel(masks))
+        self.widget = widgets.VBox([widgets.HBox([widgets.VBox(controls[:4]), widgets.VBox(controls[4:])]),
+                                    widgets.HBox(panels)])
+        self.update()
+
+    def current_map(self):
+        kind = self.kind.value.lower()
+        blocks = "top" if self.top.value else [self.block.value]
+        steps = None if self.all_steps.value else [self.step.value]
+        m = self.maps.word(self.word.value, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
+        return smooth(m) if self.smoothing.value else m
+
+    def update(self) -> None:
+        m = self.current_map()
+        self.block.disabled, self.step.disabled = self.top.value, self.all_steps.value
+        image = self.maps.images[self.prompt] if len(self.maps.images) > self.prompt else None
+        rgb = overlay(image, m, self.opacity.value) if image is not None else colourise(m)
+        self.image.value = png(rgb, scale=max(1, self.size // rgb.shape[0]))
+        where = f"top layers {list(self.maps.top_layers)}" if self.top.value else f"block {self.block.value}"
+        when = "all steps" if self.all_steps.value else f"step {self.step.value}"
+        self.caption.value = (f"<b>{self.kind.value}</b> of <b>{self.word.value}</b>, {where}, {when}; "
+                              f"max {float(m.max()):.3f}")
+
+    def _scores_panel(self, masks: dict) -> widgets.Widget:
+        scores = [score_blocks(self.maps, masks, prompt=self.prompt, kind=k) for k in self.maps.kinds]
+        fig = block_scores(scores)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        plt.close(fig)
+        best = scores[0].top(5)
+        note = widgets.HTML(f"Blocks ranked by soft IoU of their {scores[0].kind.upper()} maps against the masks. "
+                            f"Best five: {best}. Averaging a few such blocks gives cleaner maps than all blocks.")
+        return widgets.VBox([widgets.Image(value=buffer.getvalue(), format="png"), note])
+
+
+def _recorded(maps: AttentionMaps, word: str, prompt: int) -> bool:
+    try:
+        maps.columns(word, prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def explorer(maps: AttentionMaps, masks: dict | None = None, prompt: int = 0) -> widgets.Widget:
+    """The explorer widget for recorded maps (display it in a notebook)."""
+    return Explorer(maps, masks, prompt).widget

@@ -1,0 +1,78 @@
+"""matplotlib figures: word x block and word x step grids, T2I beside I2T, block scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..maps import AttentionMaps, smooth
+from ..metrics import BlockScores
+from .render import colourise, overlay
+
+
+def _image(maps: AttentionMaps, prompt: int):
+    return maps.images[prompt] if len(maps.images) > prompt else None
+
+
+def _show(ax, maps: AttentionMaps, m, prompt: int, opacity: float) -> None:
+    image = _image(maps, prompt)
+    ax.imshow(overlay(image, m, opacity) if image is not None else colourise(m))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def word_grid(maps: AttentionMaps, words: Sequence[str], *, by: str = "block", prompt: int = 0,
+              kind: str = "t2i", smoothing: bool = False, opacity: float = 0.7) -> plt.Figure:
+    """One row per word, one column per recorded block (by="block") or step (by="step")."""
+    if by not in ("block", "step"):
+        raise ValueError(f"by={by!r}; choose 'block' or 'step'")
+    labels = maps.blocks if by == "block" else maps.steps
+    fig, axes = plt.subplots(len(words), len(labels), figsize=(1.3 * len(labels), 1.4 * len(words)), squeeze=False)
+    for r, word in enumerate(words):
+        stack = (maps.per_block if by == "block" else maps.per_step)(word, prompt=prompt, kind=kind)
+        for c, m in enumerate(stack):
+            _show(axes[r, c], maps, smooth(m) if smoothing else m, prompt, opacity)
+            if r == 0:
+                axes[r, c].set_title(f"{by} {labels[c]}", fontsize=8)
+        axes[r, 0].set_ylabel(word)
+    fig.suptitle(f"{kind.upper()} maps by {by}: {maps.prompts[prompt]!r}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def t2i_vs_i2t(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
+               smoothing: bool = True, opacity: float = 0.7) -> plt.Figure:
+    """The image, then for each word its T2I map above its I2T map (same blocks and steps)."""
+    fig, axes = plt.subplots(2, len(words) + 1, figsize=(1.8 * (len(words) + 1), 3.8), squeeze=False)
+    image = _image(maps, prompt)
+    for r, kind in enumerate(("t2i", "i2t")):
+        axes[r, 0].axis("off")
+        if image is not None and r == 0:
+            axes[r, 0].imshow(image)
+            axes[r, 0].set_title("image", fontsize=9)
+        for c, word in enumerate(words, start=1):
+            m = maps.word(word, prompt=prompt, kind=kind, blocks=blocks)
+            _show(axes[r, c], maps, smooth(m) if smoothing else m, prompt, opacity)
+            axes[r, c].set_title(f"{word} ({kind.upper()})", fontsize=9)
+    fig.suptitle(f"{maps.prompts[prompt]!r}, blocks {blocks}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def block_scores(scores: Sequence[BlockScores] | BlockScores, metric: str = "soft_iou", top: int = 5) -> plt.Figure:
+    """Bars of a metric per block, one series per kind, the top blocks of the first series marked."""
+    scores = [scores] if isinstance(scores, BlockScores) else list(scores)
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(scores[0].blocks) + 1), 2.6))
+    width = 0.8 / len(scores)
+    x = np.arange(len(scores[0].blocks))
+    for i, s in enumerate(scores):
+        ax.bar(x + i * width, s.scores[metric], width, label=s.kind.upper())
+    best = set(scores[0].top(top, metric))
+    ax.set_xticks(x + 0.4 - width / 2, [f"{b}*" if b in best else str(b) for b in scores[0].blocks], fontsize=8)
+    ax.set_xlabel(f"block (* = top {top} of {scores[0].kind.upper()})")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,42 @@
+"""Maps as pictures: colour a (rows, cols) map and blend it over the generated image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+from ..maps import normalise, upsample
+
+
+def to_rgb(image) -> np.ndarray:
+    """A PIL image, uint8 array or [0, 1] float array as a (height, width, 3) float array in [0, 1]."""
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+
+
+def colourise(m: torch.Tensor, size: tuple[int, int] | None = None, cmap: str = "inferno") -> np.ndarray:
+    """A map, max-normalised (and upsampled to `size`), as (height, width, 3) colours in [0, 1]."""
+    m = normalise(m)
+    if size is not None:
+        m = upsample(m, size).clamp(0, 1)
+    return colormaps[cmap](m.numpy())[..., :3].astype(np.float32)
+
+
+def overlay(image, m: torch.Tensor, opacity: float = 0.6, cmap: str = "inferno") -> np.ndarray:
+    """The map coloured and blended over the image, (height, width, 3) in [0, 1]."""
+    rgb = to_rgb(image)
+    return (1 - opacity) * rgb + opacity * colourise(m, rgb.shape[:2], cmap)
+
+
+def png(rgb: np.ndarray, scale: int = 1) -> bytes:
+    """PNG bytes of a [0, 1] RGB array, enlarged by `scale` with nearest-neighbour (small images stay crisp)."""
+    picture = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,74 @@
+"""Scores against masks, block ranking, and the figures and widgets built on recorded maps."""
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from mmdit_probe.maps import AttentionMaps
+from mmdit_probe.metrics import score_blocks, score_map
+from mmdit_probe.tokens import Token, TokenTable
+from mmdit_probe.viz import Explorer, block_scores, heatmap, t2i_vs_i2t, word_grid
+
+matplotlib.use("Agg")
+
+
+def synthetic_maps() -> AttentionMaps:
+    """Three blocks on a 4x4 grid; the word "cat" (text position 1) sits in the top-left 2x2 corner,
+    sharply in block 2, blurred in block 1, nowhere in block 0."""
+    cat = torch.zeros(4, 4)
+    cat[:2, :2] = 1
+    blocks = [torch.full((4, 4), 1 / 16), 0.5 * cat / 4 + 0.5 / 16, cat / 4]
+    t2i = torch.zeros(2, 3, 1, 16, 2)
+    for b, m in enumerate(blocks):
+        t2i[:, b, 0, :, 1] = m.flatten()
+        t2i[:, b, 0, :, 0] = 1 / 16
+    table = TokenTable("a cat", [Token(0, "clip", "a</w>", "a", 0), Token(1, "clip", "cat</w>", "cat", 1)], 2)
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    return AttentionMaps(t2i=t2i, i2t=t2i.clone(), steps=[0, 1], blocks=[0, 1, 2], positions=[0, 1], tables=[table],
+                         grid=(4, 4), top_layers=(2, 1), images=[image])
+
+
+def cat_mask() -> np.ndarray:
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[:8, :8] = True
+    return mask
+
+
+def test_score_map_on_perfect_and_empty_predictions():
+    mask = cat_mask()
+    perfect = score_map(torch.from_numpy(mask).float(), mask)
+    assert perfect["soft_iou"] == 1.0 and perfect["iou"] == 1.0 and perfect["mse"] == 0.0
+    assert score_map(torch.zeros(16, 16), mask)["soft_iou"] == 0.0
+    with pytest.raises(ValueError, match="2-D"):
+        score_map(torch.zeros(4, 4), np.zeros((2, 2, 2)))
+
+
+def test_blocks_rank_by_how_well_their_maps_fit_the_mask():
+    scores = score_blocks(synthetic_maps(), {"cat": cat_mask()})
+    assert scores.ranked("soft_iou") == [2, 1, 0]
+    assert scores.ranked("mse") == [2, 1, 0]
+    assert scores.top(1) == [2]
+    assert "block" in scores.table()
+
+
+def test_figures_render():
+    maps = synthetic_maps()
+    for fig in (word_grid(maps, ["a", "cat"]), word_grid(maps, ["cat"], by="step"), t2i_vs_i2t(maps, ["cat"]),
+                block_scores(score_blocks(maps, {"cat": cat_mask()}))):
+        assert len(fig.axes) >= 1
+    fig = heatmap(maps, "cat")
+    assert [f.name for f in fig.frames] == ["0", "1", "2"]
+    assert "block 2" in fig.frames[2].data[0].hovertemplate
+
+
+def test_explorer_redraws_on_slider_moves():
+    explorer = Explorer(synthetic_maps(), masks={"cat": cat_mask()})
+    explorer.word.value = "cat"
+    explorer.block.value = 0
+    flat = explorer.image.value
+    explorer.block.value = 2
+    assert explorer.image.value != flat
+    assert "block 2" in explorer.caption.value
+    explorer.top.value = True
+    assert "top layers [2, 1]" in explorer.caption.value
