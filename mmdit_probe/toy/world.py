@@ -155,10 +155,12 @@ def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
     return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)), masks
 
 
-def word_masks(scene: Scene, object_masks: list[np.ndarray]) -> list[tuple[str, np.ndarray | None]]:
+def word_masks(scene: Scene, object_masks: list[np.ndarray | None]) -> list[tuple[str, np.ndarray | None]]:
     """Ground truth per caption word, in caption order: the object's mask for its size, colour,
-    shape and position words, the background mask for the background words, None for fillers."""
-    background = ~np.any(object_masks, axis=0)
+    shape and position words, the background mask for the background words, None for fillers
+    (and for the words of an object whose mask is None, e.g. one missing from a generated image)."""
+    present = [m for m in object_masks if m is not None]
+    background = ~np.any(present, axis=0) if present else np.ones((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
     out: list[tuple[str, np.ndarray | None]] = []
     for i, o in enumerate(scene.objects):
         if i:

@@ -1,0 +1,170 @@
+"""Ground-truth evaluation of the toy model: image quality by the judge, and T2I vs I2T segmentation.
+
+    python -m mmdit_probe.toy.evaluate --n 100 --out reports/toy
+
+For held-out captions, generate, read the objects back from the *generated* image (exact masks on a
+plain background), then score every block's T2I and I2T word maps against those masks: IoU at
+half the max and soft IoU, per word type (size, colour, shape, position, background), per step
+range (early, middle, late), with and without Gaussian smoothing, and for the top-5 blocks'
+average against all blocks. Writes report.json and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..maps import normalise, smooth
+from ..metrics import score_map
+from .judge import judge, read_objects, summarise
+from .world import WORD_TYPE, caption, sample_split_scene, word_masks
+
+STEP_RANGES = ("early", "middle", "late", "all")
+
+
+def word_masks_from_image(scene, image: np.ndarray) -> dict[int, np.ndarray]:
+    """Caption word index -> mask, from the objects found in the *generated* image itself."""
+    readings = read_objects(image)
+    found = [next((r.mask for r in readings if r.position == obj.position), None) for obj in scene.objects]
+    return {i: mask for i, (_, mask) in enumerate(word_masks(scene, found)) if mask is not None}
+
+
+def step_slices(n_steps: int) -> dict[str, list[int]]:
+    third = n_steps / 3
+    return {"early": [s for s in range(n_steps) if s < third],
+            "middle": [s for s in range(n_steps) if third <= s < 2 * third],
+            "late": [s for s in range(n_steps) if s >= 2 * third],
+            "all": list(range(n_steps))}
+
+
+def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    scenes = [sample_split_scene(rng, held_out=True) for _ in range(n)]
+    verdicts = []
+    # scores[(kind, smoothing, step_range, block, word_type, metric)] -> list of values
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    blocks = list(range(probe.family.num_blocks))
+    steps = step_slices(probe.preset.steps)
+    per_image: list[tuple] = []
+    for start in tqdm(range(0, n, batch), desc="evaluate"):
+        group = scenes[start:start + batch]
+        out = probe.generate([caption(s) for s in group], seed=seed + start, same_noise=False, record=True)
+        for i, scene in enumerate(group):
+            image = np.asarray(out.images[i])
+            verdicts.append(judge(image, scene))
+            masks = word_masks_from_image(scene, image)
+            per_image.append((out.maps, i, masks))
+    for maps, i, masks in tqdm(per_image, desc="score"):
+        for word_index, mask in masks.items():
+            word_type = WORD_TYPE[maps.tables[i].words[word_index]]
+            for kind in ("t2i", "i2t"):
+                for range_name, chosen in steps.items():
+                    per_block = maps.per_block(word_index, prompt=i, kind=kind, steps=chosen)
+                    for smoothing in (False, True):
+                        stack = [smooth(m) if smoothing else m for m in per_block]
+                        for b, m in zip(blocks, stack):
+                            result = score_map(normalise(m), mask)
+                            for metric in ("iou", "soft_iou"):
+                                scores[(kind, smoothing, range_name, b, word_type, metric)].append(result[metric])
+    return _report(scores, verdicts, blocks, top_k, per_image)
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
+    types = sorted({key[4] for key in scores})
+
+    def block_table(kind, smoothing, step_range, metric="iou", word_types=None):
+        chosen = word_types or types
+        return [_mean([v for t in chosen for v in scores[(kind, smoothing, step_range, b, t, metric)]])
+                for b in blocks]
+
+    t2i_all = block_table("t2i", False, "all")
+    top = [blocks[i] for i in np.argsort(t2i_all)[::-1][:top_k]]
+    report = {
+        "judge": summarise(verdicts),
+        "blocks": blocks,
+        "top_blocks_t2i_iou": top,
+        "per_block": {
+            f"{kind}/{'smoothed' if s else 'raw'}/{r}/{metric}": block_table(kind, s, r, metric)
+            for kind in ("t2i", "i2t") for s in (False, True) for r in STEP_RANGES for metric in ("iou", "soft_iou")
+        },
+        "per_word_type": {
+            f"{kind}/{t}": {"best_block_iou": max(block_table(kind, False, "all", "iou", [t])),
+                            "best_block": blocks[int(np.argmax(block_table(kind, False, "all", "iou", [t])))]}
+            for kind in ("t2i", "i2t") for t in types
+        },
+        "top_k_vs_all": _top_k_vs_all(per_image, top),
+    }
+    report["headline"] = {
+        "t2i_best_block_miou": max(t2i_all),
+        "i2t_best_block_miou": max(block_table("i2t", False, "all")),
+        "t2i_best_block_miou_shape_words": max(block_table("t2i", False, "all", "iou", ["shape"])),
+        "t2i_best_block_miou_colour_words": max(block_table("t2i", False, "all", "iou", ["colour"])),
+    }
+    return report
+
+
+def _top_k_vs_all(per_image, top: list[int]) -> dict[str, float]:
+    """mIoU of maps averaged over the top blocks vs over all blocks (all steps), raw and smoothed."""
+    results: dict[str, list[float]] = defaultdict(list)
+    for maps, i, masks in per_image:
+        for word_index, mask in masks.items():
+            for name, blocks in (("top", top), ("all", None)):
+                for kind in ("t2i", "i2t"):
+                    m = maps.word(word_index, prompt=i, kind=kind, blocks=blocks)
+                    results[f"{kind}/{name}/raw"].append(score_map(normalise(m), mask)["iou"])
+                    results[f"{kind}/{name}/smoothed"].append(score_map(normalise(smooth(m)), mask)["iou"])
+    return {k: _mean(v) for k, v in results.items()}
+
+
+def figures(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = report["blocks"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, s in zip(axes, ("raw", "smoothed")):
+        for kind in ("t2i", "i2t"):
+            ax.plot(blocks, report["per_block"][f"{kind}/{s}/all/iou"], marker="o", label=kind.upper())
+        ax.set_title(f"mIoU per block ({s})")
+        ax.set_xlabel("block")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "miou_per_block.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100, help="held-out captions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("reports/toy"))
+    parser.add_argument("--model", default="toy")
+    args = parser.parse_args(argv)
+    from ..probe import load
+
+    torch.set_num_threads(2)
+    probe = load(args.model)
+    probe.pipeline.set_progress_bar_config(disable=True)
+    report = evaluate(probe, n=args.n, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    figures(report, args.out)
+    print(json.dumps({"judge": report["judge"], "headline": report["headline"],
+                      "top_blocks": report["top_blocks_t2i_iou"], "top_k_vs_all": report["top_k_vs_all"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

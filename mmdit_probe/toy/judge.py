@@ -1,0 +1,122 @@
+"""Read a Shapes-world image back: background, and each object's colour, shape, size and place.
+
+Analytic: the background is the border's colour; objects are connected regions that differ from
+it; colour is the nearest palette colour to the region's median; shape and size are the rendered
+template (circle, square, triangle at each size, centred on the region) with the best IoU.
+Its own accuracy on rendered scenes is measured by `judge_accuracy` (and quoted in the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, Shape, render, sample_split_scene
+
+MIN_AREA = 12  # pixels; smaller specks are noise, the smallest object covers ~50
+
+
+@dataclass(frozen=True)
+class Reading:
+    colour: str
+    shape: str
+    size: str
+    position: str
+    mask: np.ndarray
+    shape_iou: float  # how well the best template fits; low means a ragged or unclear shape
+
+
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    names = list(palette)
+    distances = [np.linalg.norm(rgb - np.array(palette[n], dtype=float)) for n in names]
+    return names[int(np.argmin(distances))]
+
+
+def read_background(image: np.ndarray) -> str:
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(float)
+    return _nearest(np.median(border, axis=0), BACKGROUNDS)
+
+
+def _position(cx: float) -> str:
+    return "left" if cx < IMAGE_SIZE * 0.4 else "right" if cx > IMAGE_SIZE * 0.6 else "center"
+
+
+def read_objects(image: np.ndarray) -> list[Reading]:
+    """Objects in an RGB uint8 image, left to right."""
+    image = np.asarray(image)
+    background = np.array(BACKGROUNDS[read_background(image)], dtype=float)
+    foreground = np.linalg.norm(image.astype(float) - background, axis=-1) > 60
+    labels, count = ndimage.label(foreground)
+    readings = []
+    for index in range(1, count + 1):
+        mask = labels == index
+        if mask.sum() < MIN_AREA:
+            continue
+        colour = _nearest(np.median(image[mask].astype(float), axis=0), COLOURS)
+        cy, cx = ndimage.center_of_mass(mask)
+        rows, cols = np.nonzero(mask)
+        centre = ((cols.min() + cols.max() + 1) / 2, (rows.min() + rows.max() + 1) / 2)
+        best = (-1.0, "", "")
+        for shape in SHAPES:
+            for size in SIZES:
+                template = _template(shape, size, centre)
+                iou = (template & mask).sum() / max((template | mask).sum(), 1)
+                best = max(best, (iou, shape, size))
+        readings.append(Reading(colour, best[1], best[2], _position(cx), mask, float(best[0])))
+    return sorted(readings, key=lambda r: ndimage.center_of_mass(r.mask)[1])
+
+
+def _template(shape: str, size: str, centre: tuple[float, float]) -> np.ndarray:
+    dx, dy = centre[0] - IMAGE_SIZE / 2, centre[1] - IMAGE_SIZE / 2
+    obj = Shape(shape=shape, colour="red", size=size, position="center", dx=dx, dy=dy)
+    return render(Scene((obj,), "white"))[1][0]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Per caption object: was an object found at its place, and were its colour and shape right."""
+
+    found: list[bool]
+    colour: list[bool]
+    shape: list[bool]
+    background: bool
+    extra_objects: int
+
+
+def judge(image: np.ndarray, scene: Scene) -> Verdict:
+    """Compare an image with the scene its caption describes (objects matched by position)."""
+    readings = read_objects(image)
+    found, colour, shape = [], [], []
+    unmatched = list(readings)
+    for obj in scene.objects:
+        match = next((r for r in unmatched if r.position == obj.position), None)
+        if match is None and unmatched and len(scene.objects) == 1:
+            match = unmatched[0]  # a lone object drifted off-centre: still judge it
+        found.append(match is not None)
+        colour.append(match is not None and match.colour == obj.colour)
+        shape.append(match is not None and match.shape == obj.shape)
+        if match is not None:
+            unmatched.remove(match)
+    return Verdict(found, colour, shape, read_background(image) == scene.background, len(unmatched))
+
+
+def judge_accuracy(n: int = 500, seed: int = 1) -> dict[str, float]:
+    """The judge's own accuracy on rendered (ground-truth) held-out scenes."""
+    rng = np.random.default_rng(seed)
+    verdicts = [judge(render(s)[0], s) for s in (sample_split_scene(rng, held_out=True) for _ in range(n))]
+    return summarise(verdicts)
+
+
+def summarise(verdicts: list[Verdict]) -> dict[str, float]:
+    objects = sum(len(v.found) for v in verdicts)
+    return {
+        "objects": objects,
+        "found": sum(map(sum, (v.found for v in verdicts))) / objects,
+        "colour": sum(map(sum, (v.colour for v in verdicts))) / objects,
+        "shape": sum(map(sum, (v.shape for v in verdicts))) / objects,
+        "colour_and_shape": sum(c and s for v in verdicts for c, s in zip(v.colour, v.shape)) / objects,
+        "background": sum(v.background for v in verdicts) / len(verdicts),
+        "extra_objects": sum(v.extra_objects for v in verdicts) / len(verdicts),
+    }
