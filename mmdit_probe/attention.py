@@ -37,12 +37,13 @@ class AttentionRecorder:
     heads: "mean" (default) or "all".
     rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
     positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
+    max_gb: refuse (before running) a recording whose maps would exceed this much memory.
     """
 
     def __init__(self, probe, inputs: dict[str, Any], *, blocks: Iterable[int] | None = None,
                  steps: Iterable[int] | None = None, kinds: Iterable[str] = KINDS, heads: str = "mean",
                  rows: str = "cond", positions: str | list[int] | list[str] = "real",
-                 dtype: torch.dtype = torch.float16) -> None:
+                 dtype: torch.dtype = torch.float16, max_gb: float = 4.0) -> None:
         self.probe = probe
         family = probe.family
         self.prompts = list(inputs["prompt"])
@@ -65,12 +66,27 @@ class AttentionRecorder:
         self.heads, self.rows, self.dtype = heads, rows, dtype
         self.positions = self._positions(positions, family.text_length(length))
         self._index = torch.tensor(self.positions)
+        self._check_memory(family, max_gb)
         self._recorded: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in self.kinds}
         self._timesteps: dict[int, float] = {}
         self._processors = [probe.pipeline.transformer.get_submodule(family.attention(b).path).processor
                             for b in self.blocks]
         for processor in self._processors:
             processor.record_lse = True
+
+    def estimated_bytes(self, heads: int) -> int:
+        rows = len(self.prompts) * (2 if self.rows == "both" else 1)
+        per_map = rows * (heads if self.heads == "all" else 1) * self.grid[0] * self.grid[1] * len(self.positions)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return len(self.steps) * len(self.blocks) * len(self.kinds) * per_map * itemsize
+
+    def _check_memory(self, family, max_gb: float) -> None:
+        heads = self.probe.pipeline.transformer.get_submodule(family.attention(self.blocks[0]).path).heads
+        need = self.estimated_bytes(heads) / 2**30
+        if need > max_gb:
+            raise MemoryError(
+                f"recording these maps needs about {need:.1f} GB (limit max_gb={max_gb}). Record fewer blocks or "
+                f"steps, heads='mean', positions=[words], or kinds=['t2i'] — or raise max_gb.")
 
     def _positions(self, positions, text_length: int) -> list[int]:
         if isinstance(positions, str):

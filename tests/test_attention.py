@@ -125,6 +125,8 @@ def test_recorder_rejects_bad_requests(tiny_dirs):
         AttentionRecorder(probe, inputs, steps=[5])
     with pytest.raises(KeyError, match="word 'zebra' is in none of the prompts"):
         AttentionRecorder(probe, inputs, positions=["zebra"])
+    with pytest.raises(MemoryError, match=r"needs about .* GB \(limit max_gb=1e-06\)"):
+        AttentionRecorder(probe, inputs, max_gb=1e-6)
     recorder = AttentionRecorder(probe, inputs, rows="uncond")
     with pytest.raises(ValueError, match="needs classifier-free guidance"):
         recorder._row_index(2)

@@ -44,28 +44,43 @@ def _position(cx: float) -> str:
 
 
 def read_objects(image: np.ndarray) -> list[Reading]:
-    """Objects in an RGB uint8 image, left to right."""
-    image = np.asarray(image)
-    background = np.array(BACKGROUNDS[read_background(image)], dtype=float)
-    foreground = np.linalg.norm(image.astype(float) - background, axis=-1) > 60
-    labels, count = ndimage.label(foreground)
+    """Objects in an RGB uint8 image, left to right.
+
+    Each pixel is explained as a blend of the background and one palette colour (anti-aliased
+    edges are such blends): it takes the colour whose blend line passes closest, and belongs to
+    an object when more than half covered, as in the renderer's masks. Objects are the connected
+    regions of one colour, so touching objects of different colours stay apart.
+    """
+    image = np.asarray(image).astype(float)
+    background = np.array(BACKGROUNDS[read_background(image.astype(np.uint8))], dtype=float)
+    names = list(COLOURS)
+    direction = np.array([COLOURS[n] for n in names], dtype=float) - background  # (colour, rgb)
+    offset = image - background
+    coverage = offset @ direction.T / (direction**2).sum(axis=1)  # (h, w, colour)
+    residual = np.linalg.norm(offset[..., None, :] - coverage[..., None] * direction, axis=-1)
+    nearest = residual.argmin(axis=-1)
+    # Slightly under one half: a half-covered edge pixel counts, as in the renderer (> 127 of 255).
+    covered = np.take_along_axis(coverage, nearest[..., None], axis=-1)[..., 0] > 0.45
     readings = []
-    for index in range(1, count + 1):
-        mask = labels == index
-        if mask.sum() < MIN_AREA:
-            continue
-        colour = _nearest(np.median(image[mask].astype(float), axis=0), COLOURS)
-        cy, cx = ndimage.center_of_mass(mask)
-        rows, cols = np.nonzero(mask)
-        centre = ((cols.min() + cols.max() + 1) / 2, (rows.min() + rows.max() + 1) / 2)
-        best = (-1.0, "", "")
-        for shape in SHAPES:
-            for size in SIZES:
-                template = _template(shape, size, centre)
-                iou = (template & mask).sum() / max((template | mask).sum(), 1)
-                best = max(best, (iou, shape, size))
-        readings.append(Reading(colour, best[1], best[2], _position(cx), mask, float(best[0])))
+    for k, colour in enumerate(names):
+        labels, count = ndimage.label(covered & (nearest == k))
+        for index in range(1, count + 1):
+            mask = labels == index
+            if mask.sum() >= MIN_AREA:
+                readings.append(_read_shape(mask, colour))
     return sorted(readings, key=lambda r: ndimage.center_of_mass(r.mask)[1])
+
+
+def _read_shape(mask: np.ndarray, colour: str) -> Reading:
+    _, cx = ndimage.center_of_mass(mask)
+    rows, cols = np.nonzero(mask)
+    centre = ((cols.min() + cols.max() + 1) / 2, (rows.min() + rows.max() + 1) / 2)
+    best = (-1.0, "", "")
+    for shape in SHAPES:
+        for size in SIZES:
+            template = _template(shape, size, centre)
+            best = max(best, ((template & mask).sum() / max((template | mask).sum(), 1), shape, size))
+    return Reading(colour, best[1], best[2], _position(cx), mask, float(best[0]))
 
 
 def _template(shape: str, size: str, centre: tuple[float, float]) -> np.ndarray:
