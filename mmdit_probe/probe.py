@@ -55,7 +55,12 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         index = local / "model_index.json"
         if not index.exists():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
-        family_name_for_class(json.loads(index.read_text())["_class_name"])  # refuse before loading weights
+        config = json.loads(index.read_text())
+        family_name_for_class(config["_class_name"])  # refuse before loading any weights
+        # A component saved as absent (e.g. SD3 without T5) must be passed as None to load.
+        for name, spec in config.items():
+            if spec == [None, None]:
+                kwargs.setdefault(name, None)
         return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
     try:
         return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
@@ -66,6 +71,13 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
             f"(e.g. `hf download {source} --local-dir DIR`) and call mmdit_probe.load('DIR'). "
             f"Known presets: {', '.join(PRESETS)}."
         ) from error
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed `from_pretrained(torch_dtype=)` to `dtype=`; the old name now warns."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | None = None,
@@ -87,13 +99,13 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
         source = str(model)
         if source.lower() == "toy":
             location = TOY_WEIGHTS
-            from_pretrained.setdefault("torch_dtype", torch.float32)  # shipped as fp16 to stay small
+            from_pretrained.setdefault(_dtype_keyword(), torch.float32)  # shipped as fp16 to stay small
         elif source.lower() in PRESETS and PRESETS[source.lower()].hub_id:
             location = PRESETS[source.lower()].hub_id
         else:
             location = source
         if dtype is not None:
-            from_pretrained["torch_dtype"] = dtype
+            from_pretrained[_dtype_keyword()] = dtype
         pipeline = _from_pretrained(str(location), **from_pretrained)
     if dtype is not None:
         pipeline.to(dtype=dtype)

@@ -1,0 +1,158 @@
+"""Cost of recording T2I + I2T maps for every block and step, against the plain pipeline.
+
+    python benchmarks/attention_overhead.py                 # writes benchmarks/results/attention_overhead.{json,md}
+
+Real transformer widths with reduced depth and tiny text encoders / VAE (their cost is not what is
+measured): SD3-M width (hidden 1536, 24 heads of 64; 2 joint blocks) and Flux width (hidden 3072,
+24 heads of 128; 1 double + 1 single block), 512 px images = 1024 image tokens, 333 (SD3) or 512
+(Flux) text tokens, 2 denoising steps. Modes, timed interleaved in one process (median of repeats):
+
+  plain     the stock pipeline (taps removed)
+  traced    the tapped pipeline under an nnsight trace, no intervention
+  record    `probe.generate(record=True)`: T2I + I2T, all blocks and steps, real text positions
+  record_all  the same over all text positions (padding included)
+  naive     what peers do: softmax over the full joint attention matrix, then slice T2I / I2T
+
+Peak memory (max RSS) is measured per mode in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.utils import logging
+
+import mmdit_probe
+from mmdit_probe.testing import tiny_pipeline
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
+MODES = ("plain", "traced", "record", "record_all", "naive")
+
+
+def build(width: str):
+    torch.manual_seed(0)
+    if width == "sd3":
+        base = tiny_pipeline("sd3")
+        transformer = SD3Transformer2DModel(
+            sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=base.transformer.config.joint_attention_dim,
+            caption_projection_dim=1536, pooled_projection_dim=base.transformer.config.pooled_projection_dim,
+            pos_embed_max_size=96)
+        pipe = StableDiffusion3Pipeline(**{**base.components, "transformer": transformer})
+        inputs = dict(guidance=7.0, max_sequence_length=256)
+    else:
+        base = tiny_pipeline("flux-dev")
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=base.transformer.config.joint_attention_dim,
+            pooled_projection_dim=base.transformer.config.pooled_projection_dim, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+        pipe = FluxPipeline(**{**base.components, "transformer": transformer})
+        inputs = dict(guidance=3.5, max_sequence_length=512)
+    pipe.set_progress_bar_config(disable=True)
+    probe = mmdit_probe.load(pipe)
+    return probe, probe.inputs(PROMPT, seed=0, steps=2, height=512, width=512, output_type="latent", **inputs)
+
+
+def naive(probe, inputs) -> list[torch.Tensor]:
+    """Explicit joint softmax per block and step, then the T2I / I2T slices (head mean, cond half)."""
+    kept = []
+    with probe.model.generate(**inputs) as tracer:
+        for _ in tracer.iter[0:inputs["num_inference_steps"]]:
+            for block in range(probe.family.num_blocks):
+                q_img, k_img, q_txt, k_txt = (probe.hook(f"blocks.{block}.attn.hook_{n}").output
+                                              for n in ("q_img", "k_img", "q_txt", "k_txt"))
+                q, k = torch.cat([q_img, q_txt], dim=2)[-1:], torch.cat([k_img, k_txt], dim=2)[-1:]
+                p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                n = q_img.shape[2]
+                kept.append(p[:, :, :n, n:].mean(1).half())
+                kept.append(p[:, :, n:, :n].mean(1).half())
+    return kept
+
+
+def run(mode: str, probe, inputs) -> None:
+    if mode == "plain":
+        probe.family.remove_taps()
+        probe.pipeline(**inputs)
+        probe.family.install_taps()
+    elif mode == "traced":
+        with probe.model.generate(**inputs):
+            probe.model.output.save()
+    elif mode == "record":
+        probe.generate(inputs["prompt"], record=True, **_generate_args(inputs))
+    elif mode == "record_all":
+        probe.generate(inputs["prompt"], record={"positions": "all"}, **_generate_args(inputs))
+    elif mode == "naive":
+        naive(probe, inputs)
+
+
+def _generate_args(inputs):
+    return {"steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"], "height": inputs["height"],
+            "width": inputs["width"], "max_sequence_length": inputs["max_sequence_length"], "output_type": "latent"}
+
+
+def child(width: str, mode: str) -> None:
+    probe, inputs = build(width)
+    run(mode, probe, inputs)
+    print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--widths", nargs="*", default=["sd3", "flux"])
+    parser.add_argument("--child", nargs=2, metavar=("WIDTH", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.disable_progress_bar()
+    if args.child:
+        return child(*args.child)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+               "torch": torch.__version__, "device": "cpu", "widths": {}}
+    for width in args.widths:
+        probe, inputs = build(width)
+        run("plain", probe, inputs)  # warm-up
+        times = {mode: [] for mode in MODES}
+        for _ in range(args.repeats):
+            for mode in MODES:
+                start = time.perf_counter()
+                run(mode, probe, inputs)
+                times[mode].append(time.perf_counter() - start)
+        median = {mode: statistics.median(t) for mode, t in times.items()}
+        memory = {}
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--child", width, mode], capture_output=True, text=True,
+                                 check=True)
+            memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
+        n_text = probe.family.text_length(inputs["max_sequence_length"])
+        results["widths"][width] = {
+            "image_tokens": probe.grid(512, 512)[0] * probe.grid(512, 512)[1], "text_tokens": n_text,
+            "blocks": probe.family.num_blocks, "steps": inputs["num_inference_steps"],
+            "seconds": median, "ratio_to_plain": {m: median[m] / median["plain"] for m in MODES},
+            "max_rss_mb": memory,
+        }
+        print(width, json.dumps(results["widths"][width], indent=1))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "attention_overhead.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Attention recording overhead ({results['machine']}, torch {results['torch']}, CPU)", "",
+             "| width | image / text tokens | mode | seconds | × plain | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for width, r in results["widths"].items():
+        for m in MODES:
+            lines.append(f"| {width} | {r['image_tokens']} / {r['text_tokens']} | {m} | {r['seconds'][m]:.2f} | "
+                         f"{r['ratio_to_plain'][m]:.2f} | {r['max_rss_mb'][m]:.0f} |")
+    (RESULTS / "attention_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
