@@ -122,30 +122,40 @@ class AttentionRecorder:
             raise ValueError(f"unexpected batch of {batch} rows for {n} prompts")
         return {"cond": torch.arange(n, 2 * n), "uncond": torch.arange(n), "both": torch.arange(2 * n)}[self.rows]
 
+    TAPS = ("q_img", "k_img", "q_txt", "k_txt", "lse_img", "lse_txt")  # in execution order
+
     def record(self, step: int) -> None:
         """Read the taps of the chosen blocks for this step. Call once per step inside the trace."""
-        if step not in self.steps:
-            return
         for block in self.blocks:
-            taps = {name: self.probe.hook(f"blocks.{block}.attn.hook_{name}").output
-                    for name in ("q_img", "k_img", "q_txt", "k_txt", "lse_img", "lse_txt")}
-            rows = self._row_index(taps["q_img"].shape[0])
-            q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in
-                                                            ("q_img", "k_img", "q_txt", "k_txt",
-                                                             "lse_img", "lse_txt"))
-            index = self._index.to(q_img.device)
-            scale = q_img.shape[-1] ** -0.5
-            maps = {}
-            if "t2i" in self._recorded:
-                logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
-                maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
-            if "i2t" in self._recorded:
-                logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
-                maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)
-            for kind, m in maps.items():
-                if self.heads == "mean":
-                    m = m.mean(dim=1)
-                self._recorded[kind][(step, block)] = m.to("cpu", self.dtype)
+            self.record_block(step, block)
+
+    def record_block(self, step: int, block: int, **known: torch.Tensor) -> None:
+        """Record one block at one step. Taps already read by the caller this step (e.g. after
+        patching them) are passed as `known` (q_img=..., k_img=...) and are not read again."""
+        if step not in self.steps or block not in self.blocks:
+            return
+        taps = {name: known[name] if name in known else self.probe.hook(f"blocks.{block}.attn.hook_{name}").output
+                for name in self.TAPS}
+        rows = self._row_index(taps["q_img"].shape[0])
+        q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in self.TAPS)
+        index = self._index.to(q_img.device)
+        scale = q_img.shape[-1] ** -0.5
+        maps = {}
+        if "t2i" in self._recorded:
+            logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
+            maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
+        if "i2t" in self._recorded:
+            logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
+            maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)
+        for kind, m in maps.items():
+            if self.heads == "mean":
+                m = m.mean(dim=1)
+            self._recorded[kind][(step, block)] = m.to("cpu", self.dtype)
+
+    def step_maps(self, step: int, kind: str = "t2i") -> torch.Tensor:
+        """This step's maps so far, stacked over the recorded blocks: (block, row, [head,] image, text)."""
+        recorded = self._recorded[kind]
+        return torch.stack([recorded[(step, b)] for b in self.blocks if (step, b) in recorded])
 
     def maps(self) -> AttentionMaps:
         """Stop recording and return the maps."""

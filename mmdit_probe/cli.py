@@ -3,11 +3,14 @@
     mmdit-probe info toy                 # family, blocks, token layout, hook names
     mmdit-probe info ./my-sd3-dir --hooks
     mmdit-probe maps toy "a large red circle on the left on a white background" --out out/
+    mmdit-probe edit toy "a large red circle on the left on a white background" \
+                         "a large blue circle on the left on a white background" --out out/edit
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .probe import load
@@ -45,6 +48,26 @@ def _maps(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(['image.png', 'maps.safetensors', *figures])} to {folder}/")
 
 
+def _edit(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    probe = load(args.model)
+    options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
+    result = probe.edit(args.source, args.target, seed=args.seed, steps=args.steps, variant=args.variant,
+                        local_blend=not args.no_blend, **options)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.source_image.save(folder / "source.png")
+    result.edited_image.save(folder / "edited.png")
+    size = result.source_image.size
+    for step, mask in zip(result.params["blend_steps"], result.masks):
+        picture = Image.fromarray((np.asarray(mask) * 255).astype(np.uint8)).resize(size, Image.NEAREST)
+        picture.save(folder / f"mask_step{step:02d}.png")
+    (folder / "params.json").write_text(json.dumps(result.params, indent=2))
+    print(f"wrote source.png, edited.png, {len(result.masks)} masks and params.json to {folder}/")
+
+
 _FILLER = {"a", "an", "the", "on", "in", "of", "and", "with", "at", "to"}
 
 
@@ -66,6 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     maps.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     maps.add_argument("--words", nargs="*", help="words to show (default: the prompt's content words)")
     maps.set_defaults(run=_maps)
+
+    edit = commands.add_parser("edit", help="edit an image by prompt: q/k injection plus local blending")
+    edit.add_argument("model", help="preset name (e.g. toy), hub id, or local pipeline directory")
+    edit.add_argument("source", help="the source prompt")
+    edit.add_argument("target", help="the target prompt")
+    edit.add_argument("--out", default="out/edit", help="output directory (default: out/edit)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--steps", type=int, default=None)
+    edit.add_argument("--variant", default="qiki", help="qiki (default), qk, qi, ki, qikt, kivi or none")
+    edit.add_argument("--tau", type=float, help="fraction of steps with q/k injection (default: preset)")
+    edit.add_argument("--eta", type=float, help="fraction of steps with local blending (default: preset)")
+    edit.add_argument("--theta", type=float, help="local-blend threshold (default: preset)")
+    edit.add_argument("--no-blend", action="store_true", help="no local blending")
+    edit.set_defaults(run=_edit)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline
 from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from .attention import AttentionRecorder
+from .editing import EditResult, edit
 from .families import Family, family_for, family_name_for_class
 from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
@@ -224,6 +225,14 @@ class Probe:
         if maps is not None and inputs.get("output_type", "pil") == "pil":
             maps.images = list(output.images)
         return Generation(images=output.images, maps=maps, inputs=inputs)
+
+    def edit(self, source: str, target: str, **options: Any) -> EditResult:
+        """Edit by prompt: q/k injection plus local blending (see `mmdit_probe.editing.edit`).
+
+        >>> result = probe.edit("a red circle in the center on a white background",
+        ...                     "a blue circle in the center on a white background", seed=0)
+        """
+        return edit(self, source, target, **options)
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The image-token grid (rows, columns) for an image size (default: the preset's)."""

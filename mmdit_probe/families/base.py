@@ -78,6 +78,10 @@ class Family:
         """Image tokens per column and row for an image of this size."""
         raise NotImplementedError
 
+    def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """A (rows, cols) token-grid mask, broadcastable to one prompt's latents of this shape."""
+        raise NotImplementedError
+
     latent_channels_divisor = 1  # Flux packs 2x2 latent patches into one token of 4x the channels
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:

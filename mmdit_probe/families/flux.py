@@ -124,6 +124,10 @@ class FluxFamily(Family):
         step = self.pipeline.vae_scale_factor * 2
         return height // step, width // step
 
+    def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        # Packed latents are (tokens, channels), tokens in the grid's raster order.
+        return mask.flatten()[:, None]
+
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
         processor = FluxTapProcessor()
         processor._attention_backend = getattr(stock, "_attention_backend", None)

@@ -95,5 +95,10 @@ class SD3Family(Family):
         step = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
         return height // step, width // step
 
+    def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        # Latents are (channels, height, width); each token covers a patch of latent pixels.
+        patch = self.transformer.config.patch_size
+        return mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1)[None]
+
     def make_processor(self, attention: Attention, stock) -> SD3TapProcessor:
         return SD3TapProcessor(has_text=attention.has_text)

@@ -1,0 +1,159 @@
+"""Prompt-based editing, composed only of the public patching and attention primitives.
+
+Source and target prompts run together, from the same initial noise, in one traced generation:
+
+1. q/k injection: for the first `tau` of the steps, in the injected blocks, the target's image-stream
+   queries and keys are replaced by the source's (variant "qiki"; the target keeps its own text q/k
+   and all values). Only the conditional rows are patched under classifier-free guidance.
+2. Local blending: for the first `eta` of the steps, the T2I maps of the edited words (top blocks,
+   smoothed, max-normalised, thresholded at `theta`; source words and target words united) give a
+   mask, and after each scheduler step ``x_target = x_source + mask * (x_target - x_source)``.
+
+>>> result = edit(probe, "a red circle on the left on a white background",
+...               "a blue circle on the left on a white background", seed=0)
+>>> result.source_image, result.edited_image, result.masks[0]
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attention import AttentionRecorder
+from .maps import AttentionMaps, normalise, smooth
+from .patching import patch, replace_rows, rows
+from .tokens import normalise as normalise_word
+
+# Which activations the target takes from the source, per variant (the paper's ablations).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "qiki": ("q_img", "k_img"),
+    "qk": ("q_img", "k_img", "q_txt", "k_txt"),
+    "qi": ("q_img",),
+    "ki": ("k_img",),
+    "qikt": ("q_img", "k_img", "k_txt"),
+    "kivi": ("k_img", "v_img"),
+    "none": (),
+}
+_EXECUTION_ORDER = ("q_img", "k_img", "v_img", "q_txt", "k_txt", "v_txt")
+
+
+def edited_words(source: str, target: str) -> tuple[list[str], list[str]]:
+    """Words that differ between two prompts: (source side, target side)."""
+    a, b = normalise_word(source).split(), normalise_word(target).split()
+    left, right = [], []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op != "equal":
+            left += a[i1:i2]
+            right += b[j1:j2]
+    return left, right
+
+
+@dataclass
+class EditResult:
+    """Source and edited images, the local-blend mask of each blended step (token grid, 0/1),
+    the edited words' T2I maps that made them, and every parameter used."""
+
+    source_image: Any
+    edited_image: Any
+    masks: list[np.ndarray]
+    maps: AttentionMaps | None
+    params: dict[str, Any]
+    inputs: dict[str, Any] = field(repr=False)
+
+
+def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], theta: float) -> torch.Tensor:
+    """Binary mask from (block, image, text) T2I maps: mean over blocks and the word columns,
+    Gaussian-smoothed, max-normalised, thresholded at theta."""
+    m = maps[..., columns].float().mean(dim=(0, -1)).reshape(grid)
+    return (normalise(smooth(m)) >= theta).float()
+
+
+def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki", tau: float | None = None,
+         eta: float | None = None, theta: float | None = None, inject_blocks: list[int] | None = None,
+         blend_blocks: list[int] | None = None, local_blend: bool = True,
+         source_words: list[str] | None = None, target_words: list[str] | None = None,
+         latents: torch.Tensor | None = None, **generation: Any) -> EditResult:
+    """Edit `source` into `target` (see the module docstring). Defaults come from the probe's preset.
+
+    generation: steps, guidance, height, width, output_type and other pipeline arguments.
+    latents: an initial latent (e.g. from inversion) instead of the noise drawn for `seed`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    preset, family = probe.preset, probe.family
+    tau = preset.tau if tau is None else tau
+    eta = preset.eta if eta is None else eta
+    theta = preset.theta if theta is None else theta
+    inject = list(range(family.num_blocks)) if inject_blocks is None and preset.inject_blocks is None \
+        else list(inject_blocks if inject_blocks is not None else preset.inject_blocks)
+    inject = [family.check_block(b) for b in inject if b < family.num_blocks]
+    inputs = probe.inputs([source, target], seed=seed, **generation)
+    if latents is not None:
+        inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
+    n_steps = inputs["num_inference_steps"]
+    inject_steps = [s for s in range(n_steps) if s < tau * n_steps] if VARIANTS[variant] else []
+
+    if source_words is None and target_words is None:
+        source_words, target_words = edited_words(source, target)
+    source_words, target_words = list(source_words or []), list(target_words or [])
+    recorder = None
+    blend_steps: list[int] = []
+    if local_blend and (source_words or target_words):
+        blocks = list(blend_blocks if blend_blocks is not None else preset.top_layers)
+        blocks = [b for b in blocks if b < family.num_blocks] or list(range(family.num_blocks))
+        blend_steps = [s for s in range(n_steps) if s < eta * n_steps]
+        recorder = AttentionRecorder(probe, inputs, blocks=blocks, steps=blend_steps, kinds=["t2i"], rows="cond",
+                                     positions=source_words + target_words, dtype=torch.float32)
+        tables = recorder.tables
+        columns = ([recorder.positions.index(p) for p in tables[0].positions(source_words)] if source_words else [],
+                   [recorder.positions.index(p) for p in tables[1].positions(target_words)] if target_words else [])
+
+    masks: dict[int, torch.Tensor] = {}
+
+    def blend_latents(pipeline, step, timestep, tensors):
+        latents = tensors["latents"]
+        if step in masks:
+            m = family.mask_to_latents(masks[step], latents.shape[1:]).to(latents)
+            latents = latents.clone()
+            latents[1] = latents[0] + m * (latents[1] - latents[0])
+        return {"latents": latents}
+
+    def inject_rows(x: torch.Tensor) -> torch.Tensor:  # the target's conditional row takes the source's
+        return replace_rows(x, rows(2, x, 0), rows(2, x, 1))
+
+    inputs["callback_on_step_end"] = blend_latents
+    inputs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    active = max([s + 1 for s in inject_steps + blend_steps], default=0)
+    blocks = sorted(set(inject) | set(recorder.blocks if recorder else []))
+    with probe.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:active]:
+            for block in blocks:
+                patched = VARIANTS[variant] if step in inject_steps and block in inject else ()
+                recording = recorder is not None and block in recorder.blocks and step in blend_steps
+                needed = ("q_img", "k_img", "q_txt", "k_txt") if recording else ()
+                known = {}
+                for name in _EXECUTION_ORDER:  # nnsight reads must follow execution order
+                    if name in patched or name in needed:
+                        known[name] = patch(probe, f"blocks.{block}.attn.hook_{name}", inject_rows) \
+                            if name in patched else probe.hook(f"blocks.{block}.attn.hook_{name}").output
+                if recording:
+                    recorder.record_block(step, block, **{k: v for k, v in known.items() if k in needed})
+            if recorder is not None and step in blend_steps:
+                t2i = recorder.step_maps(step)  # (block, row, image, text): rows are [source, target]
+                parts = [blend_mask(t2i[:, r], cols, recorder.grid, theta) for r, cols in enumerate(columns) if cols]
+                masks[step] = torch.stack(parts).amax(dim=0)
+        output = probe.model.output.save()
+    maps = recorder.maps() if recorder is not None else None
+    images = output.images
+    if maps is not None and inputs.get("output_type", "pil") == "pil":
+        maps.images = list(images)
+    params = {"source": source, "target": target, "seed": seed, "variant": variant, "tau": tau, "eta": eta,
+              "theta": theta, "inject_blocks": inject, "inject_steps": inject_steps,
+              "blend_blocks": recorder.blocks if recorder else [], "blend_steps": blend_steps,
+              "source_words": source_words, "target_words": target_words, "steps": n_steps,
+              "guidance": inputs["guidance_scale"]}
+    return EditResult(images[0], images[1], [masks[s].numpy() for s in sorted(masks)], maps, params, inputs)

@@ -1,0 +1,77 @@
+"""The editor on every tiny family: exact limits of q/k injection and local blending."""
+
+import pytest
+import torch
+from conftest import tiny_inputs
+
+from mmdit_probe.editing import VARIANTS, edited_words
+from mmdit_probe.patching import blend_rows, replace_rows, set_rows, zero_rows
+
+SOURCE, TARGET = "a red cat on a mat", "a blue dog on a mat"
+
+
+def edit(probe, kind, source=SOURCE, target=TARGET, **options):
+    kw = tiny_inputs(probe, kind, [source, target])
+    generation = {"steps": kw["num_inference_steps"], "guidance": kw["guidance_scale"], "height": kw["height"],
+                  "width": kw["width"], "max_sequence_length": kw["max_sequence_length"], "output_type": "latent"}
+    return probe.edit(source, target, seed=0, **generation, **options), kw
+
+
+def test_no_injection_and_no_blending_is_the_plain_generation(probe, kind):
+    result, inputs = edit(probe, kind, tau=0.0, local_blend=False)
+    plain = probe.pipeline(**inputs).images
+    assert torch.equal(result.source_image, plain[0]) and torch.equal(result.edited_image, plain[1])
+    assert result.masks == [] and result.params["inject_steps"] == []
+
+
+def test_the_source_is_untouched_and_the_target_edited(probe, kind):
+    result, inputs = edit(probe, kind, tau=1.0, eta=1.0, theta=0.3)
+    plain = probe.pipeline(**inputs).images
+    assert torch.equal(result.source_image, plain[0])
+    assert not torch.equal(result.edited_image, plain[1])
+    assert len(result.masks) == inputs["num_inference_steps"]
+    assert result.masks[0].shape == probe.grid(inputs["height"], inputs["width"])
+    assert result.params["source_words"] == ["red", "cat"] and result.params["target_words"] == ["blue", "dog"]
+
+
+def test_same_prompt_with_injection_everywhere_reproduces_the_source(probe, kind):
+    result, _ = edit(probe, kind, source=SOURCE, target=SOURCE, tau=1.0, variant="qk")
+    assert torch.equal(result.edited_image, result.source_image)
+
+
+def test_an_all_zero_blend_mask_gives_the_source(probe, kind):
+    result, _ = edit(probe, kind, tau=0.0, eta=1.0, theta=1.01)  # no map value reaches theta > 1
+    assert all(m.sum() == 0 for m in result.masks)
+    assert torch.equal(result.edited_image, result.source_image)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_runs(tiny_dirs, variant):
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["sd3"])
+    result, inputs = edit(probe, "sd3", variant=variant, tau=1.0, local_blend=False)
+    plain = probe.pipeline(**inputs).images
+    assert torch.equal(result.source_image, plain[0])
+    assert torch.equal(result.edited_image, plain[1]) == (variant == "none")
+
+
+def test_bad_variant_and_edited_words():
+    assert edited_words("a red cat, sitting", "a blue cat sitting") == (["red"], ["blue"])
+    assert edited_words("a cat", "a cat on a mat") == ([], ["on", "a", "mat"])
+    import mmdit_probe
+    from mmdit_probe.testing import tiny_pipeline
+
+    with pytest.raises(ValueError, match="unknown variant 'qv'; choose from qiki, qk"):
+        mmdit_probe.load(tiny_pipeline("sd3")).edit(SOURCE, TARGET, variant="qv")
+
+
+def test_row_primitives():
+    x = torch.arange(4 * 2 * 5 * 3.0).view(4, 2, 5, 3)
+    y = replace_rows(x, [2], [3], positions=[1, 4])
+    assert torch.equal(y[3][:, [1, 4]], x[2][:, [1, 4]]) and torch.equal(y[3][:, [0, 2, 3]], x[3][:, [0, 2, 3]])
+    assert torch.equal(y[:3], x[:3])
+    assert torch.allclose(blend_rows(x, [0], [1], 0.25)[1], 0.75 * x[1] + 0.25 * x[0])
+    z = zero_rows(x, [0, 1], positions=[0])
+    assert z[:2, :, 0].abs().sum() == 0 and torch.equal(z[:, :, 1:], x[:, :, 1:])
+    assert (set_rows(x, torch.ones(3), [1], positions=[2])[1, :, 2] == 1).all()
