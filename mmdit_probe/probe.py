@@ -19,6 +19,7 @@ from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 from .attention import AttentionRecorder
 from .editing import EditResult, edit
 from .families import Family, family_for, family_name_for_class
+from .inversion import Inversion, invert
 from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
 from .taps import ACTIVATIONS, QKV, STREAMS
@@ -233,6 +234,23 @@ class Probe:
         ...                     "a blue circle in the center on a white background", seed=0)
         """
         return edit(self, source, target, **options)
+
+    def invert(self, image, prompt: str, **options: Any) -> Inversion:
+        """The initial latent that regenerates a real image (see `mmdit_probe.inversion.invert`).
+
+        >>> inverted = probe.invert(image, "a red circle in the center on a white background")
+        >>> inverted.error        # mean absolute pixel error of the regenerated image
+        """
+        return invert(self, image, prompt, **options)
+
+    def edit_image(self, image, source: str, target: str, *, method: str = "fixed-point",
+                   **options: Any) -> EditResult:
+        """Edit a real image: invert it with the source prompt, then edit from that latent."""
+        generation = {k: options[k] for k in ("steps", "guidance", "height", "width") if k in options}
+        inverted = self.invert(image, source, method=method, check=False, **generation)
+        result = self.edit(source, target, latents=inverted.latents, **options)
+        result.params["inversion"] = method
+        return result
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The image-token grid (rows, columns) for an image size (default: the preset's)."""

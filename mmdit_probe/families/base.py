@@ -82,6 +82,10 @@ class Family:
         """A (rows, cols) token-grid mask, broadcastable to one prompt's latents of this shape."""
         raise NotImplementedError
 
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (batch, channels, height, width) in the layout the pipeline's sampler uses."""
+        return latents
+
     latent_channels_divisor = 1  # Flux packs 2x2 latent patches into one token of 4x the channels
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:

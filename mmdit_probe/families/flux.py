@@ -128,6 +128,9 @@ class FluxFamily(Family):
         # Packed latents are (tokens, channels), tokens in the grid's raster order.
         return mask.flatten()[:, None]
 
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipeline._pack_latents(latents, *latents.shape)
+
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
         processor = FluxTapProcessor()
         processor._attention_backend = getattr(stock, "_attention_backend", None)
