@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,40 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging
-
-import mmdit_probe
-from mmdit_probe.testing import tiny_pipeline
+from widths import build, machine
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
 MODES = ("plain", "traced", "record", "record_all", "naive")
-
-
-def build(width: str):
-    torch.manual_seed(0)
-    if width == "sd3":
-        base = tiny_pipeline("sd3")
-        transformer = SD3Transformer2DModel(
-            sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
-            num_attention_heads=24, joint_attention_dim=base.transformer.config.joint_attention_dim,
-            caption_projection_dim=1536, pooled_projection_dim=base.transformer.config.pooled_projection_dim,
-            pos_embed_max_size=96)
-        pipe = StableDiffusion3Pipeline(**{**base.components, "transformer": transformer})
-        inputs = dict(guidance=7.0, max_sequence_length=256)
-    else:
-        base = tiny_pipeline("flux-dev")
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=base.transformer.config.joint_attention_dim,
-            pooled_projection_dim=base.transformer.config.pooled_projection_dim, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56))
-        pipe = FluxPipeline(**{**base.components, "transformer": transformer})
-        inputs = dict(guidance=3.5, max_sequence_length=512)
-    pipe.set_progress_bar_config(disable=True)
-    probe = mmdit_probe.load(pipe)
-    return probe, probe.inputs(PROMPT, seed=0, steps=2, height=512, width=512, output_type="latent", **inputs)
 
 
 def naive(probe, inputs) -> list[torch.Tensor]:
@@ -103,7 +74,7 @@ def _generate_args(inputs):
 
 
 def child(width: str, mode: str) -> None:
-    probe, inputs = build(width)
+    probe, inputs = build(width, PROMPT)
     run(mode, probe, inputs)
     print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -117,10 +88,9 @@ def main() -> None:
     logging.disable_progress_bar()
     if args.child:
         return child(*args.child)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "torch": torch.__version__, "device": "cpu", "widths": {}}
+    results = {**machine(), "widths": {}}
     for width in args.widths:
-        probe, inputs = build(width)
+        probe, inputs = build(width, PROMPT)
         run("plain", probe, inputs)  # warm-up
         times = {mode: [] for mode in MODES}
         for _ in range(args.repeats):

@@ -1,0 +1,49 @@
+"""Pipelines at real transformer widths with reduced depth, for benchmarks.
+
+The text encoders and VAE are the tiny ones of `mmdit_probe.testing` (their cost is not what the
+benchmarks measure); the transformers have the real widths:
+SD3-M (hidden 1536, 24 heads of 64; 2 joint blocks) and Flux (hidden 3072, 24 heads of 128;
+1 double-stream + 1 single-stream block). 512 px gives 1024 image tokens; text is 77 + 256 = 333
+tokens for SD3 and 512 T5 tokens for Flux.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+import mmdit_probe
+from mmdit_probe.testing import tiny_pipeline
+
+
+def build(width: str, prompt: str | list[str], steps: int = 2):
+    torch.manual_seed(0)
+    if width == "sd3":
+        base = tiny_pipeline("sd3")
+        transformer = SD3Transformer2DModel(
+            sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=base.transformer.config.joint_attention_dim,
+            caption_projection_dim=1536, pooled_projection_dim=base.transformer.config.pooled_projection_dim,
+            pos_embed_max_size=96)
+        pipe = StableDiffusion3Pipeline(**{**base.components, "transformer": transformer})
+        inputs = dict(guidance=7.0, max_sequence_length=256)
+    else:
+        base = tiny_pipeline("flux-dev")
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=base.transformer.config.joint_attention_dim,
+            pooled_projection_dim=base.transformer.config.pooled_projection_dim, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+        pipe = FluxPipeline(**{**base.components, "transformer": transformer})
+        inputs = dict(guidance=3.5, max_sequence_length=512)
+    pipe.set_progress_bar_config(disable=True)
+    probe = mmdit_probe.load(pipe)
+    return probe, probe.inputs(prompt, seed=0, steps=steps, height=512, width=512, output_type="latent", **inputs)
+
+
+def machine() -> dict:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "device": device}
