@@ -76,6 +76,36 @@ def _transformer_call(probe, inputs: dict) -> dict:
     return captured
 
 
+class _Velocity:
+    """dx/dσ as the sampler computes it: the pipeline's transformer call, with its guidance."""
+
+    def __init__(self, probe, inputs: dict) -> None:
+        self.transformer = probe.pipeline.transformer
+        self.call = _transformer_call(probe, inputs)
+        scheduler = probe.pipeline.scheduler
+        # Flux feeds σ, SD3 feeds 1000 σ: read the convention off the captured call.
+        self.timestep_scale = float(self.call["timestep"].flatten()[0]) / float(scheduler.timesteps[0])
+        self.doubled = self.call["hidden_states"].shape[0] == 2 * len(inputs["prompt"])  # [uncond | cond]
+        self.guidance: float | torch.Tensor = inputs["guidance_scale"]  # a tensor gives each row its own
+        self.device, self.dtype = self.call["hidden_states"].device, self.call["hidden_states"].dtype
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        batch = torch.cat([x, x]) if self.doubled else x
+        t = torch.full((batch.shape[0],), sigma * 1000 * self.timestep_scale, dtype=self.call["timestep"].dtype,
+                       device=x.device)
+        v = self.transformer(**{**self.call, "hidden_states": batch, "timestep": t})[0]
+        if self.doubled:
+            uncond, cond = v.chunk(2)
+            v = uncond + self.guidance * (cond - uncond)
+        return v
+
+
+def sampler_velocity(probe, inputs: dict) -> tuple[_Velocity, torch.Tensor]:
+    """The pipeline's velocity field for these inputs (one row per prompt) and its σ grid (1 -> 0)."""
+    velocity = _Velocity(probe, inputs)
+    return velocity, probe.pipeline.scheduler.sigmas.to(torch.float64)
+
+
 def _encode(probe, image: Image.Image, height: int, width: int) -> torch.Tensor:
     pipe = probe.pipeline
     pixels = pipe.image_processor.preprocess(image, height=height, width=width)
@@ -87,6 +117,15 @@ def _encode(probe, image: Image.Image, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def decode(probe, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+    """Sampler-layout latents to PIL images, as the pipeline decodes them."""
+    pipe = probe.pipeline
+    z = probe.family.unpack_latents(latents, height, width).to(pipe.vae.dtype)
+    z = z / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+    return pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pil")
+
+
+@torch.no_grad()
 def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "fixed-point",
                    iterations: int = 3, **generation: Any) -> torch.Tensor:
     """Run the sampler's ODE backwards from clean latents (in the sampler's layout) to the noise."""
@@ -94,25 +133,8 @@ def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "
         raise ValueError(f"unknown inversion method {method!r}; choose from {METHODS}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("inversion needs the prompt that describes the image (got none)")
-    inputs = probe.inputs(prompt, seed=0, **generation)
-    call = _transformer_call(probe, inputs)
-    pipe = probe.pipeline
-    sigmas = pipe.scheduler.sigmas.to(torch.float64)  # descending, 1 -> 0, as the sampler will use them
-    timestep_scale = float(call["timestep"].flatten()[0]) / float(pipe.scheduler.timesteps[0])
-    doubled = call["hidden_states"].shape[0] == 2  # classifier-free guidance: [uncond | cond]
-    scale = inputs["guidance_scale"]
-
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        batch = torch.cat([x, x]) if doubled else x
-        t = torch.full((batch.shape[0],), sigma * 1000 * timestep_scale, dtype=call["timestep"].dtype,
-                       device=x.device)
-        v = pipe.transformer(**{**call, "hidden_states": batch, "timestep": t})[0]
-        if doubled:
-            uncond, cond = v.chunk(2)
-            v = uncond + scale * (cond - uncond)
-        return v
-
-    x = latents.to(device=call["hidden_states"].device, dtype=call["hidden_states"].dtype)
+    velocity, sigmas = sampler_velocity(probe, probe.inputs(prompt, seed=0, **generation))
+    x = latents.to(velocity.device, velocity.dtype)
     for i in reversed(range(len(sigmas) - 1)):
         low, high = float(sigmas[i + 1]), float(sigmas[i])
         v = velocity(x, low)

@@ -58,3 +58,20 @@ def test_bad_images_and_prompts_are_refused_or_fixed(tiny_dirs):
     messages = " ".join(str(w.message) for w in caught)
     assert "converting a L image to RGB" in messages and "resizing the image from (50, 40) to (64, 64)" in messages
     assert torch.isfinite(inverted.latents).all()
+
+
+def test_flowedit_with_an_unchanged_prompt_returns_the_source(tiny_dirs):
+    import mmdit_probe
+    from mmdit_probe.flowedit import flowedit
+    from mmdit_probe.inversion import _encode, decode
+
+    probe = mmdit_probe.load(tiny_dirs["flux-dev"])
+    image = probe.generate(PROMPT, **generation("flux-dev")).images[0]
+    unchanged = flowedit(probe, image, PROMPT, PROMPT, **generation("flux-dev"))
+    roundtrip = decode(probe, _encode(probe, image, 64, 64), 64, 64)[0]
+    # z_edit + (z_src - x_src) equals z_src only up to float rounding, so the source comes back
+    # up to rounding too: at most one grey level anywhere.
+    difference = np.abs(np.asarray(unchanged, dtype=int) - np.asarray(roundtrip, dtype=int))
+    assert difference.max() <= 1
+    edited = flowedit(probe, image, PROMPT, "a blue dog on a mat", **generation("flux-dev"))
+    assert np.abs(np.asarray(edited, dtype=int) - np.asarray(roundtrip, dtype=int)).max() > 10

@@ -86,6 +86,10 @@ class Family:
         """VAE latents (batch, channels, height, width) in the layout the pipeline's sampler uses."""
         return latents
 
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of `pack_latents`, for an image of this size."""
+        return latents
+
     latent_channels_divisor = 1  # Flux packs 2x2 latent patches into one token of 4x the channels
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:

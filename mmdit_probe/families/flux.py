@@ -131,6 +131,9 @@ class FluxFamily(Family):
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline._pack_latents(latents, *latents.shape)
 
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
+
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
         processor = FluxTapProcessor()
         processor._attention_backend = getattr(stock, "_attention_backend", None)

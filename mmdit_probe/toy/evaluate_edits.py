@@ -7,7 +7,8 @@ For every variant (none, qiki, qk, kivi by default), with and without local blen
 - success: the judge reads the target attribute in the edited image;
 - preservation: the judge reads the untouched objects as it read them in the source image, and
   PSNR between source and edited images outside the edited region.
-Then real (rendered, not generated) scenes: invert with each method, edit with qiki + blending.
+Then real (rendered, not generated) scenes: invert with each method and edit with qiki + blending,
+against FlowEdit (inversion-free) as a baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..flowedit import flowedit
 from ..inversion import METHODS
 from .judge import read_background, read_objects
 from .world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_split_scene, with_object
@@ -102,6 +104,8 @@ def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", 
             results[f"rendered/{method}/qiki+blend"].append(row)
             recon = probe.invert(image, caption(scene), method=method)
             results[f"rendered/{method}/reconstruction"].append({"pixel_error": recon.error})
+        edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
+        results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
     return {"n": n, "edit_types": dict(zip(*np.unique([e[2] for e in edits], return_counts=True))),
             "results": {k: _mean(v) for k, v in results.items()}}
 
