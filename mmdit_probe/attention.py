@@ -23,9 +23,17 @@ from typing import Any
 import torch
 
 from .maps import KINDS, AttentionMaps
-from .tokens import normalise
+from .tokens import normalise_word
 
 ROWS = ("cond", "uncond", "both")
+
+
+def check_one_call_per_step(inputs: dict[str, Any]) -> None:
+    """Recording and patching count transformer calls as denoising steps; refuse options that add calls."""
+    if inputs.get("skip_guidance_layers"):
+        raise ValueError("skip_guidance_layers runs the transformer twice per step; record or patch without it")
+    if inputs.get("true_cfg_scale", 1.0) > 1 and inputs.get("negative_prompt") is not None:
+        raise ValueError("Flux true CFG runs the transformer twice per step; record or patch without it")
 
 
 class AttentionRecorder:
@@ -44,6 +52,7 @@ class AttentionRecorder:
                  steps: Iterable[int] | None = None, kinds: Iterable[str] = KINDS, heads: str = "mean",
                  rows: str = "cond", positions: str | list[int] | list[str] = "real",
                  dtype: torch.dtype = torch.float16, max_gb: float = 4.0) -> None:
+        check_one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
         self.prompts = list(inputs["prompt"])
@@ -100,7 +109,7 @@ class AttentionRecorder:
             if isinstance(p, str):
                 found = set()
                 for table in self.tables:
-                    if normalise(p) in table.words:
+                    if normalise_word(p) in table.words:
                         found.update(table.positions(p))
                 if not found:
                     raise KeyError(f"word {p!r} is in none of the prompts {self.prompts}")
@@ -157,10 +166,14 @@ class AttentionRecorder:
         recorded = self._recorded[kind]
         return torch.stack([recorded[(step, b)] for b in self.blocks if (step, b) in recorded])
 
-    def maps(self) -> AttentionMaps:
-        """Stop recording and return the maps."""
+    def close(self) -> None:
+        """Stop asking the kernels for log-sum-exps (`maps()` does this too)."""
         for processor in self._processors:
             processor.record_lse = False
+
+    def maps(self) -> AttentionMaps:
+        """Stop recording and return the maps."""
+        self.close()
         steps = sorted({s for recorded in self._recorded.values() for s, _ in recorded})
         tensors = {kind: torch.stack([torch.stack([recorded[(s, b)] for b in self.blocks]) for s in steps])
                    for kind, recorded in self._recorded.items() if recorded}

@@ -37,7 +37,7 @@ def _maps(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     out.images[0].save(folder / "image.png")
     out.maps.save(folder / "maps.safetensors")
-    words = args.words or [w for w in dict.fromkeys(out.maps.tables[0].words) if w not in _FILLER]
+    words = args.words or [w for w in out.maps.recorded_words() if w not in _FILLER]
     blocks = "top" if set(probe.preset.top_layers) <= set(out.maps.blocks) else None
     figures = {"t2i_vs_i2t.png": t2i_vs_i2t(out.maps, words, blocks=blocks),
                "t2i_by_block.png": word_grid(out.maps, words, by="block"),

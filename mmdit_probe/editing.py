@@ -5,6 +5,7 @@ Source and target prompts run together, from the same initial noise, in one trac
 1. q/k injection: for the first `tau` of the steps, in the injected blocks, the target's image-stream
    queries and keys are replaced by the source's (variant "qiki"; the target keeps its own text q/k
    and all values). Only the conditional rows are patched under classifier-free guidance.
+   "The first tau of the steps" are the steps s with s < tau * n (6 of 28 at tau = 0.2).
 2. Local blending: for the first `eta` of the steps, the T2I maps of the edited words (top blocks,
    smoothed, max-normalised, thresholded at `theta`; source words and target words united) give a
    mask, and after each scheduler step ``x_target = x_source + mask * (x_target - x_source)``.
@@ -23,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import AttentionRecorder
+from .attention import AttentionRecorder, check_one_call_per_step
 from .maps import AttentionMaps, normalise, smooth
 from .patching import patch, replace_rows, rows
-from .tokens import normalise as normalise_word
+from .tokens import normalise_word
 
 # Which activations the target takes from the source, per variant (the paper's ablations).
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -72,6 +73,25 @@ def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], th
     return (normalise(smooth(m)) >= theta).float()
 
 
+def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], injected: tuple[str, ...],
+                       recorder: AttentionRecorder | None, change) -> None:
+    """One step inside the trace: patch the injected taps and record the blend blocks' maps,
+    reading every tap once and in execution order (as nnsight requires)."""
+    for block in blocks:
+        patched = injected if block in inject else ()
+        recording = recorder is not None and block in recorder.blocks and step in recorder.steps
+        needed = ("q_img", "k_img", "q_txt", "k_txt") if recording else ()
+        known = {}
+        for name in _EXECUTION_ORDER:
+            name_of = f"blocks.{block}.attn.hook_{name}"
+            if name in patched:
+                known[name] = patch(probe, name_of, change)
+            elif name in needed:
+                known[name] = probe.hook(name_of).output
+        if recording:
+            recorder.record_block(step, block, **{k: v for k, v in known.items() if k in needed})
+
+
 def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki", tau: float | None = None,
          eta: float | None = None, theta: float | None = None, inject_blocks: list[int] | None = None,
          blend_blocks: list[int] | None = None, local_blend: bool = True,
@@ -113,6 +133,7 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
                    [recorder.positions.index(p) for p in tables[1].positions(target_words)] if target_words else [])
 
     masks: dict[int, torch.Tensor] = {}
+    check_one_call_per_step(inputs)
 
     def blend_latents(pipeline, step, timestep, tensors):
         latents = tensors["latents"]
@@ -129,24 +150,19 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     inputs["callback_on_step_end_tensor_inputs"] = ["latents"]
     active = max([s + 1 for s in inject_steps + blend_steps], default=0)
     blocks = sorted(set(inject) | set(recorder.blocks if recorder else []))
-    with probe.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:active]:
-            for block in blocks:
-                patched = VARIANTS[variant] if step in inject_steps and block in inject else ()
-                recording = recorder is not None and block in recorder.blocks and step in blend_steps
-                needed = ("q_img", "k_img", "q_txt", "k_txt") if recording else ()
-                known = {}
-                for name in _EXECUTION_ORDER:  # nnsight reads must follow execution order
-                    if name in patched or name in needed:
-                        known[name] = patch(probe, f"blocks.{block}.attn.hook_{name}", inject_rows) \
-                            if name in patched else probe.hook(f"blocks.{block}.attn.hook_{name}").output
-                if recording:
-                    recorder.record_block(step, block, **{k: v for k, v in known.items() if k in needed})
-            if recorder is not None and step in blend_steps:
-                t2i = recorder.step_maps(step)  # (block, row, image, text): rows are [source, target]
-                parts = [blend_mask(t2i[:, r], cols, recorder.grid, theta) for r, cols in enumerate(columns) if cols]
-                masks[step] = torch.stack(parts).amax(dim=0)
-        output = probe.model.output.save()
+    try:
+        with probe.model.generate(**inputs) as tracer:
+            for step in tracer.iter[0:active]:
+                injected = VARIANTS[variant] if step in inject_steps else ()
+                _inject_and_record(probe, step, blocks, inject, injected, recorder, inject_rows)
+                if recorder is not None and step in blend_steps:
+                    t2i = recorder.step_maps(step)  # (block, row, image, text): rows are [source, target]
+                    parts = [blend_mask(t2i[:, r], c, recorder.grid, theta) for r, c in enumerate(columns) if c]
+                    masks[step] = torch.stack(parts).amax(dim=0)
+            output = probe.model.output.save()
+    finally:
+        if recorder is not None:
+            recorder.close()
     maps = recorder.maps() if recorder is not None else None
     images = output.images
     if maps is not None and inputs.get("output_type", "pil") == "pil":

@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 
 
-def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log-sum-exp over keys of q k^T / sqrt(d), in float32, for (batch, heads, tokens, dim) inputs."""
+def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
+    """log-sum-exp over keys of q k^T / sqrt(d) for (batch, heads, tokens, dim) inputs.
+
+    In float32 (as the recorder's logits are: half-precision logits would not match them), over
+    query chunks whose logits stay within `budget` bytes.
+    """
     scale = q.shape[-1] ** -0.5
-    return torch.cat([torch.logsumexp((part @ k.transpose(-1, -2)).float() * scale, dim=-1)
-                      for part in q.split(chunk, dim=2)], dim=2)
+    batch, heads, _, _ = q.shape
+    chunk = max(1, budget // (4 * batch * heads * k.shape[2]))
+    keys = k.float().transpose(-1, -2)
+    return torch.cat([torch.logsumexp((part.float() @ keys) * scale, dim=-1) for part in q.split(chunk, dim=2)],
+                     dim=2)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,6 +117,17 @@ class AttentionMaps:
             raise ValueError(f"only the {self.rows!r} rows were recorded")
         return prompt
 
+    def recorded_words(self, prompt: int = 0) -> list[str]:
+        """The prompt's distinct words whose positions were all recorded (not truncated away)."""
+        found = []
+        for word in dict.fromkeys(self.tables[prompt].words):
+            try:
+                self.columns(word, prompt)
+            except (KeyError, ValueError):
+                continue
+            found.append(word)
+        return found
+
     def columns(self, words: str | int | Iterable[str | int], prompt: int = 0) -> list[int]:
         """Indices into the text dimension for a prompt's words (every tokenizer, every occurrence)."""
         wanted = self.tables[prompt].positions(words if isinstance(words, (str, int)) else list(words))

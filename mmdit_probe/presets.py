@@ -74,15 +74,31 @@ def preset(name: str) -> Preset:
                    f"(or pass a hub id / local directory of a supported pipeline)")
 
 
-def find_preset(source: str | None, family: str) -> Preset:
-    """The preset matching a hub id or preset name, else the family defaults."""
-    if source is not None:
-        key = str(source).lower().rstrip("/")
-        if key in PRESETS:
-            return PRESETS[key]
-        if key in _HUB_IDS:
-            return _HUB_IDS[key]
+def find_preset(source: str | None, family: str, transformer_config=None) -> Preset:
+    """The preset for a loaded model: by preset name or hub id, else by the transformer's shape
+    (a local copy of a known checkpoint), else the family defaults."""
+    key = str(source or "").lower().rstrip("/")
+    if key in PRESETS:
+        return PRESETS[key]
+    if key in _HUB_IDS:
+        return _HUB_IDS[key]
+    if transformer_config is not None:
+        shaped = _by_shape(family, transformer_config, key)
+        if shaped is not None:
+            return shaped
     return FAMILY_DEFAULTS[family]
+
+
+def _by_shape(family: str, config, source: str) -> Preset | None:
+    layers, heads = config.get("num_layers"), config.get("num_attention_heads")
+    if family == "sd3" and (layers, heads) == (24, 24):
+        return PRESETS["sd3.5-medium" if config.get("dual_attention_layers") else "sd3-medium"]
+    if family == "sd3" and (layers, heads) == (38, 38):
+        # Large and Large-Turbo share their shape; only the name tells them apart.
+        return PRESETS["sd3.5-large-turbo" if "turbo" in source else "sd3.5-large"]
+    if family == "flux" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
+        return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
+    return None
 
 
 def register(p: Preset) -> Preset:

@@ -97,6 +97,8 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
     source = None
     if isinstance(model, DiffusionPipeline):
         pipeline = model
+        if dtype is not None:
+            pipeline.to(dtype=dtype)
     else:
         source = str(model)
         if source.lower() == "toy":
@@ -109,8 +111,6 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
         if dtype is not None:
             from_pretrained[_dtype_keyword()] = dtype
         pipeline = _from_pretrained(str(location), **from_pretrained)
-    if dtype is not None:
-        pipeline.to(dtype=dtype)
     if device is not None:
         pipeline.to(device)
     return Probe(pipeline, preset=preset if preset is not None else source)
@@ -130,7 +130,8 @@ class Probe:
     def __init__(self, pipeline: DiffusionPipeline, preset: str | Preset | None = None) -> None:
         self.pipeline = pipeline
         self.family: Family = family_for(pipeline)
-        self.preset: Preset = preset if isinstance(preset, Preset) else find_preset(preset, self.family.name)
+        self.preset: Preset = preset if isinstance(preset, Preset) else find_preset(
+            preset, self.family.name, pipeline.transformer.config)
         self.family.install_taps()
         self.model = _PipelineModel(pipeline, dispatch=True)
 
@@ -217,11 +218,15 @@ class Probe:
         recorder = None
         if record:
             recorder = AttentionRecorder(self, inputs, **(record if isinstance(record, dict) else {}))
-        with self.model.generate(**inputs) as tracer:
+        try:
+            with self.model.generate(**inputs) as tracer:
+                if recorder is not None:
+                    for step in tracer.iter[0:inputs["num_inference_steps"]]:
+                        recorder.record(step)
+                output = self.model.output.save()
+        finally:
             if recorder is not None:
-                for step in tracer.iter[0:inputs["num_inference_steps"]]:
-                    recorder.record(step)
-            output = self.model.output.save()
+                recorder.close()
         maps = recorder.maps() if recorder is not None else None
         if maps is not None and inputs.get("output_type", "pil") == "pil":
             maps.images = list(output.images)
@@ -234,6 +239,16 @@ class Probe:
         ...                     "a blue circle in the center on a white background", seed=0)
         """
         return edit(self, source, target, **options)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse the q/k/v projections (faster on GPUs) and keep the taps.
+
+        diffusers' own `transformer.fuse_qkv_projections()` swaps in its fused processors and so
+        removes the taps; this puts tapped processors (which handle fused projections) back.
+        """
+        self.family.remove_taps()
+        self.pipeline.transformer.fuse_qkv_projections()
+        self.family.install_taps()
 
     def invert(self, image, prompt: str, **options: Any) -> Inversion:
         """The initial latent that regenerates a real image (see `mmdit_probe.inversion.invert`).

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import string
 import tempfile
-from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -43,6 +42,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from .toy.tokenizer import word_merges
 
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd3": StableDiffusion3Pipeline,
@@ -142,16 +143,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """
     byte_chars = list(_bytes_to_unicode().values())
     vocab = {token: i for i, token in enumerate(byte_chars + [c + "</w>" for c in byte_chars])}
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    # A merge ranked after all existing ones cannot change a word that is already one token, so
-    # merging each word's first remaining pair, word by word, ends with every word a single token.
-    for word in WORDS:
-        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    merges = word_merges(WORDS, vocab)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
@@ -168,16 +160,6 @@ def t5_tokenizer() -> T5Tokenizer:
     vocab += [("▁" + word, -5.0) for word in WORDS]
     vocab += [(prefix + c, -10.0) for prefix in ("▁", "") for c in characters]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
-
-
-def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Segment like BPE: repeatedly merge the best-ranked adjacent pair."""
-    while len(pieces) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairwise(pieces)))
-        if rank == len(ranks):
-            break
-        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
-    return pieces
 
 
 def _bytes_to_unicode() -> dict[int, str]:

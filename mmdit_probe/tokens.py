@@ -6,7 +6,7 @@ handled the same way.
 
 >>> table = probe.tokens("a photo of a pig, sitting")
 >>> table.positions("pig")          # CLIP and T5 positions of "pig"
-[5, 82]
+[5, 81]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 _WORD = re.compile(r"\w+(?:['’-]\w+)*")
 
 
-def normalise(word: str) -> str:
+def normalise_word(word: str) -> str:
     """The word as matched: lowercase, without surrounding punctuation."""
     found = _WORD.findall(word.lower())
     return " ".join(found)
@@ -61,7 +61,7 @@ class TokenTable:
                     raise IndexError(f"word index {word} out of range: the prompt has {len(self.words)} words")
                 match = [t for t in self.tokens if t.word_index == word]
             else:
-                key = normalise(word)
+                key = normalise_word(word)
                 match = [t for t in self.tokens if t.word == key]
                 if not match:
                     raise KeyError(f"word {word!r} is not in the prompt {self.prompt!r}; "
@@ -91,8 +91,8 @@ def tokenize(prompt: str, segments, pipeline) -> TokenTable:
     tokens: list[Token] = []
     for segment in segments:
         tokenizer = getattr(pipeline, segment.tokenizer, None)
-        if tokenizer is None:  # e.g. SD3 without T5: zero rows, no tokens
-            continue
+        if tokenizer is None or getattr(pipeline, segment.text_encoder, None) is None:
+            continue  # e.g. SD3 without T5: zero rows, no tokens
         enc = tokenizer(prompt, padding="max_length", max_length=segment.length, truncation=True,
                         return_offsets_mapping=True)
         pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"])

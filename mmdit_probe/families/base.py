@@ -26,6 +26,7 @@ class TextSegment:
 
     encoder: str  # "clip" or "t5"
     tokenizer: str  # attribute of the pipeline, e.g. "tokenizer_3"
+    text_encoder: str  # attribute of the pipeline; when it is None the rows are zeros, not tokens
     start: int
     length: int
 

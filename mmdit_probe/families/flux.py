@@ -69,14 +69,17 @@ class FluxTapProcessor(TapProcessor):
         image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
-        if self.record_lse and attention_mask is None:
+        if self.record_lse and attention_mask is not None:
+            raise NotImplementedError("attention maps cannot be recorded with an attention mask (Flux text masks)")
+        if self.record_lse:
             out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             out = out.transpose(1, 2)
             self.hook_lse_img(lse[:, :, n_text:])
             self.hook_lse_txt(lse[:, :, :n_text])
         else:
-            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
+            # parallel_config only where set: older diffusers releases do not take it.
+            extra = {"parallel_config": self._parallel_config} if self._parallel_config is not None else {}
+            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if joint:
@@ -107,7 +110,7 @@ class FluxFamily(Family):
         return len(self.transformer.transformer_blocks)
 
     def _attentions(self) -> list[Attention]:
-        double = len(self.transformer.transformer_blocks)
+        double = self.num_double
         found = [Attention(i, "attn", f"transformer_blocks.{i}.attn", True) for i in range(double)]
         found += [Attention(double + j, "attn", f"single_transformer_blocks.{j}.attn", True)
                   for j in range(len(self.transformer.single_transformer_blocks))]
@@ -117,7 +120,7 @@ class FluxFamily(Family):
         return self.check_block(block) >= self.num_double
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
-        return [TextSegment("t5", "tokenizer_2", 0, max_sequence_length)]
+        return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         # Latents are packed 2x2 into one token.

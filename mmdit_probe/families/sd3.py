@@ -86,10 +86,9 @@ class SD3Family(Family):
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         clip = self.pipeline.tokenizer_max_length
-        segments = [TextSegment("clip", "tokenizer", 0, clip)]
         # Without T5 the pipeline still appends `max_sequence_length` zero rows: positions, no tokens.
-        segments.append(TextSegment("t5", "tokenizer_3", clip, max_sequence_length))
-        return segments
+        return [TextSegment("clip", "tokenizer", "text_encoder", 0, clip),
+                TextSegment("t5", "tokenizer_3", "text_encoder_3", clip, max_sequence_length)]
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         step = self.pipeline.vae_scale_factor * self.transformer.config.patch_size

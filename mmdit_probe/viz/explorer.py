@@ -24,7 +24,7 @@ class Explorer:
 
     def __init__(self, maps: AttentionMaps, masks: dict | None = None, prompt: int = 0, size: int = 256) -> None:
         self.maps, self.prompt, self.size = maps, prompt, size
-        words = [w for w in dict.fromkeys(maps.tables[prompt].words) if _recorded(maps, w, prompt)]
+        words = maps.recorded_words(prompt)
         if not words:
             raise ValueError("none of the prompt's words was recorded; record with positions='real' or 'all'")
         self.word = widgets.Dropdown(options=words, description="word")
@@ -77,14 +77,6 @@ class Explorer:
         note = widgets.HTML(f"Blocks ranked by soft IoU of their {scores[0].kind.upper()} maps against the masks. "
                             f"Best five: {best}. Averaging a few such blocks gives cleaner maps than all blocks.")
         return widgets.VBox([widgets.Image(value=buffer.getvalue(), format="png"), note])
-
-
-def _recorded(maps: AttentionMaps, word: str, prompt: int) -> bool:
-    try:
-        maps.columns(word, prompt)
-    except ValueError:
-        return False
-    return True
 
 
 def explorer(maps: AttentionMaps, masks: dict | None = None, prompt: int = 0) -> widgets.Widget:
