@@ -30,6 +30,14 @@ def test_presets_hold_the_paper_defaults():
     assert preset("stabilityai/stable-diffusion-3.5-large").theta == 0.5
     assert preset("flux.1-schnell").tau == 0.25
     assert find_preset("some/finetune", "flux") == FAMILY_DEFAULTS["flux"]
+    # A local copy of a known checkpoint is recognised by its transformer's shape.
+    flux = {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24}
+    assert find_preset("/models/x", "flux", {**flux, "guidance_embeds": True}).name == "flux.1-dev"
+    assert find_preset("/models/x", "flux", {**flux, "guidance_embeds": False}).name == "flux.1-schnell"
+    large = {"num_layers": 38, "num_attention_heads": 38}
+    assert find_preset("/models/sd35-large-turbo", "sd3", large).name == "sd3.5-large-turbo"
+    medium = {"num_layers": 24, "num_attention_heads": 24, "dual_attention_layers": list(range(13))}
+    assert find_preset("/models/x", "sd3", medium).name == "sd3.5-medium"
     with pytest.raises(KeyError, match="unknown preset 'sd4'; known presets: sd3-medium"):
         preset("sd4")
 

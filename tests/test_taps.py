@@ -40,9 +40,7 @@ def test_remove_taps_restores_the_stock_processors(probe, kind):
 def test_fused_projections_keep_working(probe, kind):
     inputs = tiny_inputs(probe, kind, PROMPTS)
     unfused = latents_of(probe.pipeline(**inputs))
-    probe.family.remove_taps()
-    probe.pipeline.transformer.fuse_qkv_projections()
-    probe.family.install_taps()
+    probe.fuse_qkv_projections()
     attn = probe.pipeline.transformer.get_submodule(probe.family.attentions[0].path)
     assert attn.fused_projections and isinstance(attn.processor, TapProcessor)
     fused = latents_of(probe.pipeline(**inputs))
