@@ -146,20 +146,26 @@ def figures(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100, help="held-out captions")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("reports/toy"))
-    parser.add_argument("--model", default="toy")
-    args = parser.parse_args(argv)
+def command_line(doc: str, n: int, out: str, argv: list[str] | None):
+    """The evaluation scripts' shared command line: --n, --seed, --out, --model; returns (args, probe)."""
     from ..probe import load
 
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=n, help="held-out cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--model", default="toy")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     probe = load(args.model)
     probe.pipeline.set_progress_bar_config(disable=True)
-    report = evaluate(probe, n=args.n, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    return args, probe
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, probe = command_line(__doc__, 100, "reports/toy", argv)
+    report = evaluate(probe, n=args.n, seed=args.seed)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     figures(report, args.out)
     print(json.dumps({"judge": report["judge"], "headline": report["headline"],

@@ -13,18 +13,16 @@ against FlowEdit (inversion-free) as a baseline.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..flowedit import flowedit
 from ..inversion import METHODS
+from .evaluate import command_line
 from .judge import read_background, read_objects
 from .world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_split_scene, with_object
 
@@ -106,25 +104,14 @@ def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", 
             results[f"rendered/{method}/reconstruction"].append({"pixel_error": recon.error})
         edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
         results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
-    return {"n": n, "edit_types": dict(zip(*np.unique([e[2] for e in edits], return_counts=True))),
+    types, counts = np.unique([e[2] for e in edits], return_counts=True)
+    return {"n": n, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
             "results": {k: _mean(v) for k, v in results.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("reports/toy_edits"))
-    parser.add_argument("--model", default="toy")
-    args = parser.parse_args(argv)
-    from ..probe import load
-
-    torch.set_num_threads(2)
-    probe = load(args.model)
-    probe.pipeline.set_progress_bar_config(disable=True)
+    args, probe = command_line(__doc__, 12, "reports/toy_edits", argv)
     report = evaluate(probe, n=args.n, seed=args.seed)
-    report["edit_types"] = {str(k): int(v) for k, v in report["edit_types"].items()}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["| method | success | untouched objects kept | PSNR outside edit |", "|---|---|---|---|"]
     for name, r in report["results"].items():
