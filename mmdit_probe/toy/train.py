@@ -2,6 +2,7 @@
 
     python -m mmdit_probe.toy.train --out runs/toy --minutes 90      # trains, checkpoints, resumes
     python -m mmdit_probe.toy.train --out runs/toy --export          # writes the shipped weights
+    python -m mmdit_probe.toy.train --out runs/more --from-shipped   # continue from the shipped weights
 
 Two stages: the near-identity VAE (a few minutes), then the transformer and both text encoders
 jointly with the rectified-flow objective (logit-normal timesteps, 10% caption dropout, EMA).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -81,10 +83,13 @@ def diffusion_modules(pipe) -> torch.nn.ModuleDict:
 
 
 def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, vae_steps: int,
-          batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999) -> None:
+          batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, from_shipped: bool = False) -> None:
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(seed)
+    shipped_step = 0
+    if from_shipped and not (out / "diffusion.pt").exists():
+        shipped_step = _load_shipped(pipe, out)
     pixels, ids = make_dataset(n_scenes, seed, pipe.tokenizer)
     empty_ids = pipe.tokenizer("", padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids
 
@@ -109,7 +114,8 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
-    step = 0
+    step = shipped_step
+    fresh_optimizer = True
     ckpt_path = out / "diffusion.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
@@ -118,6 +124,7 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         step = state["step"]
+        fresh_optimizer = False
         print(f"resumed at step {step}")
 
     def save() -> None:
@@ -127,6 +134,7 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
     deadline = time.monotonic() + minutes * 60
+    start = step
     bar = tqdm(total=max_steps, initial=step, desc="diffusion")
     losses: list[float] = []
     while step < max_steps and time.monotonic() < deadline:
@@ -144,7 +152,8 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        warmup = min(1.0, (step + 1) / 500)
+        # Warm up whenever Adam starts without its moments (a fresh run, or from shipped weights).
+        warmup = min(1.0, (step - start + 1) / 500) if fresh_optimizer else 1.0
         for group in opt.param_groups:
             group["lr"] = lr * warmup
         opt.step()
@@ -175,9 +184,27 @@ def export(out: Path, seed: int, target: Path = WEIGHTS_DIR) -> None:
     vae_state = torch.load(out / "vae.pt", weights_only=True)
     pipe.vae.load_state_dict(vae_state["weights"])
     pipe.vae.register_to_config(**vae_state["config"])
-    diffusion_modules(pipe).load_state_dict(torch.load(out / "diffusion.pt", weights_only=False)["ema"])
+    state = torch.load(out / "diffusion.pt", weights_only=False)
+    diffusion_modules(pipe).load_state_dict(state["ema"])
     pipe.to(torch.float16).save_pretrained(target, safe_serialization=True)
-    print(f"exported to {target}")
+    (target / "training.json").write_text(json.dumps({"steps": state["step"], "seed": seed}))
+    print(f"exported step {state['step']} to {target}")
+
+
+def _load_shipped(pipe, out: Path, source: Path = WEIGHTS_DIR) -> int:
+    """Start from the shipped weights (the VAE too); returns the step they were exported at."""
+    from diffusers import StableDiffusion3Pipeline
+
+    shipped = StableDiffusion3Pipeline.from_pretrained(source, text_encoder_3=None, tokenizer_3=None,
+                                                       torch_dtype=torch.float32)
+    for name in ("vae", "transformer", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict())
+    config = {k: shipped.vae.config[k] for k in ("shift_factor", "scaling_factor")}
+    pipe.vae.register_to_config(**config)
+    torch.save({"weights": pipe.vae.state_dict(), "config": config}, out / "vae.pt")
+    step = json.loads((source / "training.json").read_text())["steps"]
+    print(f"starting from the shipped weights (step {step})")
+    return step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,12 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=40_000, help="training scenes rendered up front")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and exit")
+    parser.add_argument("--from-shipped", action="store_true",
+                        help="start from the weights shipped in the package (when --out has no checkpoint)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.export:
         export(args.out, args.seed)
     else:
-        train(args.out, args.minutes, args.steps, args.seed, args.scenes, args.vae_steps)
+        train(args.out, args.minutes, args.steps, args.seed, args.scenes, args.vae_steps,
+              from_shipped=args.from_shipped)
 
 
 if __name__ == "__main__":
