@@ -49,7 +49,7 @@ def measure(width: str, steps: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--widths", nargs="*", default=["sd3", "flux"])
     args = parser.parse_args()
     logging.disable_progress_bar()

@@ -73,6 +73,14 @@ def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], th
     return (normalise(smooth(m)) >= theta).float()
 
 
+def _blocks(family, chosen: list[int] | None, default: tuple[int, ...] | None) -> list[int]:
+    """Blocks the caller chose (checked), else the preset's that exist in this model, else all."""
+    if chosen is not None:
+        return [family.check_block(b) for b in chosen]
+    present = [b for b in (default or ()) if b < family.num_blocks]
+    return present or list(range(family.num_blocks))
+
+
 def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], injected: tuple[str, ...],
                        recorder: AttentionRecorder | None, change) -> None:
     """One step inside the trace: patch the injected taps and record the blend blocks' maps,
@@ -108,9 +116,7 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     tau = preset.tau if tau is None else tau
     eta = preset.eta if eta is None else eta
     theta = preset.theta if theta is None else theta
-    inject = list(range(family.num_blocks)) if inject_blocks is None and preset.inject_blocks is None \
-        else list(inject_blocks if inject_blocks is not None else preset.inject_blocks)
-    inject = [family.check_block(b) for b in inject if b < family.num_blocks]
+    inject = _blocks(family, inject_blocks, preset.inject_blocks)
     inputs = probe.inputs([source, target], seed=seed, **generation)
     if latents is not None:
         inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
@@ -123,8 +129,7 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     recorder = None
     blend_steps: list[int] = []
     if local_blend and (source_words or target_words):
-        blocks = list(blend_blocks if blend_blocks is not None else preset.top_layers)
-        blocks = [b for b in blocks if b < family.num_blocks] or list(range(family.num_blocks))
+        blocks = _blocks(family, blend_blocks, preset.top_layers)
         blend_steps = [s for s in range(n_steps) if s < eta * n_steps]
         recorder = AttentionRecorder(probe, inputs, blocks=blocks, steps=blend_steps, kinds=["t2i"], rows="cond",
                                      positions=source_words + target_words, dtype=torch.float32)

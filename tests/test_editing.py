@@ -62,8 +62,11 @@ def test_bad_variant_and_edited_words():
     import mmdit_probe
     from mmdit_probe.testing import tiny_pipeline
 
+    probe = mmdit_probe.load(tiny_pipeline("sd3"))
     with pytest.raises(ValueError, match="unknown variant 'qv'; choose from qiki, qk"):
-        mmdit_probe.load(tiny_pipeline("sd3")).edit(SOURCE, TARGET, variant="qv")
+        probe.edit(SOURCE, TARGET, variant="qv")
+    with pytest.raises(IndexError, match="block index 9 out of range: sd3 has blocks 0..1"):
+        probe.edit(SOURCE, TARGET, inject_blocks=[9])
 
 
 def test_row_primitives():
