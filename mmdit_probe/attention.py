@@ -77,7 +77,6 @@ class AttentionRecorder:
         self._index = torch.tensor(self.positions)
         self._check_memory(family, max_gb)
         self._recorded: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in self.kinds}
-        self._timesteps: dict[int, float] = {}
         self._processors = [probe.pipeline.transformer.get_submodule(family.attention(b).path).processor
                             for b in self.blocks]
         for processor in self._processors:

@@ -14,11 +14,10 @@ I2T maps are stored transposed, so in both kinds a word's map is a column.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -200,7 +199,3 @@ class AttentionMaps:
                 f"({len(self.steps)}), blocks {self.blocks}, grid {self.grid}, {len(self.positions)} text positions, "
                 f"rows={self.rows!r}, heads={self.heads!r}, shapes {shape})")
 
-
-def stack_words(maps: AttentionMaps, words: Sequence[str], **kwargs) -> np.ndarray:
-    """(word, rows, cols) numpy array of several words' maps, for plotting."""
-    return np.stack([maps.word(w, **kwargs).numpy() for w in words])
