@@ -28,6 +28,18 @@ from .tokens import normalise_word
 ROWS = ("cond", "uncond", "both")
 
 
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
+    """Entropy of each query's softmax attention, lse - sum_j p_j s_j, in query chunks: (batch, heads, tokens)."""
+    scale = q.shape[-1] ** -0.5
+    chunk = max(1, budget // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
+    parts = []
+    for start in range(0, q.shape[2], chunk):
+        logits = q[:, :, start:start + chunk] @ k.transpose(-1, -2) * scale
+        normaliser = lse[:, :, start:start + chunk]
+        parts.append(normaliser - (torch.exp(logits - normaliser.unsqueeze(-1)) * logits).sum(-1))
+    return torch.cat(parts, dim=2)
+
+
 def check_one_call_per_step(inputs: dict[str, Any]) -> None:
     """Recording and patching count transformer calls as denoising steps; refuse options that add calls."""
     if inputs.get("skip_guidance_layers"):
@@ -46,12 +58,14 @@ class AttentionRecorder:
     rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
     positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
     max_gb: refuse (before running) a recording whose maps would exceed this much memory.
+    attn2: also record SD3.5-M's image-only attention (`attn2`) of the chosen blocks that have it,
+        as the entropy of each image query's attention (nats, head mean); never mixed into T2I/I2T.
     """
 
     def __init__(self, probe, inputs: dict[str, Any], *, blocks: Iterable[int] | None = None,
                  steps: Iterable[int] | None = None, kinds: Iterable[str] = KINDS, heads: str = "mean",
                  rows: str = "cond", positions: str | list[int] | list[str] = "real",
-                 dtype: torch.dtype = torch.float16, max_gb: float = 4.0) -> None:
+                 dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False) -> None:
         check_one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
@@ -77,8 +91,15 @@ class AttentionRecorder:
         self._index = torch.tensor(self.positions)
         self._check_memory(family, max_gb)
         self._recorded: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in self.kinds}
-        self._processors = [probe.pipeline.transformer.get_submodule(family.attention(b).path).processor
-                            for b in self.blocks]
+        self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
+        if attn2 and not self.attn2_blocks:
+            raise ValueError("attn2=True, but none of the chosen blocks has an image-only attn2 (SD3.5-M has, "
+                             "in blocks 0-12)")
+        self.attn2_blocks = self.attn2_blocks if attn2 else []
+        self._entropy: dict[tuple[int, int], torch.Tensor] = {}
+        attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
+                                                                   for b in self.attn2_blocks]
+        self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
         for processor in self._processors:
             processor.record_lse = True
 
@@ -159,6 +180,10 @@ class AttentionRecorder:
             if self.heads == "mean":
                 m = m.mean(dim=1)
             self._recorded[kind][(step, block)] = m.to("cpu", self.dtype)
+        if block in self.attn2_blocks:
+            q, k, lse = (self.probe.hook(f"blocks.{block}.attn2.hook_{n}").output[rows].float()
+                         for n in ("q_img", "k_img", "lse_img"))
+            self._entropy[(step, block)] = attention_entropy(q, k, lse).mean(dim=1).to("cpu", self.dtype)
 
     def step_maps(self, step: int, kind: str = "t2i") -> torch.Tensor:
         """This step's maps so far, stacked over the recorded blocks: (block, row, [head,] image, text)."""
@@ -178,8 +203,12 @@ class AttentionRecorder:
                    for kind, recorded in self._recorded.items() if recorded}
         if not tensors:
             raise RuntimeError("nothing was recorded: call recorder.record(step) inside the trace's step loop")
+        entropy = None
+        if self.attn2_blocks:
+            entropy = torch.stack([torch.stack([self._entropy[(s, b)] for b in self.attn2_blocks]) for s in steps])
         return AttentionMaps(
             t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=steps, blocks=self.blocks,
             positions=self.positions, tables=self.tables, grid=self.grid, rows=self.rows,
             heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
+            attn2_blocks=self.attn2_blocks, attn2_entropy=entropy,
         )

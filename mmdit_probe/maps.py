@@ -63,6 +63,8 @@ class AttentionMaps:
     heads: str = "mean"
     top_layers: tuple[int, ...] = ()
     images: list = field(default_factory=list, repr=False)  # the generated images, when known
+    attn2_blocks: list[int] = field(default_factory=list)  # SD3.5-M image-only attention, if recorded
+    attn2_entropy: torch.Tensor | None = None  # (step, attn2 block, row, image token), nats
 
     @property
     def prompts(self) -> list[str]:
@@ -172,11 +174,15 @@ class AttentionMaps:
         meta = {
             "steps": self.steps, "blocks": self.blocks, "positions": self.positions, "grid": list(self.grid),
             "rows": self.rows, "heads": self.heads, "top_layers": list(self.top_layers),
+            "attn2_blocks": self.attn2_blocks,
             "tables": [{"prompt": t.prompt, "text_length": t.text_length,
                         "tokens": [[k.position, k.encoder, k.piece, k.word, k.word_index] for k in t.tokens]}
                        for t in self.tables],
         }
-        save_file({k: getattr(self, k).contiguous() for k in self.kinds}, str(path),
+        tensors = {k: getattr(self, k).contiguous() for k in self.kinds}
+        if self.attn2_entropy is not None:
+            tensors["attn2_entropy"] = self.attn2_entropy.contiguous()
+        save_file(tensors, str(path),
                   metadata={"mmdit_probe": json.dumps(meta)})
         return path
 
@@ -191,7 +197,8 @@ class AttentionMaps:
                   for t in meta["tables"]]
         return cls(t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=meta["steps"], blocks=meta["blocks"],
                    positions=meta["positions"], tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"],
-                   heads=meta["heads"], top_layers=tuple(meta["top_layers"]))
+                   heads=meta["heads"], top_layers=tuple(meta["top_layers"]),
+                   attn2_blocks=meta.get("attn2_blocks", []), attn2_entropy=tensors.get("attn2_entropy"))
 
     def __repr__(self) -> str:
         shape = {k: tuple(getattr(self, k).shape) for k in self.kinds}

@@ -141,3 +141,31 @@ def test_smoothing_and_normalising():
     assert s.sum().item() == pytest.approx(1.0, abs=1e-3) and s[4, 4] < 1 and s[4, 5] > 0
     assert s[0, 0] == 0  # kernel 7 reaches 3 cells, not 4
     assert normalise(s).max() == 1.0 and normalise(s, "minmax").min() == 0.0
+
+
+def test_sd35_attn2_entropy_only_on_request(tiny_dirs, tmp_path):
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["sd3.5"])
+    seen, handles = defaultdict(list), []
+    for name in ("q_img", "k_img"):
+        handles.append(probe.module(f"blocks.0.attn2.hook_{name}").register_forward_hook(
+            lambda m, i, out, name=name: seen[name].append(out.detach().clone())))
+    inputs = tiny_inputs(probe, "sd3.5", PROMPTS)
+    recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, attn2=True)
+    with probe.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:inputs["num_inference_steps"]]:
+            recorder.record(step)
+    for h in handles:
+        h.remove()
+    maps = recorder.maps()
+    assert maps.attn2_blocks == [0] and maps.attn2_entropy.shape == (2, 1, 2, 16)
+    q, k = seen["q_img"][1][2:], seen["k_img"][1][2:]  # step 1, conditional rows
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    entropy = -(p * torch.log(p)).sum(-1).mean(1)
+    torch.testing.assert_close(maps.attn2_entropy[1, 0], entropy, rtol=0, atol=1e-5)
+    assert AttentionMaps.load(maps.save(tmp_path / "m.safetensors")).attn2_entropy.shape == (2, 1, 2, 16)
+    default = record_with_reference(probe, "sd3.5")[0]
+    assert default.attn2_entropy is None and default.attn2_blocks == []
+    with pytest.raises(ValueError, match="none of the chosen blocks has an image-only attn2"):
+        AttentionRecorder(probe, inputs, blocks=[1], attn2=True)
