@@ -35,6 +35,9 @@ def test_remove_taps_restores_the_stock_processors(probe, kind):
     assert torch.equal(latents_of(probe.pipeline(**inputs)), tapped)
     probe.family.install_taps()
     assert probe.family.taps_installed()
+    with probe.model.generate(**inputs):  # nnsight still reaches the reinstalled taps
+        q = probe.hook("blocks.0.attn.hook_q_img").output.save()
+    assert q.shape[2] > 0
 
 
 def test_fused_projections_keep_working(probe, kind):

@@ -1,12 +1,18 @@
 """The shipped toy model: loads offline, generates deterministically, draws what it is told."""
 
+import numpy as np
 import pytest
 import torch
 
 import mmdit_probe
 from mmdit_probe.presets import preset
+from mmdit_probe.toy.judge import judge, summarise
 from mmdit_probe.toy.model import CLIP_LENGTH, T5_LENGTH
-from mmdit_probe.toy.world import IMAGE_SIZE
+from mmdit_probe.toy.world import IMAGE_SIZE, caption, sample_split_scene
+
+# On 100 held-out captions the shipped weights (step 5639) drew 99% of colours and every background
+# right (python -m mmdit_probe.toy.evaluate); a handful of prompts must not fall far below that.
+MIN_COLOUR, MIN_BACKGROUND = 0.85, 0.9
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +37,11 @@ def test_generation_is_deterministic_for_a_seed(toy):
     again = toy.generate(prompt, seed=3, steps=4, output_type="latent").images
     other = toy.generate(prompt, seed=4, steps=4, output_type="latent").images
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_shipped_weights_draw_held_out_captions(toy):
+    rng = np.random.default_rng(123)
+    scenes = [sample_split_scene(rng, held_out=True) for _ in range(8)]
+    images = toy.generate([caption(s) for s in scenes], seed=0, same_noise=False).images
+    verdict = summarise([judge(np.asarray(image), s) for image, s in zip(images, scenes)])
+    assert verdict["colour"] >= MIN_COLOUR and verdict["background"] >= MIN_BACKGROUND

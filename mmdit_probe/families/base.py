@@ -43,6 +43,8 @@ class Family:
         self.transformer: nn.Module = pipeline.transformer
         self.attentions: list[Attention] = self._attentions()
         self._stock: dict[str, object] = {}
+        # Reinstalling reuses the same tapped processors: nnsight's envoy tree holds these objects.
+        self._tapped: dict[str, TapProcessor] = {}
 
     # -- layout ------------------------------------------------------------
     def _attentions(self) -> list[Attention]:
@@ -113,7 +115,9 @@ class Family:
             module = self.transformer.get_submodule(a.path)
             if not isinstance(module.processor, TapProcessor):
                 self._stock[a.path] = module.processor
-                module.set_processor(self.make_processor(a, module.processor))
+                if a.path not in self._tapped:
+                    self._tapped[a.path] = self.make_processor(a, module.processor)
+                module.set_processor(self._tapped[a.path])
 
     def remove_taps(self) -> None:
         """Put the stock processors back."""
