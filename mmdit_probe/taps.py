@@ -53,6 +53,15 @@ class TapProcessor(nn.Module):
         return self.hook("q", stream)(q), self.hook("k", stream)(k), self.hook("v", stream)(v)
 
 
+def project_qkv(attn, x: torch.Tensor, stream: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v projections of one stream, through the fused projection when `fuse_qkv_projections()` made one."""
+    if getattr(attn, "fused_projections", False):
+        return (attn.to_qkv if stream == "img" else attn.to_added_qkv)(x).chunk(3, dim=-1)
+    if stream == "img":
+        return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+
+
 def tap_name(block: int, activation: str, stream: str = "img", attention: str = "attn") -> str:
     """The stable name of a hook point, e.g. ``tap_name(7, "q") == "blocks.7.attn.hook_q_img"``."""
     if activation not in ACTIVATIONS:

@@ -11,7 +11,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..kernels import attention_with_lse
-from ..taps import TapProcessor
+from ..taps import TapProcessor, project_qkv
 from .base import Attention, Family, TextSegment
 
 
@@ -33,23 +33,12 @@ class FluxTapProcessor(TapProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                 image_rotary_emb=None, **kwargs):
-        fused = getattr(attn, "fused_projections", False)
-        if fused:
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, hidden_states, "img"))
         q, k = attn.norm_q(q), attn.norm_k(k)
 
         joint = attn.added_kv_proj_dim is not None
         if joint:
-            if fused:
-                tq, tk, tv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                tq = attn.add_q_proj(encoder_hidden_states)
-                tk = attn.add_k_proj(encoder_hidden_states)
-                tv = attn.add_v_proj(encoder_hidden_states)
-            tq, tk, tv = (t.unflatten(-1, (-1, attn.head_dim)) for t in (tq, tk, tv))
+            tq, tk, tv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, encoder_hidden_states, "txt"))
             tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
             q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
             n_text = encoder_hidden_states.shape[1]

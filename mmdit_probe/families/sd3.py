@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import attention_with_lse
-from ..taps import TapProcessor
+from ..taps import TapProcessor, project_qkv
 from .base import Attention, Family, TextSegment
 
 
@@ -27,11 +27,7 @@ class SD3TapProcessor(TapProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         n_image = hidden_states.shape[1]
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
+        q, k, v = (_heads(t, attn.heads) for t in project_qkv(attn, hidden_states, "img"))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -39,13 +35,7 @@ class SD3TapProcessor(TapProcessor):
         q, k, v = self.tap_qkv("img", q, k, v)
 
         if encoder_hidden_states is not None:
-            if getattr(attn, "fused_projections", False):
-                tq, tk, tv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                tq = attn.add_q_proj(encoder_hidden_states)
-                tk = attn.add_k_proj(encoder_hidden_states)
-                tv = attn.add_v_proj(encoder_hidden_states)
-            tq, tk, tv = (_heads(t, attn.heads) for t in (tq, tk, tv))
+            tq, tk, tv = (_heads(t, attn.heads) for t in project_qkv(attn, encoder_hidden_states, "txt"))
             if attn.norm_added_q is not None:
                 tq = attn.norm_added_q(tq)
             if attn.norm_added_k is not None:
