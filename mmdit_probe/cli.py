@@ -2,7 +2,8 @@
 
     mmdit-probe info toy                 # family, blocks, token layout, hook names
     mmdit-probe info ./my-sd3-dir --hooks
-    mmdit-probe maps toy "a large red circle on the left on a white background" --out out/
+    mmdit-probe maps toy "a large red circle on the left on a white background" --out out/ \
+                    --edit "a large green circle on the left on a white background"
     mmdit-probe edit toy "a large red circle on the left on a white background" \
                          "a large blue circle on the left on a white background" --out out/edit
 """
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 
 from .probe import load
+from .tokens import FUNCTION_WORDS
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -37,7 +39,7 @@ def _maps(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     out.images[0].save(folder / "image.png")
     out.maps.save(folder / "maps.safetensors")
-    words = args.words or [w for w in out.maps.recorded_words() if w not in _FILLER]
+    words = args.words or [w for w in out.maps.recorded_words() if w not in FUNCTION_WORDS]
     blocks = "top" if set(probe.preset.top_layers) <= set(out.maps.blocks) else None
     figures = {"t2i_vs_i2t.png": t2i_vs_i2t(out.maps, words, blocks=blocks),
                "t2i_by_block.png": word_grid(out.maps, words, by="block"),
@@ -46,17 +48,21 @@ def _maps(args: argparse.Namespace) -> None:
     for name, fig in figures.items():
         fig.savefig(folder / name, dpi=110)
     print(f"wrote {', '.join(['image.png', 'maps.safetensors', *figures])} to {folder}/")
+    if args.edit:
+        _write_edit(probe, args.prompt, args.edit, folder / "edit", seed=args.seed, steps=args.steps)
 
 
 def _edit(args: argparse.Namespace) -> None:
+    options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
+    _write_edit(load(args.model), args.source, args.target, Path(args.out), seed=args.seed, steps=args.steps,
+                variant=args.variant, local_blend=not args.no_blend, **options)
+
+
+def _write_edit(probe, source: str, target: str, folder: Path, **options) -> None:
     import numpy as np
     from PIL import Image
 
-    probe = load(args.model)
-    options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
-    result = probe.edit(args.source, args.target, seed=args.seed, steps=args.steps, variant=args.variant,
-                        local_blend=not args.no_blend, **options)
-    folder = Path(args.out)
+    result = probe.edit(source, target, **options)
     folder.mkdir(parents=True, exist_ok=True)
     result.source_image.save(folder / "source.png")
     result.edited_image.save(folder / "edited.png")
@@ -66,9 +72,6 @@ def _edit(args: argparse.Namespace) -> None:
         picture.save(folder / f"mask_step{step:02d}.png")
     (folder / "params.json").write_text(json.dumps(result.params, indent=2))
     print(f"wrote source.png, edited.png, {len(result.masks)} masks and params.json to {folder}/")
-
-
-_FILLER = {"a", "an", "the", "on", "in", "of", "and", "with", "at", "to"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     maps.add_argument("--seed", type=int, default=0)
     maps.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     maps.add_argument("--words", nargs="*", help="words to show (default: the prompt's content words)")
+    maps.add_argument("--edit", metavar="TARGET", help="also edit the image into this prompt (writes DIR/edit/)")
     maps.set_defaults(run=_maps)
 
     edit = commands.add_parser("edit", help="edit an image by prompt: q/k injection plus local blending")

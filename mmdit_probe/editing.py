@@ -129,8 +129,9 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     recorder = None
     blend_steps: list[int] = []
     if local_blend and (source_words or target_words):
-        blocks = _blocks(family, blend_blocks, preset.top_layers)
         blend_steps = [s for s in range(n_steps) if s < eta * n_steps]
+    if blend_steps:
+        blocks = _blocks(family, blend_blocks, preset.top_layers)
         recorder = AttentionRecorder(probe, inputs, blocks=blocks, steps=blend_steps, kinds=["t2i"], rows="cond",
                                      positions=source_words + target_words, dtype=torch.float32)
         tables = recorder.tables

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# Words too common to be worth a map by default (figures and widgets start from the others).
+FUNCTION_WORDS = frozenset({"a", "an", "the", "on", "in", "of", "and", "with", "at", "to"})
 _WORD = re.compile(r"\w+(?:['’-]\w+)*")
 
 

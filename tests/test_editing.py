@@ -24,6 +24,16 @@ def test_no_injection_and_no_blending_is_the_plain_generation(probe, kind):
     assert result.masks == [] and result.params["inject_steps"] == []
 
 
+def test_blending_for_no_steps_is_no_blending(tiny_dirs):
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["sd3"])
+    result, inputs = edit(probe, "sd3", tau=0.0, eta=0.0)
+    plain = probe.pipeline(**inputs).images
+    assert torch.equal(result.edited_image, plain[1])
+    assert result.masks == [] and result.maps is None and result.params["blend_steps"] == []
+
+
 def test_the_source_is_untouched_and_the_target_edited(probe, kind):
     result, inputs = edit(probe, kind, tau=1.0, eta=1.0, theta=0.3)
     plain = probe.pipeline(**inputs).images

@@ -72,3 +72,10 @@ def test_explorer_redraws_on_slider_moves():
     assert "block 2" in explorer.caption.value
     explorer.top.value = True
     assert "top layers [2, 1]" in explorer.caption.value
+
+
+def test_explorer_opens_on_a_content_word_and_refuses_unknown_words():
+    assert Explorer(synthetic_maps()).word.value == "cat"  # not the article before it
+    assert Explorer(synthetic_maps(), word="a").word.value == "a"
+    with pytest.raises(ValueError, match="dog"):
+        Explorer(synthetic_maps(), word="dog")

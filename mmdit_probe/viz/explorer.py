@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 
 from ..maps import AttentionMaps, smooth
 from ..metrics import score_blocks
+from ..tokens import FUNCTION_WORDS
 from .figures import block_scores
 from .render import colourise, overlay, png
 
@@ -22,12 +23,16 @@ from .render import colourise, overlay, png
 class Explorer:
     """The widget state and its controls; `.widget` is what a notebook displays."""
 
-    def __init__(self, maps: AttentionMaps, masks: dict | None = None, prompt: int = 0, size: int = 256) -> None:
+    def __init__(self, maps: AttentionMaps, masks: dict | None = None, prompt: int = 0, size: int = 256,
+                 word: str | None = None) -> None:
         self.maps, self.prompt, self.size = maps, prompt, size
         words = maps.recorded_words(prompt)
         if not words:
             raise ValueError("none of the prompt's words was recorded; record with positions='real' or 'all'")
-        self.word = widgets.Dropdown(options=words, description="word")
+        if word is not None and word not in words:
+            raise ValueError(f"{word!r} is not among the prompt's recorded words: {words}")
+        content = [w for w in words if w not in FUNCTION_WORDS]
+        self.word = widgets.Dropdown(options=words, value=word or (content or words)[0], description="word")
         self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds], description="map")
         self.block = widgets.SelectionSlider(options=maps.blocks, description="block")
         self.top = widgets.Checkbox(value=False, description=f"mean of top layers {list(maps.top_layers)}",
@@ -79,6 +84,8 @@ class Explorer:
         return widgets.VBox([widgets.Image(value=buffer.getvalue(), format="png"), note])
 
 
-def explorer(maps: AttentionMaps, masks: dict | None = None, prompt: int = 0) -> widgets.Widget:
-    """The explorer widget for recorded maps (display it in a notebook)."""
-    return Explorer(maps, masks, prompt).widget
+def explorer(maps: AttentionMaps, masks: dict | None = None, prompt: int = 0, word: str | None = None
+             ) -> widgets.Widget:
+    """The explorer widget for recorded maps (display it in a notebook), opened on `word`
+    (default: the prompt's first content word)."""
+    return Explorer(maps, masks, prompt, word=word).widget

@@ -1,0 +1,26 @@
+"""The `mmdit-probe` command, as the README's main job runs it (on the toy model, few steps)."""
+
+from PIL import Image
+
+from mmdit_probe.cli import main
+
+SOURCE = "a large red circle on the left and a small blue square on the right on a white background"
+TARGET = "a large green circle on the left and a small blue square on the right on a white background"
+
+
+def test_maps_with_an_edit_writes_every_picture(tmp_path, capsys):
+    main(["maps", "toy", SOURCE, "--out", str(tmp_path), "--steps", "4", "--edit", TARGET])
+    for name in ("image.png", "t2i_vs_i2t.png", "t2i_by_block.png", "i2t_by_block.png", "t2i_by_step.png",
+                 "edit/source.png", "edit/edited.png", "edit/params.json"):
+        assert (tmp_path / name).is_file(), name
+    assert Image.open(tmp_path / "image.png").size == (32, 32)
+    # the edit's source row is the plain generation of the same prompt, seed and steps
+    assert Image.open(tmp_path / "edit/source.png").tobytes() == Image.open(tmp_path / "image.png").tobytes()
+    assert sorted(tmp_path.glob("edit/mask_step*.png")), "local blending wrote no masks"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_info_lists_hook_points(capsys):
+    main(["info", "toy", "--hooks", "--prompt", "a red circle"])
+    out = capsys.readouterr().out
+    assert "blocks.0.attn.hook_q_img" in out and "red" in out
