@@ -45,3 +45,14 @@ def test_shipped_weights_draw_held_out_captions(toy):
     images = toy.generate([caption(s) for s in scenes], seed=0, same_noise=False).images
     verdict = summarise([judge(np.asarray(image), s) for image, s in zip(images, scenes)])
     assert verdict["colour"] >= MIN_COLOUR and verdict["background"] >= MIN_BACKGROUND
+
+
+def test_a_training_run_keeps_its_text_encoder_depth(tmp_path):
+    from mmdit_probe.toy.model import TEXT_LAYERS
+    from mmdit_probe.toy.train import run_settings
+
+    assert run_settings(tmp_path / "shipped-like")["text_layers"] == TEXT_LAYERS
+    assert run_settings(tmp_path / "one", text_layers=1) == {"text_layers": 1}
+    assert run_settings(tmp_path / "one") == {"text_layers": 1}  # resuming rebuilds the same model
+    with pytest.raises(ValueError, match="--text-layers 1"):
+        run_settings(tmp_path / "one", text_layers=2)

@@ -100,13 +100,37 @@ def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", 
             r = probe.edit_image(image, caption(scene), caption(target), method=method, seed=seed + i)
             row = score(image, r.edited_image, scene, target, kind, index)
             results[f"rendered/{method}/qiki+blend"].append(row)
-            recon = probe.invert(image, caption(scene), method=method)
-            results[f"rendered/{method}/reconstruction"].append({"pixel_error": recon.error})
+            # The source row regenerates from the inverted latent untouched: it is the reconstruction.
+            error = np.abs(np.asarray(r.source_image, dtype=float) - image.astype(float)).mean()
+            results[f"rendered/{method}/reconstruction"].append({"pixel_error": float(error)})
         edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
         results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
     types, counts = np.unique([e[2] for e in edits], return_counts=True)
     return {"n": n, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
             "results": {k: _mean(v) for k, v in results.items()}}
+
+
+def figure(report: dict, out) -> None:
+    """Bar chart of success and preservation per method (all edit types together)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {k: v for k, v in report["results"].items()
+            if "success" in v and ("/" not in k or (k.startswith("rendered") and k.count("/") <= 2))}
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 3.2))
+    ax.bar(x - 0.2, [rows[k]["success"] for k in names], 0.4, label="edit success")
+    ax.bar(x + 0.2, [rows[k]["preserved"] for k in names], 0.4, label="untouched objects kept")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Shapes-world edits (n={report['n']}), judged on the images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "edits.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         if "pixel_error" in r:
             lines.append(f"| {name} | mean abs pixel error {r['pixel_error']:.1f} | | |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    figure(report, args.out)
     print("\n".join(lines))
 
 

@@ -23,6 +23,11 @@ from .world import IMAGE_SIZE
 
 CLIP_LENGTH = 22  # longest caption is 21 tokens with BOS/EOS
 T5_LENGTH = 4  # zeros: SD3 without T5. Trained with this length, so generate with it too.
+# The pipeline feeds the transformer CLIP's hidden_states[-2]. With 2 layers that is the output of
+# one causal layer, so a phrase's last word ("left") has seen the whole phrase; the shipped model
+# learned to route image queries through it, and its colour-word T2I maps are weak (README). With 1
+# layer each text token is its own word's embedding (the pooled vector still sees the caption).
+TEXT_LAYERS = 2  # the shipped weights
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -41,13 +46,13 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_text_encoder(vocab_size: int, seed: int) -> CLIPTextModelWithProjection:
+def build_text_encoder(vocab_size: int, seed: int, layers: int = TEXT_LAYERS) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=CLIP_LENGTH,
         projection_dim=32,
@@ -74,7 +79,7 @@ def build_transformer() -> SD3Transformer2DModel:
     )
 
 
-def build_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+def build_pipeline(seed: int = 0, text_layers: int = TEXT_LAYERS) -> StableDiffusion3Pipeline:
     """A freshly initialised (untrained) toy pipeline."""
     tokenizer = build_tokenizer(CLIP_LENGTH)
     torch.manual_seed(seed)
@@ -84,9 +89,9 @@ def build_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
         vae=vae,
-        text_encoder=build_text_encoder(len(tokenizer), seed + 1).eval(),
+        text_encoder=build_text_encoder(len(tokenizer), seed + 1, text_layers).eval(),
         tokenizer=tokenizer,
-        text_encoder_2=build_text_encoder(len(tokenizer), seed + 2).eval(),
+        text_encoder_2=build_text_encoder(len(tokenizer), seed + 2, text_layers).eval(),
         tokenizer_2=build_tokenizer(CLIP_LENGTH),
         text_encoder_3=None,
         tokenizer_3=None,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import CLIP_LENGTH, T5_LENGTH, WEIGHTS_DIR, build_pipeline
+from .model import CLIP_LENGTH, T5_LENGTH, TEXT_LAYERS, WEIGHTS_DIR, build_pipeline
 from .world import caption, render, sample_split_scene
 
 
@@ -82,11 +82,28 @@ def diffusion_modules(pipe) -> torch.nn.ModuleDict:
     )
 
 
+def run_settings(out: Path, text_layers: int | None = None) -> dict:
+    """A run's architecture, fixed at its first start (run.json) so that resuming and exporting
+    rebuild the same model."""
+    path = out / "run.json"
+    if path.exists():
+        settings = json.loads(path.read_text())
+        if text_layers is not None and text_layers != settings["text_layers"]:
+            raise ValueError(f"{out} was started with --text-layers {settings['text_layers']}; "
+                             f"use another --out for {text_layers}")
+        return settings
+    settings = {"text_layers": TEXT_LAYERS if text_layers is None else text_layers}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings))
+    return settings
+
+
 def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, vae_steps: int,
-          batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, from_shipped: bool = False) -> None:
+          batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, from_shipped: bool = False,
+          text_layers: int | None = None) -> None:
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline(seed)
+    pipe = build_pipeline(seed, run_settings(out, text_layers)["text_layers"])
     shipped_step = 0
     if from_shipped and not (out / "diffusion.pt").exists():
         shipped_step = _load_shipped(pipe, out)
@@ -180,14 +197,15 @@ def evaluate_vae(pipe, pixels: torch.Tensor) -> float:
 
 def export(out: Path, seed: int, target: Path = WEIGHTS_DIR) -> None:
     """Write the EMA weights as a stock diffusers pipeline directory (fp16 safetensors)."""
-    pipe = build_pipeline(seed)
+    settings = run_settings(out)
+    pipe = build_pipeline(seed, settings["text_layers"])
     vae_state = torch.load(out / "vae.pt", weights_only=True)
     pipe.vae.load_state_dict(vae_state["weights"])
     pipe.vae.register_to_config(**vae_state["config"])
     state = torch.load(out / "diffusion.pt", weights_only=False)
     diffusion_modules(pipe).load_state_dict(state["ema"])
     pipe.to(torch.float16).save_pretrained(target, safe_serialization=True)
-    (target / "training.json").write_text(json.dumps({"steps": state["step"], "seed": seed}))
+    (target / "training.json").write_text(json.dumps({"steps": state["step"], "seed": seed, **settings}))
     print(f"exported step {state['step']} to {target}")
 
 
@@ -198,7 +216,10 @@ def _load_shipped(pipe, out: Path, source: Path = WEIGHTS_DIR) -> int:
     shipped = StableDiffusion3Pipeline.from_pretrained(source, text_encoder_3=None, tokenizer_3=None,
                                                        torch_dtype=torch.float32)
     for name in ("vae", "transformer", "text_encoder", "text_encoder_2"):
-        getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict())
+        # Not strict: a run with fewer text-encoder layers than the shipped model drops the rest.
+        missing, _ = getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict(), strict=False)
+        if missing:
+            raise ValueError(f"the shipped {name} lacks weights this model needs: {missing[:3]}")
     config = {k: shipped.vae.config[k] for k in ("shift_factor", "scaling_factor")}
     pipe.vae.register_to_config(**config)
     torch.save({"weights": pipe.vae.state_dict(), "config": config}, out / "vae.pt")
@@ -216,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=40_000, help="training scenes rendered up front")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and exit")
+    parser.add_argument("--text-layers", type=int, default=None,
+                        help=f"CLIP text-encoder layers of a new run (default {TEXT_LAYERS}, as shipped; "
+                             "1 makes every text token its own word, see toy/model.py)")
     parser.add_argument("--from-shipped", action="store_true",
                         help="start from the weights shipped in the package (when --out has no checkpoint)")
     args = parser.parse_args(argv)
@@ -224,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         export(args.out, args.seed)
     else:
         train(args.out, args.minutes, args.steps, args.seed, args.scenes, args.vae_steps,
-              from_shipped=args.from_shipped)
+              from_shipped=args.from_shipped, text_layers=args.text_layers)
 
 
 if __name__ == "__main__":
