@@ -89,6 +89,7 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
     `model` is a preset name (``"sd3-medium"``, ``"flux.1-dev"``, ``"toy"``, ...), a hub id, a local
     pipeline directory, or a built diffusers pipeline. Sampling defaults (steps, guidance, size,
     T5 length) and the map/editing defaults come from the matching preset, or the family's.
+    Every component loads in `dtype` (default float32; pass ``torch.bfloat16`` on a GPU).
 
     >>> probe = load("toy")
     >>> probe.family.name, probe.family.num_blocks
@@ -102,14 +103,17 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
     else:
         source = str(model)
         if source.lower() == "toy":
-            location = TOY_WEIGHTS
-            from_pretrained.setdefault(_dtype_keyword(), torch.float32)  # shipped as fp16 to stay small
+            location = TOY_WEIGHTS  # shipped as fp16 to stay small, run in float32 like any default
         elif source.lower() in PRESETS and PRESETS[source.lower()].hub_id:
             location = PRESETS[source.lower()].hub_id
         else:
             location = source
+        # One dtype for every component: without it diffusers loads its models in float32 while
+        # transformers keeps a text encoder's saved float16, and the mixed pipeline fails.
         if dtype is not None:
             from_pretrained[_dtype_keyword()] = dtype
+        elif not {"dtype", "torch_dtype"} & set(from_pretrained):
+            from_pretrained[_dtype_keyword()] = torch.float32
         pipeline = _from_pretrained(str(location), **from_pretrained)
     if device is not None:
         pipeline.to(device)

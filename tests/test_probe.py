@@ -105,3 +105,18 @@ def test_grid_matches_latent_size(probe, kind):
     with probe.model.generate(**inputs):
         q = probe.hook("blocks.0.attn.hook_q_img").output.save()
     assert q.shape[2] == rows * cols
+
+
+@pytest.mark.parametrize("family_kind", ["sd3", "flux-dev"])
+def test_a_directory_saved_in_half_precision_loads_in_one_dtype(tiny_dirs, tmp_path, family_kind):
+    # diffusers loads its models in float32 but transformers keeps the saved float16 of the text
+    # encoders; mixed, the pipeline fails. Without `dtype=`, every component is float32.
+    half = tmp_path / "half"
+    mmdit_probe.load(tiny_dirs[family_kind]).pipeline.to(torch.float16).save_pretrained(half)
+    probe = mmdit_probe.load(half)
+    dtypes = {p.dtype for name in ("transformer", "vae", "text_encoder")
+              for p in getattr(probe.pipeline, name).parameters()}
+    assert dtypes == {torch.float32}
+    latents = probe.pipeline(**tiny_inputs(probe, family_kind, "a red cat")).images
+    assert torch.isfinite(latents).all()
+    assert mmdit_probe.load(half, dtype=torch.float16).pipeline.transformer.dtype == torch.float16
