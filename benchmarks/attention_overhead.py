@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers.utils import logging
-from widths import build, machine
+from widths import build, machine, median_seconds
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
@@ -91,14 +90,7 @@ def main() -> None:
     results = {**machine(), "widths": {}}
     for width in args.widths:
         probe, inputs = build(width, PROMPT)
-        run("plain", probe, inputs)  # warm-up
-        times = {mode: [] for mode in MODES}
-        for _ in range(args.repeats):
-            for mode in MODES:
-                start = time.perf_counter()
-                run(mode, probe, inputs)
-                times[mode].append(time.perf_counter() - start)
-        median = {mode: statistics.median(t) for mode, t in times.items()}
+        median = median_seconds({mode: partial(run, mode, probe, inputs) for mode in MODES}, args.repeats)
         memory = {}
         for mode in MODES:
             out = subprocess.run([sys.executable, __file__, "--child", width, mode], capture_output=True, text=True,

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 from diffusers.utils import logging
-from widths import build, machine
+from widths import build, machine, median_seconds
 
 RESULTS = Path(__file__).parent / "results"
 SOURCE = "a photo of a red cat sitting on a wooden table next to a window"
@@ -35,14 +33,7 @@ def measure(width: str, steps: int, repeats: int) -> dict:
         "edit": lambda: probe.edit(SOURCE, TARGET, seed=0, blend_blocks=every_block, **generation),
         "edit_no_blend": lambda: probe.edit(SOURCE, TARGET, seed=0, local_blend=False, **generation),
     }
-    modes["plain"]()  # warm-up
-    times = {m: [] for m in modes}
-    for _ in range(repeats):
-        for mode, run in modes.items():
-            start = time.perf_counter()
-            run()
-            times[mode].append(time.perf_counter() - start)
-    median = {m: statistics.median(t) for m, t in times.items()}
+    median = median_seconds(modes, repeats)
     return {"steps": steps, "seconds": median, "ratio_to_plain": {m: median[m] / median["plain"] for m in modes}}
 
 

@@ -1,4 +1,4 @@
-"""Pipelines at real transformer widths with reduced depth, for benchmarks.
+"""Pipelines at real transformer widths with reduced depth, and the timing loop, for benchmarks.
 
 The text encoders and VAE are the tiny ones of `mmdit_probe.testing` (their cost is not what the
 benchmarks measure); the transformers have the real widths:
@@ -10,6 +10,9 @@ tokens for SD3 and 512 T5 tokens for Flux.
 from __future__ import annotations
 
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -47,3 +50,16 @@ def machine() -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "device": device}
+
+
+def median_seconds(modes: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each mode, timed interleaved (one of each per repeat) so that a noisy
+    machine slows all modes alike; the first mode runs once beforehand as a warm-up."""
+    next(iter(modes.values()))()
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, run in modes.items():
+            start = time.perf_counter()
+            run()
+            times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(t) for mode, t in times.items()}

@@ -165,5 +165,10 @@ def invert(probe, image, prompt: str, *, method: str = "fixed-point", check: boo
     error, reconstruction = None, None
     if check:
         reconstruction = probe.pipeline(**{**inputs, "latents": x}).images[0]
-        error = float(np.abs(np.asarray(reconstruction, dtype=float) - np.asarray(image, dtype=float)).mean())
+        error = pixel_error(reconstruction, image)
     return Inversion(x, method, prompt, error, reconstruction)
+
+
+def pixel_error(a, b) -> float:
+    """Mean absolute difference of two images, in pixel values (0-255)."""
+    return float(np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean())

@@ -1,8 +1,10 @@
 """The Shapes world: captions, masks, the held-out split, the word-level tokenizer and the judge."""
 
+from dataclasses import replace
+
 import numpy as np
 
-from mmdit_probe.toy.judge import judge, judge_accuracy, read_objects
+from mmdit_probe.toy.judge import judge, judge_accuracy, read_objects, word_masks_from_image
 from mmdit_probe.toy.tokenizer import build_tokenizer
 from mmdit_probe.toy.world import (
     BACKGROUNDS,
@@ -15,6 +17,7 @@ from mmdit_probe.toy.world import (
     render,
     sample_scene,
     sample_split_scene,
+    unplaced_caption_is_held_out,
     with_object,
     word_masks,
 )
@@ -54,6 +57,17 @@ def test_held_out_split_is_fixed_and_disjoint():
     assert 0.05 < fraction < 0.15
 
 
+def test_captions_without_positions_never_reveal_a_held_out_scene():
+    assert caption(two_objects(), placed=False) == "a large red circle and a small blue square on a white background"
+    rng = np.random.default_rng(1)
+    held = {caption(s, placed=False) for s in (sample_split_scene(rng, held_out=True) for _ in range(1000))}
+    train = [sample_split_scene(rng, held_out=False) for _ in range(3000)]
+    safe = {caption(s, placed=False) for s in train if not unplaced_caption_is_held_out(s)}
+    assert len(safe) > 1000 and not held & safe
+    # Without the check they would: the same objects, placed the other way round, are held out.
+    assert held & {caption(s, placed=False) for s in train}
+
+
 def test_tokenizer_has_one_token_per_grammar_word_and_round_trips():
     tokenizer = build_tokenizer(22)
     for word in VOCABULARY:
@@ -77,3 +91,18 @@ def test_judge_reads_rendered_scenes():
     assert wrong.colour == [True, False] and wrong.shape == [True, False]
     accuracy = judge_accuracy(n=100)
     assert accuracy["colour_and_shape"] == 1.0 and accuracy["background"] == 1.0
+
+
+def test_without_positions_the_judge_matches_objects_by_what_they_are():
+    drawn = two_objects()  # red circle left, blue square right
+    image, masks = render(drawn)
+    asked = Scene(tuple(reversed(drawn.objects)), "white")  # the caption names the square first
+    swapped = Scene(tuple(replace(o, position=p) for o, p in zip(asked.objects, ("left", "right"))), "white")
+    # Placed: "a small blue square on the left ..." is wrong for this image; unplaced it is right.
+    assert judge(image, swapped).colour == [False, False]
+    assert judge(image, swapped, placed=False).colour == [True, True]
+    by_word = word_masks_from_image(swapped, image, placed=False)
+    words = caption(swapped, placed=False).split()
+    assert words[:4] == ["a", "small", "blue", "square"] and "left" not in words
+    assert np.array_equal(by_word[words.index("blue")], masks[1])
+    assert np.array_equal(by_word[words.index("red")], masks[0])

@@ -1,12 +1,14 @@
 """Ground-truth evaluation of the toy model: image quality by the judge, and T2I vs I2T segmentation.
 
     python -m mmdit_probe.toy.evaluate --n 100 --out reports/toy
+    python -m mmdit_probe.toy.evaluate --n 100 --out reports/toy_unplaced --unplaced
 
 For held-out captions, generate, read the objects back from the *generated* image (exact masks on a
 plain background), then score every block's T2I and I2T word maps against those masks: IoU at
 half the max and soft IoU, per word type (size, colour, shape, position, background), per step
 range (early, middle, late), with and without Gaussian smoothing, and for the top-5 blocks'
-average against all blocks. Writes report.json and figures.
+average against all blocks. Writes report.json and figures. With --unplaced the captions leave out
+where the objects go, so the model chooses the layout and objects are matched by colour and shape.
 """
 
 from __future__ import annotations
@@ -22,17 +24,10 @@ from tqdm.auto import tqdm
 
 from ..maps import normalise, smooth
 from ..metrics import score_map
-from .judge import judge, read_objects, summarise
-from .world import WORD_TYPE, caption, sample_split_scene, word_masks
+from .judge import judge, summarise, word_masks_from_image
+from .world import WORD_TYPE, caption, sample_split_scene
 
 STEP_RANGES = ("early", "middle", "late", "all")
-
-
-def word_masks_from_image(scene, image: np.ndarray) -> dict[int, np.ndarray]:
-    """Caption word index -> mask, from the objects found in the *generated* image itself."""
-    readings = read_objects(image)
-    found = [next((r.mask for r in readings if r.position == obj.position), None) for obj in scene.objects]
-    return {i: mask for i, (_, mask) in enumerate(word_masks(scene, found)) if mask is not None}
 
 
 def step_slices(n_steps: int) -> dict[str, list[int]]:
@@ -43,7 +38,8 @@ def step_slices(n_steps: int) -> dict[str, list[int]]:
             "all": list(range(n_steps))}
 
 
-def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5) -> dict:
+def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5, placed: bool = True) -> dict:
+    """The report on `n` held-out captions; `placed=False` leaves their position words out."""
     rng = np.random.default_rng(seed)
     scenes = [sample_split_scene(rng, held_out=True) for _ in range(n)]
     verdicts = []
@@ -54,11 +50,11 @@ def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5
     per_image: list[tuple] = []
     for start in tqdm(range(0, n, batch), desc="evaluate"):
         group = scenes[start:start + batch]
-        out = probe.generate([caption(s) for s in group], seed=seed + start, same_noise=False, record=True)
+        out = probe.generate([caption(s, placed) for s in group], seed=seed + start, same_noise=False, record=True)
         for i, scene in enumerate(group):
             image = np.asarray(out.images[i])
-            verdicts.append(judge(image, scene))
-            masks = word_masks_from_image(scene, image)
+            verdicts.append(judge(image, scene, placed))
+            masks = word_masks_from_image(scene, image, placed)
             per_image.append((out.maps, i, masks))
     for maps, i, masks in tqdm(per_image, desc="score"):
         for word_index, mask in masks.items():
@@ -72,7 +68,7 @@ def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5
                             result = score_map(normalise(m), mask)
                             for metric in ("iou", "soft_iou"):
                                 scores[(kind, smoothing, range_name, b, word_type, metric)].append(result[metric])
-    return _report(scores, verdicts, blocks, top_k, per_image)
+    return {"placed": placed, **_report(scores, verdicts, blocks, top_k, per_image)}
 
 
 def _mean(values) -> float:
@@ -146,8 +142,9 @@ def figures(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def command_line(doc: str, n: int, out: str, argv: list[str] | None):
-    """The evaluation scripts' shared command line: --n, --seed, --out, --model; returns (args, probe)."""
+def command_line(doc: str, n: int, out: str, argv: list[str] | None, add_arguments=None):
+    """The evaluation scripts' shared command line: --n, --seed, --out, --model, and whatever
+    `add_arguments(parser)` adds; returns (args, probe)."""
     from ..probe import load
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +152,8 @@ def command_line(doc: str, n: int, out: str, argv: list[str] | None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--model", default="toy")
+    if add_arguments:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     probe = load(args.model)
@@ -164,8 +163,12 @@ def command_line(doc: str, n: int, out: str, argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, probe = command_line(__doc__, 100, "reports/toy", argv)
-    report = evaluate(probe, n=args.n, seed=args.seed)
+    def unplaced_flag(parser):
+        parser.add_argument("--unplaced", action="store_true",
+                            help="captions without position words: the model chooses the layout")
+
+    args, probe = command_line(__doc__, 100, "reports/toy", argv, unplaced_flag)
+    report = evaluate(probe, n=args.n, seed=args.seed, placed=not args.unplaced)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     figures(report, args.out)
     print(json.dumps({"judge": report["judge"], "headline": report["headline"],

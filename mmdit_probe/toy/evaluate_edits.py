@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..flowedit import flowedit
-from ..inversion import METHODS
+from ..inversion import METHODS, pixel_error
 from .evaluate import command_line
 from .judge import read_background, read_objects
 from .world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_split_scene, with_object
@@ -101,8 +101,7 @@ def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", 
             row = score(image, r.edited_image, scene, target, kind, index)
             results[f"rendered/{method}/qiki+blend"].append(row)
             # The source row regenerates from the inverted latent untouched: it is the reconstruction.
-            error = np.abs(np.asarray(r.source_image, dtype=float) - image.astype(float)).mean()
-            results[f"rendered/{method}/reconstruction"].append({"pixel_error": float(error)})
+            results[f"rendered/{method}/reconstruction"].append({"pixel_error": pixel_error(r.source_image, image)})
         edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
         results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
     types, counts = np.unique([e[2] for e in edits], return_counts=True)

@@ -13,7 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, Shape, render, sample_split_scene
+from .world import (
+    BACKGROUNDS,
+    COLOURS,
+    IMAGE_SIZE,
+    SHAPES,
+    SIZES,
+    Scene,
+    Shape,
+    render,
+    sample_split_scene,
+    word_masks,
+)
 
 MIN_AREA = 12  # pixels; smaller specks are noise, the smallest object covers ~50
 
@@ -100,21 +111,48 @@ class Verdict:
     extra_objects: int
 
 
-def judge(image: np.ndarray, scene: Scene) -> Verdict:
-    """Compare an image with the scene its caption describes (objects matched by position)."""
-    readings = read_objects(image)
-    found, colour, shape = [], [], []
+def match_objects(scene: Scene, readings: list[Reading], placed: bool = True) -> list[Reading | None]:
+    """The reading that shows each of the scene's objects, or None. When the caption placed the
+    objects they are matched by position (a lone object that drifted off its place still counts);
+    otherwise the model chose the layout, and they are matched by colour and shape, then colour,
+    then whatever is left."""
+    if placed:
+        rules = [lambda r, o: r.position == o.position]
+        if len(scene.objects) == 1:
+            rules.append(lambda r, o: True)
+    else:
+        rules = [lambda r, o: (r.colour, r.shape) == (o.colour, o.shape), lambda r, o: r.colour == o.colour,
+                 lambda r, o: True]
+    matches: list[Reading | None] = [None] * len(scene.objects)
     unmatched = list(readings)
-    for obj in scene.objects:
-        match = next((r for r in unmatched if r.position == obj.position), None)
-        if match is None and unmatched and len(scene.objects) == 1:
-            match = unmatched[0]  # a lone object drifted off-centre: still judge it
-        found.append(match is not None)
-        colour.append(match is not None and match.colour == obj.colour)
-        shape.append(match is not None and match.shape == obj.shape)
-        if match is not None:
-            unmatched.remove(match)
-    return Verdict(found, colour, shape, read_background(image) == scene.background, len(unmatched))
+    for rule in rules:
+        for i, obj in enumerate(scene.objects):
+            if matches[i] is None:
+                matches[i] = next((r for r in unmatched if rule(r, obj)), None)
+                if matches[i] is not None:
+                    unmatched.remove(matches[i])
+    return matches
+
+
+def word_masks_from_image(scene: Scene, image: np.ndarray, placed: bool = True) -> dict[int, np.ndarray]:
+    """Word index in `caption(scene, placed)` -> mask, from the objects found in the image itself
+    (a generated image chooses its own layout), for the words of the objects it drew and the
+    background."""
+    found = [None if r is None else r.mask for r in match_objects(scene, read_objects(image), placed)]
+    return {i: mask for i, (_, mask) in enumerate(word_masks(scene, found, placed)) if mask is not None}
+
+
+def judge(image: np.ndarray, scene: Scene, placed: bool = True) -> Verdict:
+    """Compare an image with the scene `caption(scene, placed)` describes (see `match_objects`)."""
+    readings = read_objects(image)
+    matches = match_objects(scene, readings, placed)
+    return Verdict(
+        found=[m is not None for m in matches],
+        colour=[m is not None and m.colour == obj.colour for m, obj in zip(matches, scene.objects)],
+        shape=[m is not None and m.shape == obj.shape for m, obj in zip(matches, scene.objects)],
+        background=read_background(image) == scene.background,
+        extra_objects=len(readings) - sum(m is not None for m in matches),
+    )
 
 
 def judge_accuracy(n: int = 500, seed: int = 1) -> dict[str, float]:

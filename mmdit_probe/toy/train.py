@@ -23,18 +23,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import CLIP_LENGTH, T5_LENGTH, TEXT_LAYERS, WEIGHTS_DIR, build_pipeline
-from .world import caption, render, sample_split_scene
+from .world import caption, render, sample_split_scene, unplaced_caption_is_held_out
 
 
-def make_dataset(n: int, seed: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-split scenes as images in [-1, 1] (n, 3, 32, 32) and CLIP token ids (n, CLIP_LENGTH)."""
+def make_dataset(n: int, seed: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-split scenes as images in [-1, 1] (n, 3, 32, 32) and CLIP token ids (n, CLIP_LENGTH)
+    of each scene's caption, with and without its position words (with them where leaving them
+    out would give a held-out caption)."""
     rng = np.random.default_rng(seed)
     scenes = [sample_split_scene(rng, held_out=False) for _ in tqdm(range(n), desc="scenes")]
     images = np.stack([render(s)[0] for s in tqdm(scenes, desc="render")])
-    ids = tokenizer([caption(s) for s in scenes], padding="max_length", max_length=CLIP_LENGTH,
-                    truncation=True, return_tensors="pt").input_ids
+    placed = [caption(s) for s in scenes]
+    unplaced = [caption(s, placed=unplaced_caption_is_held_out(s)) for s in scenes]
+    ids = [tokenizer(texts, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids for texts in (placed, unplaced)]
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, ids
+    return pixels, *ids
 
 
 def encode_text(pipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,17 +86,34 @@ def diffusion_modules(pipe) -> torch.nn.ModuleDict:
     )
 
 
-def run_settings(out: Path, text_layers: int | None = None) -> dict:
-    """A run's architecture, fixed at its first start (run.json) so that resuming and exporting
-    rebuild the same model."""
+# What a run is, fixed at its first start (run.json) so that resuming and exporting rebuild the same
+# model on the same data. A run.json written before a setting existed was trained with its default.
+RUN_DEFAULTS = {
+    "text_layers": TEXT_LAYERS,
+    # Fraction of training captions without position words ("a large red circle and a small blue
+    # square on a white background"), whose layout the model then chooses. Tried so that image
+    # queries would look for colour and shape words rather than "left"/"right"; on captions that say
+    # where, they still go through "left"/"right" (README). The shipped weights use 0.5.
+    "unplaced": 0.0,
+}
+
+
+def run_settings(out: Path, **given) -> dict:
+    """The run's settings: those of run.json when the run exists (`given` must agree), else
+    `given` over RUN_DEFAULTS, written to run.json."""
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = set(given) - set(RUN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown run settings {sorted(unknown)}; known: {sorted(RUN_DEFAULTS)}")
     path = out / "run.json"
     if path.exists():
-        settings = json.loads(path.read_text())
-        if text_layers is not None and text_layers != settings["text_layers"]:
-            raise ValueError(f"{out} was started with --text-layers {settings['text_layers']}; "
-                             f"use another --out for {text_layers}")
+        settings = {**RUN_DEFAULTS, **json.loads(path.read_text())}
+        for key, value in given.items():
+            if value != settings[key]:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{out} was started with {flag} {settings[key]}; use another --out for {value}")
         return settings
-    settings = {"text_layers": TEXT_LAYERS if text_layers is None else text_layers}
+    settings = {**RUN_DEFAULTS, **given}
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings))
     return settings
@@ -100,14 +121,15 @@ def run_settings(out: Path, text_layers: int | None = None) -> dict:
 
 def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, vae_steps: int,
           batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, from_shipped: bool = False,
-          text_layers: int | None = None) -> None:
+          text_layers: int | None = None, unplaced: float | None = None) -> None:
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline(seed, run_settings(out, text_layers)["text_layers"])
+    settings = run_settings(out, text_layers=text_layers, unplaced=unplaced)
+    pipe = build_pipeline(seed, settings["text_layers"])
     shipped_step = 0
     if from_shipped and not (out / "diffusion.pt").exists():
         shipped_step = _load_shipped(pipe, out)
-    pixels, ids = make_dataset(n_scenes, seed, pipe.tokenizer)
+    pixels, placed_ids, unplaced_ids = make_dataset(n_scenes, seed, pipe.tokenizer)
     empty_ids = pipe.tokenizer("", padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids
 
     vae_path = out / "vae.pt"
@@ -156,7 +178,10 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
     losses: list[float] = []
     while step < max_steps and time.monotonic() < deadline:
         idx = torch.randint(len(latents), (batch_size,), generator=gen)
-        x0, tokens = latents[idx], ids[idx].clone()
+        x0, tokens = latents[idx], placed_ids[idx].clone()
+        if settings["unplaced"]:  # no extra draw otherwise: runs from before this setting resume on the same stream
+            unplace = torch.rand(batch_size, generator=gen) < settings["unplaced"]
+            tokens[unplace] = unplaced_ids[idx][unplace]
         tokens[torch.rand(batch_size, generator=gen) < 0.1] = empty_ids
         sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
         noise = torch.randn(x0.shape, generator=gen)
@@ -240,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=None,
                         help=f"CLIP text-encoder layers of a new run (default {TEXT_LAYERS}, as shipped; "
                              "1 makes every text token its own word, see toy/model.py)")
+    parser.add_argument("--unplaced", type=float, default=None,
+                        help="fraction of training captions without position words, for a new run "
+                             f"(default {RUN_DEFAULTS['unplaced']}, as shipped; see RUN_DEFAULTS)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--from-shipped", action="store_true",
                         help="start from the weights shipped in the package (when --out has no checkpoint)")
     args = parser.parse_args(argv)
@@ -248,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         export(args.out, args.seed)
     else:
         train(args.out, args.minutes, args.steps, args.seed, args.scenes, args.vae_steps,
-              from_shipped=args.from_shipped, text_layers=args.text_layers)
+              lr=args.lr, from_shipped=args.from_shipped, text_layers=args.text_layers, unplaced=args.unplaced)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ generated image, while masks come from the same geometry (pixel coverage > 1/2).
 >>> image, masks = render(scene)           # (32, 32, 3) uint8, one bool mask per object
 >>> caption(scene)
 'a small green square on the left and a large red circle on the right on a black background'
+>>> caption(scene, placed=False)  # the model chooses where the objects go
+'a small green square and a large red circle on a black background'
 """
 
 from __future__ import annotations
@@ -93,25 +95,40 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return Scene((left, right) if rng.random() < 0.5 else (right, left), background)
 
 
-def _object_phrase(o: Shape) -> list[str]:
+def _object_phrase(o: Shape, placed: bool = True) -> list[str]:
     where = ["in", "the", "center"] if o.position == "center" else ["on", "the", o.position]
-    return ["a", o.size, o.colour, o.shape, *where]
+    return ["a", o.size, o.colour, o.shape, *(where if placed else [])]
 
 
-def caption_words(scene: Scene) -> list[str]:
-    words = _object_phrase(scene.objects[0])
+def caption_words(scene: Scene, placed: bool = True) -> list[str]:
+    words = _object_phrase(scene.objects[0], placed)
     for o in scene.objects[1:]:
-        words += ["and", *_object_phrase(o)]
+        words += ["and", *_object_phrase(o, placed)]
     return words + ["on", "a", scene.background, "background"]
 
 
-def caption(scene: Scene) -> str:
-    return " ".join(caption_words(scene))
+def caption(scene: Scene, placed: bool = True) -> str:
+    """The caption; `placed=False` leaves out where each object is (the model chooses)."""
+    return " ".join(caption_words(scene, placed))
 
 
 def is_held_out(scene: Scene) -> bool:
     """Fixed split: about 10% of the attribute combinations (the caption) never appear in training."""
     return zlib.crc32(caption(scene).encode()) % 10 == 0
+
+
+def unplaced_caption_is_held_out(scene: Scene) -> bool:
+    """Whether `caption(scene, placed=False)` is also the caption of a held-out scene with the same
+    objects placed elsewhere; training must then keep the position words, or it would see a
+    held-out attribute combination."""
+    if len(scene.objects) == 1:
+        layouts = [(p,) for p in POSITIONS]
+    else:
+        layouts = [("left", "right"), ("right", "left")]
+    return any(
+        is_held_out(replace(scene, objects=tuple(replace(o, position=p) for o, p in zip(scene.objects, layout))))
+        for layout in layouts
+    )
 
 
 def sample_split_scene(rng: np.random.Generator, held_out: bool) -> Scene:
@@ -155,17 +172,19 @@ def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
     return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)), masks
 
 
-def word_masks(scene: Scene, object_masks: list[np.ndarray | None]) -> list[tuple[str, np.ndarray | None]]:
-    """Ground truth per caption word, in caption order: the object's mask for its size, colour,
-    shape and position words, the background mask for the background words, None for fillers
-    (and for the words of an object whose mask is None, e.g. one missing from a generated image)."""
+def word_masks(scene: Scene, object_masks: list[np.ndarray | None],
+               placed: bool = True) -> list[tuple[str, np.ndarray | None]]:
+    """Ground truth per word of `caption(scene, placed)`, in caption order: the object's mask for
+    its size, colour, shape and position words, the background mask for the background words, None
+    for fillers (and for the words of an object whose mask is None, e.g. one missing from a
+    generated image)."""
     present = [m for m in object_masks if m is not None]
     background = ~np.any(present, axis=0) if present else np.ones((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
     out: list[tuple[str, np.ndarray | None]] = []
     for i, o in enumerate(scene.objects):
         if i:
             out.append(("and", None))
-        for word in _object_phrase(o):
+        for word in _object_phrase(o, placed):
             out.append((word, object_masks[i] if word in (o.size, o.colour, o.shape, o.position) else None))
     out += [("on", None), ("a", None), (scene.background, background), ("background", background)]
     return out
