@@ -6,7 +6,7 @@ the row normalisers (log-sum-exp) that the fused kernel returns; the joint N x N
 built. Maps are reduced as they are recorded (head mean, conditional half, the prompt's real text
 positions by default) and moved to the CPU in a compact dtype.
 
->>> inputs = probe.inputs(["a red circle on the left"], seed=0)
+>>> inputs = probe.inputs(["on the left a red circle"], seed=0)
 >>> recorder = AttentionRecorder(probe, inputs)
 >>> with probe.model.generate(**inputs) as tracer:
 ...     for step in tracer.iter[0:inputs["num_inference_steps"]]:

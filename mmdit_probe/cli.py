@@ -2,10 +2,10 @@
 
     mmdit-probe info toy                 # family, blocks, token layout, hook names
     mmdit-probe info ./my-sd3-dir --hooks
-    mmdit-probe maps toy "a large red circle on the left on a white background" --out out/ \
-                    --edit "a large green circle on the left on a white background"
-    mmdit-probe edit toy "a large red circle on the left on a white background" \
-                         "a large blue circle on the left on a white background" --out out/edit
+    mmdit-probe maps toy "on the left a large red circle on a white background" --out out/ \
+                    --edit "on the left a large green circle on a white background"
+    mmdit-probe edit toy "on the left a large red circle on a white background" \
+                         "on the left a large blue circle on a white background" --out out/edit
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Source and target prompts run together, from the same initial noise, in one trac
    smoothed, max-normalised, thresholded at `theta`; source words and target words united) give a
    mask, and after each scheduler step ``x_target = x_source + mask * (x_target - x_source)``.
 
->>> result = edit(probe, "a red circle on the left on a white background",
-...               "a blue circle on the left on a white background", seed=0)
+>>> result = edit(probe, "on the left a red circle on a white background",
+...               "on the left a blue circle on a white background", seed=0)
 >>> result.source_image, result.edited_image, result.masks[0]
 """
 

@@ -11,7 +11,7 @@ every family:
 - "fixed-point": inverts the sampler's own Euler step exactly, x_high = x_low + h v(x_high, σ_high),
   by fixed-point iteration from the Euler guess (1 + `iterations` velocities per step).
 
->>> inverted = invert(probe, image, "a red circle in the center on a white background", method="fixed-point")
+>>> inverted = invert(probe, image, "in the center a red circle on a white background", method="fixed-point")
 >>> inverted.error, inverted.reconstruction
 """
 

@@ -50,8 +50,9 @@ PRESETS: dict[str, Preset] = {
                (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
                notes="few-step; T5 length 256"),
         # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
-        # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json).
-        Preset("toy", "sd3", None, 20, 4.0, 32, 4, (1, 5, 0, 2, 4), theta=0.3,
+        # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json). A higher θ
+        # breaks background edits (README, "Editing on the Shapes world").
+        Preset("toy", "sd3", None, 20, 4.0, 32, 4, (1, 3, 5, 0, 4), theta=0.3,
                notes="trained on the Shapes world; CLIP only, T5 zeros of length 4"),
     ]
 }
@@ -97,6 +98,8 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
     if family == "sd3" and (layers, heads) == (38, 38):
         # Large and Large-Turbo share their shape; only the name tells them apart.
         return PRESETS["sd3.5-large-turbo" if "turbo" in source else "sd3.5-large"]
+    if family == "sd3" and (layers, heads, config.get("sample_size")) == (6, 6, 32):
+        return PRESETS["toy"]  # a toy model from a training run (python -m mmdit_probe.toy.train --export)
     if family == "flux" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
     return None

@@ -214,7 +214,7 @@ class Probe:
         real text positions); a dict passes options to `AttentionRecorder` (blocks, steps, kinds,
         heads, rows, positions, dtype).
 
-        >>> out = probe.generate("a large red circle on the left on a white background", record=True)
+        >>> out = probe.generate("on the left a large red circle on a white background", record=True)
         >>> out.images[0], out.maps.word("red", blocks="top")
         """
         inputs = self.inputs(prompts, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
@@ -239,8 +239,8 @@ class Probe:
     def edit(self, source: str, target: str, **options: Any) -> EditResult:
         """Edit by prompt: q/k injection plus local blending (see `mmdit_probe.editing.edit`).
 
-        >>> result = probe.edit("a red circle in the center on a white background",
-        ...                     "a blue circle in the center on a white background", seed=0)
+        >>> result = probe.edit("in the center a red circle on a white background",
+        ...                     "in the center a blue circle on a white background", seed=0)
         """
         return edit(self, source, target, **options)
 
@@ -257,7 +257,7 @@ class Probe:
     def invert(self, image, prompt: str, **options: Any) -> Inversion:
         """The initial latent that regenerates a real image (see `mmdit_probe.inversion.invert`).
 
-        >>> inverted = probe.invert(image, "a red circle in the center on a white background")
+        >>> inverted = probe.invert(image, "in the center a red circle on a white background")
         >>> inverted.error        # mean absolute pixel error of the regenerated image
         """
         return invert(self, image, prompt, **options)

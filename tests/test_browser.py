@@ -28,7 +28,7 @@ NOTEBOOK_CELLS = [
     "from mmdit_probe.viz import explorer\n"
     "probe = mmdit_probe.load('toy')\n"
     "probe.pipeline.set_progress_bar_config(disable=True)\n"
-    "out = probe.generate('a large red circle on the left and a small blue square on the right "
+    "out = probe.generate('on the left a large red circle and on the right a small blue square "
     "on a white background', seed=0, steps=4, record=True)",
     "explorer(out.maps)",
 ]

@@ -4,8 +4,8 @@ from PIL import Image
 
 from mmdit_probe.cli import main
 
-SOURCE = "a large red circle on the left and a small blue square on the right on a white background"
-TARGET = "a large green circle on the left and a small blue square on the right on a white background"
+SOURCE = "on the left a large red circle and on the right a small blue square on a white background"
+TARGET = "on the left a large green circle and on the right a small blue square on a white background"
 
 
 def test_maps_with_an_edit_writes_every_picture(tmp_path, capsys):

@@ -38,6 +38,8 @@ def test_presets_hold_the_paper_defaults():
     assert find_preset("/models/sd35-large-turbo", "sd3", large).name == "sd3.5-large-turbo"
     medium = {"num_layers": 24, "num_attention_heads": 24, "dual_attention_layers": list(range(13))}
     assert find_preset("/models/x", "sd3", medium).name == "sd3.5-medium"
+    toy_run = {"num_layers": 6, "num_attention_heads": 6, "sample_size": 32}
+    assert find_preset("runs/toy/export", "sd3", toy_run).name == "toy"
     with pytest.raises(KeyError, match="unknown preset 'sd4'; known presets: sd3-medium"):
         preset("sd4")
 

@@ -33,7 +33,7 @@ def test_toy_loads_offline_with_its_preset(toy):
 
 
 def test_generation_is_deterministic_for_a_seed(toy):
-    prompt = "a small green triangle on the left on a black background"
+    prompt = "on the left a small green triangle on a black background"
     first = toy.generate(prompt, seed=3, steps=4, output_type="latent").images
     again = toy.generate(prompt, seed=3, steps=4, output_type="latent").images
     other = toy.generate(prompt, seed=4, steps=4, output_type="latent").images
@@ -66,3 +66,17 @@ def test_a_training_run_keeps_its_settings(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "run.json").write_text(json.dumps({"text_layers": 1}))
     assert run_settings(tmp_path / "old")["unplaced"] == RUN_DEFAULTS["unplaced"]
+
+
+def test_a_resumed_training_run_continues_exactly(tmp_path):
+    from mmdit_probe.toy.train import train
+
+    run = dict(seed=0, n_scenes=16, vae_steps=0, batch_size=2, unplaced=0.5, shipped_vae=True)
+    train(tmp_path / "straight", 5.0, 4, **run)
+    train(tmp_path / "resumed", 5.0, 2, **run)
+    train(tmp_path / "resumed", 5.0, 4, **run)  # the same command again continues from step 2
+    straight, resumed = (torch.load(tmp_path / name / "diffusion.pt", weights_only=False)
+                         for name in ("straight", "resumed"))
+    assert straight["step"] == resumed["step"] == 4
+    for name in ("model", "ema"):
+        assert all(torch.equal(straight[name][k], resumed[name][k]) for k in straight[name])

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..flowedit import flowedit
 from ..inversion import METHODS, pixel_error
 from .evaluate import command_line
-from .judge import read_background, read_objects
+from .judge import match_objects, read_background, read_objects
 from .world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_split_scene, with_object
 
 EDIT_TYPES = ("colour", "shape", "background")
@@ -45,10 +45,6 @@ def sample_edit(rng: np.random.Generator):
     return scene, with_object(scene, index, **change), kind, index
 
 
-def _by_position(image: np.ndarray) -> dict:
-    return {r.position: r for r in read_objects(image)}
-
-
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     if not mask.any():
         return float("nan")
@@ -59,20 +55,20 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 def score(source_image, edited_image, scene, target, kind: str, index) -> dict:
     """Success and preservation of one edit, read by the judge from the images themselves."""
     src, out = np.asarray(source_image), np.asarray(edited_image)
-    before, after = _by_position(src), _by_position(out)
+    # The source image shows `scene`, the edited one should show `target`: the judge's own matching.
+    before = match_objects(scene, read_objects(src))
+    after = match_objects(target, read_objects(out))
     if kind == "background":
         success = read_background(out) == target.background
-        kept = [before[o.position] for o in scene.objects if o.position in before]
+        kept = [r for r in before if r is not None]
         edited_region = ~np.any([r.mask for r in kept], axis=0) if kept else np.ones(src.shape[:2], bool)
-        untouched = [(r, after.get(r.position)) for r in kept]
     else:
-        obj, new = scene.objects[index], target.objects[index]
-        reading = after.get(obj.position)
-        success = reading is not None and reading.colour == new.colour and reading.shape == new.shape
-        region = [m.mask for m in (before.get(obj.position), reading) if m is not None]
+        reading, new = after[index], target.objects[index]
+        success = reading is not None and (reading.colour, reading.shape) == (new.colour, new.shape)
+        region = [r.mask for r in (before[index], reading) if r is not None]
         edited_region = np.any(region, axis=0) if region else np.zeros(src.shape[:2], bool)
-        untouched = [(before[o.position], after.get(o.position)) for o in scene.objects
-                     if o.position != obj.position and o.position in before]
+    untouched = [(b, a) for i, (b, a) in enumerate(zip(before, after))
+                 if b is not None and (kind == "background" or i != index)]
     preserved = [a is not None and (a.colour, a.shape) == (b.colour, b.shape) for b, a in untouched]
     return {"success": float(success), "preserved": float(np.mean(preserved)) if preserved else float("nan"),
             "psnr_outside": psnr(src, out, ~edited_region)}

@@ -24,9 +24,10 @@ from .world import IMAGE_SIZE
 CLIP_LENGTH = 22  # longest caption is 21 tokens with BOS/EOS
 T5_LENGTH = 4  # zeros: SD3 without T5. Trained with this length, so generate with it too.
 # The pipeline feeds the transformer CLIP's hidden_states[-2]. With 2 layers that is the output of
-# one causal layer, so a phrase's last word ("left") has seen the whole phrase; the shipped model
-# learned to route image queries through it, and its colour-word T2I maps are weak (README). With 1
-# layer each text token is its own word's embedding (the pooled vector still sees the caption).
+# one causal layer, so a phrase's last word has seen the whole phrase, and image queries read that
+# word (hence captions put the place first: world._object_phrase). With 1 layer each text token is
+# its own word's embedding (the pooled vector still sees the caption); the transformer then failed
+# to bind words to objects (README).
 TEXT_LAYERS = 2  # the shipped weights
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -1,8 +1,9 @@
-"""Train the toy MM-DiT on the Shapes world, on CPU, resumably.
+"""Train the toy MM-DiT on the Shapes world, on the CPU or a GPU, resumably.
 
     python -m mmdit_probe.toy.train --out runs/toy --minutes 90      # trains, checkpoints, resumes
     python -m mmdit_probe.toy.train --out runs/toy --export          # writes the shipped weights
     python -m mmdit_probe.toy.train --out runs/more --from-shipped   # continue from the shipped weights
+    python -m mmdit_probe.toy.train --out runs/gpu --device cuda --batch 128   # minutes, not hours
 
 Two stages: the near-identity VAE (a few minutes), then the transformer and both text encoders
 jointly with the rectified-flow objective (logit-normal timesteps, 10% caption dropout, EMA).
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 
 from .model import CLIP_LENGTH, T5_LENGTH, TEXT_LAYERS, WEIGHTS_DIR, build_pipeline
 from .world import caption, render, sample_split_scene, unplaced_caption_is_held_out
+
+WARMUP_STEPS = 500
 
 
 def make_dataset(n: int, seed: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,9 +94,7 @@ def diffusion_modules(pipe) -> torch.nn.ModuleDict:
 RUN_DEFAULTS = {
     "text_layers": TEXT_LAYERS,
     # Fraction of training captions without position words ("a large red circle and a small blue
-    # square on a white background"), whose layout the model then chooses. Tried so that image
-    # queries would look for colour and shape words rather than "left"/"right"; on captions that say
-    # where, they still go through "left"/"right" (README). The shipped weights use 0.5.
+    # square on a white background"), whose layout the model then chooses. The shipped weights use 0.5.
     "unplaced": 0.0,
 }
 
@@ -121,7 +122,8 @@ def run_settings(out: Path, **given) -> dict:
 
 def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, vae_steps: int,
           batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, from_shipped: bool = False,
-          text_layers: int | None = None, unplaced: float | None = None) -> None:
+          text_layers: int | None = None, unplaced: float | None = None, device: str = "cpu",
+          shipped_vae: bool = False) -> None:
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(out, text_layers=text_layers, unplaced=unplaced)
@@ -129,12 +131,16 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
     shipped_step = 0
     if from_shipped and not (out / "diffusion.pt").exists():
         shipped_step = _load_shipped(pipe, out)
+    elif shipped_vae and not (out / "vae.pt").exists():
+        _load_shipped(pipe, out, vae_only=True)
     pixels, placed_ids, unplaced_ids = make_dataset(n_scenes, seed, pipe.tokenizer)
     empty_ids = pipe.tokenizer("", padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt").input_ids
+    pipe.to(device)
+    pixels = pixels.to(device)
 
     vae_path = out / "vae.pt"
     if vae_path.exists():
-        state = torch.load(vae_path, weights_only=True)
+        state = torch.load(vae_path, weights_only=True, map_location=device)
         pipe.vae.load_state_dict(state["weights"])
         pipe.vae.register_to_config(**state["config"])
         raw = encode_latents(pipe, pixels)
@@ -151,40 +157,44 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
 
     model = diffusion_modules(pipe).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=device != "cpu")
     gen = torch.Generator().manual_seed(seed + 1)
     step = shipped_step
-    fresh_optimizer = True
+    # Warm up whenever Adam starts without its moments (a fresh run, or from shipped weights),
+    # counted from that step so that a run resumed during warm-up continues it.
+    warmup_from = step
     ckpt_path = out / "diffusion.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         step = state["step"]
-        fresh_optimizer = False
+        warmup_from = state.get("warmup_from", step - WARMUP_STEPS)  # older checkpoints: warmed up
         print(f"resumed at step {step}")
 
     def save() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "gen": gen.get_state(), "step": step}
+                 "gen": gen.get_state(), "step": step, "warmup_from": warmup_from}
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
     deadline = time.monotonic() + minutes * 60
-    start = step
     bar = tqdm(total=max_steps, initial=step, desc="diffusion")
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
+    model_params, ema_params = list(model.parameters()), list(ema.parameters())
     while step < max_steps and time.monotonic() < deadline:
+        # Every draw is made on the CPU generator, so a run's data and noise do not depend on the device.
         idx = torch.randint(len(latents), (batch_size,), generator=gen)
-        x0, tokens = latents[idx], placed_ids[idx].clone()
+        x0, tokens = latents[idx.to(device)], placed_ids[idx].clone()
         if settings["unplaced"]:  # no extra draw otherwise: runs from before this setting resume on the same stream
             unplace = torch.rand(batch_size, generator=gen) < settings["unplaced"]
             tokens[unplace] = unplaced_ids[idx][unplace]
         tokens[torch.rand(batch_size, generator=gen) < 0.1] = empty_ids
         sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        sigma, tokens = sigma.to(device), tokens.to(device)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         text, pooled = encode_text(pipe, tokens)
@@ -194,19 +204,18 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        # Warm up whenever Adam starts without its moments (a fresh run, or from shipped weights).
-        warmup = min(1.0, (step - start + 1) / 500) if fresh_optimizer else 1.0
+        warmup = min(1.0, (step - warmup_from + 1) / WARMUP_STEPS)
         for group in opt.param_groups:
             group["lr"] = lr * warmup
         opt.step()
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no .item() per step: it would wait for the GPU
         bar.update(1)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+            bar.set_postfix(loss=f"{torch.stack(losses[-200:]).mean().item():.4f}")
+            del losses[:-200]
         if step % 500 == 0:
             save()
     save()
@@ -234,13 +243,15 @@ def export(out: Path, seed: int, target: Path = WEIGHTS_DIR) -> None:
     print(f"exported step {state['step']} to {target}")
 
 
-def _load_shipped(pipe, out: Path, source: Path = WEIGHTS_DIR) -> int:
-    """Start from the shipped weights (the VAE too); returns the step they were exported at."""
+def _load_shipped(pipe, out: Path, source: Path = WEIGHTS_DIR, vae_only: bool = False) -> int:
+    """Start from the shipped weights (or only their VAE), writing the VAE to out/vae.pt; returns
+    the step the shipped weights were exported at."""
     from diffusers import StableDiffusion3Pipeline
 
     shipped = StableDiffusion3Pipeline.from_pretrained(source, text_encoder_3=None, tokenizer_3=None,
                                                        torch_dtype=torch.float32)
-    for name in ("vae", "transformer", "text_encoder", "text_encoder_2"):
+    parts = ("vae",) if vae_only else ("vae", "transformer", "text_encoder", "text_encoder_2")
+    for name in parts:
         # Not strict: a run with fewer text-encoder layers than the shipped model drops the rest.
         missing, _ = getattr(pipe, name).load_state_dict(getattr(shipped, name).state_dict(), strict=False)
         if missing:
@@ -249,7 +260,7 @@ def _load_shipped(pipe, out: Path, source: Path = WEIGHTS_DIR) -> int:
     pipe.vae.register_to_config(**config)
     torch.save({"weights": pipe.vae.state_dict(), "config": config}, out / "vae.pt")
     step = json.loads((source / "training.json").read_text())["steps"]
-    print(f"starting from the shipped weights (step {step})")
+    print(f"starting from the shipped {', '.join(parts)} (step {step})")
     return step
 
 
@@ -269,15 +280,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="fraction of training captions without position words, for a new run "
                              f"(default {RUN_DEFAULTS['unplaced']}, as shipped; see RUN_DEFAULTS)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--batch", type=int, default=32, help="batch size")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda; the data and noise are the same on any device")
     parser.add_argument("--from-shipped", action="store_true",
                         help="start from the weights shipped in the package (when --out has no checkpoint)")
+    parser.add_argument("--shipped-vae", action="store_true",
+                        help="take the shipped VAE and train the diffusion model from scratch")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.export:
         export(args.out, args.seed)
     else:
         train(args.out, args.minutes, args.steps, args.seed, args.scenes, args.vae_steps,
-              lr=args.lr, from_shipped=args.from_shipped, text_layers=args.text_layers, unplaced=args.unplaced)
+              batch_size=args.batch, lr=args.lr, from_shipped=args.from_shipped, text_layers=args.text_layers,
+              unplaced=args.unplaced, device=args.device, shipped_vae=args.shipped_vae)
 
 
 if __name__ == "__main__":
