@@ -95,7 +95,9 @@ def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
         },
         "per_word_type": {
             f"{kind}/{t}": {"best_block_iou": max(block_table(kind, False, "all", "iou", [t])),
-                            "best_block": blocks[int(np.argmax(block_table(kind, False, "all", "iou", [t])))]}
+                            "best_block": blocks[int(np.argmax(block_table(kind, False, "all", "iou", [t])))],
+                            "best_block_iou_by_steps": {r: max(block_table(kind, False, r, "iou", [t]))
+                                                        for r in STEP_RANGES}}
             for kind in ("t2i", "i2t") for t in types
         },
         "top_k_vs_all": _top_k_vs_all(per_image, top),
