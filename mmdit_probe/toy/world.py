@@ -108,11 +108,18 @@ def _object_phrase(o: Shape, placed: bool = True) -> list[str]:
     return [*(_where(o) if placed else []), "a", o.size, o.colour, o.shape]
 
 
+def _caption_parts(scene: Scene, placed: bool) -> list[tuple[str, int | str | None]]:
+    """Each caption word with what it names: an object's index, "background", or None (fillers)."""
+    parts: list[tuple[str, int | str | None]] = []
+    for i, o in enumerate(scene.objects):
+        if i:
+            parts.append(("and", None))
+        parts += [(w, i if w in (o.size, o.colour, o.shape, o.position) else None) for w in _object_phrase(o, placed)]
+    return parts + [("on", None), ("a", None), (scene.background, "background"), ("background", "background")]
+
+
 def caption_words(scene: Scene, placed: bool = True) -> list[str]:
-    words = _object_phrase(scene.objects[0], placed)
-    for o in scene.objects[1:]:
-        words += ["and", *_object_phrase(o, placed)]
-    return words + ["on", "a", scene.background, "background"]
+    return [word for word, _ in _caption_parts(scene, placed)]
 
 
 def caption(scene: Scene, placed: bool = True) -> str:
@@ -192,14 +199,8 @@ def word_masks(scene: Scene, object_masks: list[np.ndarray | None],
     generated image)."""
     present = [m for m in object_masks if m is not None]
     background = ~np.any(present, axis=0) if present else np.ones((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-    out: list[tuple[str, np.ndarray | None]] = []
-    for i, o in enumerate(scene.objects):
-        if i:
-            out.append(("and", None))
-        for word in _object_phrase(o, placed):
-            out.append((word, object_masks[i] if word in (o.size, o.colour, o.shape, o.position) else None))
-    out += [("on", None), ("a", None), (scene.background, background), ("background", background)]
-    return out
+    return [(word, background if names == "background" else None if names is None else object_masks[names])
+            for word, names in _caption_parts(scene, placed)]
 
 
 def with_object(scene: Scene, index: int, **changes) -> Scene:
