@@ -3,6 +3,9 @@
 A map is max-normalised, optionally smoothed, upsampled to the mask's size, then compared:
 soft IoU, binary cross-entropy, mean squared error, and IoU after thresholding. Ranking blocks by
 these is what explains a preset's "top-5 layers", and how to choose them for a new checkpoint.
+A map has one value per token, so it cannot match a pixel mask exactly: `coverage` gives the map
+a perfect block would hold (each token weighted by its share of the object), a reference for every
+score, and `token_mask` the mask at the map's own resolution, for scoring there instead.
 
 >>> scores = score_blocks(maps, {"cat": cat_mask}, prompt=0)
 >>> scores.top(5)                    # best blocks by soft IoU
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .maps import AttentionMaps, normalise, smooth, upsample
 
@@ -43,6 +47,25 @@ def score_map(prediction: torch.Tensor, mask, threshold: float = 0.5) -> dict[st
     bce = -(target * torch.log(p.clamp(eps, 1)) + (1 - target) * torch.log((1 - p).clamp(eps, 1))).mean()
     return {"soft_iou": float(intersection / union), "iou": float((binary * target).sum() / hard_union),
             "bce": float(bce), "mse": float(((p - target) ** 2).mean())}
+
+
+def coverage(mask, grid: tuple[int, int]) -> torch.Tensor:
+    """The fraction of each token's patch that a pixel mask covers, on the (rows, cols) token grid:
+    the map of a block that attends to exactly the object, token by token.
+
+    >>> score_map(coverage(mask, (8, 8)), mask)["iou"]   # about 0.8 for a Shapes-world object
+    """
+    m = _as_mask(mask)
+    if m.shape[0] % grid[0] or m.shape[1] % grid[1]:
+        raise ValueError(f"a {tuple(m.shape)} mask does not split into a {grid} token grid; "
+                         "pass the mask at the generated image's size")
+    return F.avg_pool2d(m[None, None], (m.shape[0] // grid[0], m.shape[1] // grid[1]))[0, 0]
+
+
+def token_mask(mask, grid: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask on the token grid: the tokens it covers at least half of. Scoring a map against
+    it (`score_map(m, token_mask(mask, m.shape))`) compares at the map's own resolution."""
+    return (coverage(mask, grid) >= 0.5).float()
 
 
 @dataclass

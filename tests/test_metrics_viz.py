@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmdit_probe.maps import AttentionMaps
-from mmdit_probe.metrics import score_blocks, score_map
+from mmdit_probe.metrics import coverage, score_blocks, score_map, token_mask
 from mmdit_probe.tokens import Token, TokenTable
 from mmdit_probe.viz import Explorer, block_scores, heatmap, t2i_vs_i2t, word_grid
 
@@ -42,6 +42,22 @@ def test_score_map_on_perfect_and_empty_predictions():
     assert score_map(torch.zeros(16, 16), mask)["soft_iou"] == 0.0
     with pytest.raises(ValueError, match="2-D"):
         score_map(torch.zeros(4, 4), np.zeros((2, 2, 2)))
+
+
+def test_masks_on_the_token_grid():
+    # A disc of radius 5 at (8, 8) on 16x16 pixels, against a 4x4 grid of 4-pixel tokens.
+    rows, cols = np.mgrid[:16, :16]
+    disc = (rows + 0.5 - 8) ** 2 + (cols + 0.5 - 8) ** 2 <= 25
+    share = coverage(disc, (4, 4))
+    expected = disc.reshape(4, 4, 4, 4).mean(axis=(1, 3))  # an independent block average
+    assert torch.allclose(share, torch.from_numpy(expected).float())
+    assert token_mask(disc, (4, 4)).tolist() == (expected >= 0.5).astype(float).tolist()
+    # A map equal to the token mask is perfect at token resolution, not on the pixels.
+    on_tokens = token_mask(disc, (4, 4))
+    assert score_map(on_tokens, on_tokens)["iou"] == 1.0
+    assert score_map(on_tokens, disc)["iou"] < 1.0
+    with pytest.raises(ValueError, match="token grid"):
+        coverage(disc, (3, 3))
 
 
 def test_blocks_rank_by_how_well_their_maps_fit_the_mask():

@@ -94,3 +94,8 @@ def test_the_evaluation_report_is_consistent(toy):
     assert set(shape["best_block_iou_by_steps"]) == set(STEP_RANGES)
     assert shape["best_block_iou_by_steps"]["all"] == shape["best_block_iou"]
     assert all(0 <= v <= 1 for values in report["per_block"].values() for v in values)
+    assert report["headline"]["t2i_best_block_token_miou"] == max(report["per_block"]["t2i/raw/all/token_iou"])
+    assert shape["best_block_token_iou"] == report["headline"]["t2i_best_block_token_miou_shape_words"]
+    # A perfect block's map (the masks' token coverage) still misses object edges on the pixels.
+    assert set(report["coverage_map"]) == {t.split("/")[1] for t in report["per_word_type"]}
+    assert all(0.5 < c["iou"] < 1 and 0.5 < c["token_iou"] <= 1 for c in report["coverage_map"].values())

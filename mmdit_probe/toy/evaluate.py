@@ -7,8 +7,11 @@ For held-out captions, generate, read the objects back from the *generated* imag
 plain background), then score every block's T2I and I2T word maps against those masks: IoU at
 half the max and soft IoU, per word type (size, colour, shape, position, background), per step
 range (early, middle, late), with and without Gaussian smoothing, and for the top-5 blocks'
-average against all blocks. Writes report.json and figures. With --unplaced the captions leave out
-where the objects go, so the model chooses the layout and objects are matched by colour and shape.
+average against all blocks. IoU is measured twice: on the image's pixels (the map upsampled) and
+on the 8x8 token grid (the mask pooled to the map's resolution, as the first prototype scored).
+For reference, both are also given for the map of a perfect block: the mask's own token coverage.
+Writes report.json and figures. With --unplaced the captions leave out where the objects go, so
+the model chooses the layout and objects are matched by colour and shape.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..maps import normalise, smooth
-from ..metrics import score_map
+from ..metrics import coverage, score_map, token_mask
 from .judge import judge, summarise, word_masks_from_image
 from .world import WORD_TYPE, caption, sample_split_scene
 
 STEP_RANGES = ("early", "middle", "late", "all")
+METRICS = ("iou", "soft_iou", "token_iou")
 
 
 def step_slices(n_steps: int) -> dict[str, list[int]]:
@@ -57,8 +61,12 @@ def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5
             masks = word_masks_from_image(scene, image, placed)
             per_image.append((out.maps, i, masks))
     for maps, i, masks in tqdm(per_image, desc="score"):
+        grid = tuple(maps.grid)
         for word_index, mask in masks.items():
             word_type = WORD_TYPE[maps.tables[i].words[word_index]]
+            tokens, perfect = token_mask(mask, grid), normalise(coverage(mask, grid))
+            scores[("coverage_map", word_type, "iou")].append(score_map(perfect, mask)["iou"])
+            scores[("coverage_map", word_type, "token_iou")].append(score_map(perfect, tokens)["iou"])
             for kind in ("t2i", "i2t"):
                 for range_name, chosen in steps.items():
                     per_block = maps.per_block(word_index, prompt=i, kind=kind, steps=chosen)
@@ -66,7 +74,8 @@ def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5
                         stack = [smooth(m) if smoothing else m for m in per_block]
                         for b, m in zip(blocks, stack):
                             result = score_map(normalise(m), mask)
-                            for metric in ("iou", "soft_iou"):
+                            result["token_iou"] = score_map(normalise(m), tokens)["iou"]
+                            for metric in METRICS:
                                 scores[(kind, smoothing, range_name, b, word_type, metric)].append(result[metric])
     return {"placed": placed, **_report(scores, verdicts, blocks, top_k, per_image)}
 
@@ -76,7 +85,7 @@ def _mean(values) -> float:
 
 
 def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
-    types = sorted({key[4] for key in scores})
+    types = sorted({key[4] for key in scores if key[0] != "coverage_map"})
 
     def block_table(kind, smoothing, step_range, metric="iou", word_types=None):
         chosen = word_types or types
@@ -91,15 +100,20 @@ def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
         "top_blocks_t2i_iou": top,
         "per_block": {
             f"{kind}/{'smoothed' if s else 'raw'}/{r}/{metric}": block_table(kind, s, r, metric)
-            for kind in ("t2i", "i2t") for s in (False, True) for r in STEP_RANGES for metric in ("iou", "soft_iou")
+            for kind in ("t2i", "i2t") for s in (False, True) for r in STEP_RANGES for metric in METRICS
         },
         "per_word_type": {
             f"{kind}/{t}": {"best_block_iou": max(block_table(kind, False, "all", "iou", [t])),
                             "best_block": blocks[int(np.argmax(block_table(kind, False, "all", "iou", [t])))],
                             "best_block_iou_by_steps": {r: max(block_table(kind, False, r, "iou", [t]))
-                                                        for r in STEP_RANGES}}
+                                                        for r in STEP_RANGES},
+                            "best_block_token_iou": max(block_table(kind, False, "all", "token_iou", [t]))}
             for kind in ("t2i", "i2t") for t in types
         },
+        # What a perfect block's map would score, per word type: the mask's own token coverage. At 8x8
+        # tokens a 9-pixel object covers few tokens whole, so pixel IoU cannot come near 1.
+        "coverage_map": {t: {metric: _mean(scores[("coverage_map", t, metric)]) for metric in ("iou", "token_iou")}
+                         for t in types},
         "top_k_vs_all": _top_k_vs_all(per_image, top),
     }
     report["headline"] = {
@@ -107,6 +121,11 @@ def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
         "i2t_best_block_miou": max(block_table("i2t", False, "all")),
         "t2i_best_block_miou_shape_words": max(block_table("t2i", False, "all", "iou", ["shape"])),
         "t2i_best_block_miou_colour_words": max(block_table("t2i", False, "all", "iou", ["colour"])),
+        "coverage_map_miou": _mean([v for t in types for v in scores[("coverage_map", t, "iou")]]),
+        "t2i_best_block_token_miou": max(block_table("t2i", False, "all", "token_iou")),
+        "i2t_best_block_token_miou": max(block_table("i2t", False, "all", "token_iou")),
+        "t2i_best_block_token_miou_shape_words": max(block_table("t2i", False, "all", "token_iou", ["shape"])),
+        "t2i_best_block_token_miou_colour_words": max(block_table("t2i", False, "all", "token_iou", ["colour"])),
     }
     return report
 
