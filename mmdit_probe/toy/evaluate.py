@@ -49,6 +49,8 @@ def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5
     verdicts = []
     # scores[(kind, smoothing, step_range, block, word_type, metric)] -> list of values
     scores: dict[tuple, list[float]] = defaultdict(list)
+    # perfect[(word_type, metric)]: scores of a perfect block's map (the mask's token coverage)
+    perfect: dict[tuple, list[float]] = defaultdict(list)
     blocks = list(range(probe.family.num_blocks))
     steps = step_slices(probe.preset.steps)
     per_image: list[tuple] = []
@@ -64,28 +66,29 @@ def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5
         grid = tuple(maps.grid)
         for word_index, mask in masks.items():
             word_type = WORD_TYPE[maps.tables[i].words[word_index]]
-            tokens, perfect = token_mask(mask, grid), normalise(coverage(mask, grid))
-            scores[("coverage_map", word_type, "iou")].append(score_map(perfect, mask)["iou"])
-            scores[("coverage_map", word_type, "token_iou")].append(score_map(perfect, tokens)["iou"])
+            tokens, ideal = token_mask(mask, grid), normalise(coverage(mask, grid))
+            perfect[(word_type, "iou")].append(score_map(ideal, mask)["iou"])
+            perfect[(word_type, "token_iou")].append(score_map(ideal, tokens)["iou"])
             for kind in ("t2i", "i2t"):
                 for range_name, chosen in steps.items():
                     per_block = maps.per_block(word_index, prompt=i, kind=kind, steps=chosen)
                     for smoothing in (False, True):
                         stack = [smooth(m) if smoothing else m for m in per_block]
                         for b, m in zip(blocks, stack):
-                            result = score_map(normalise(m), mask)
-                            result["token_iou"] = score_map(normalise(m), tokens)["iou"]
+                            m = normalise(m)
+                            result = score_map(m, mask)
+                            result["token_iou"] = score_map(m, tokens)["iou"]
                             for metric in METRICS:
                                 scores[(kind, smoothing, range_name, b, word_type, metric)].append(result[metric])
-    return {"placed": placed, **_report(scores, verdicts, blocks, top_k, per_image)}
+    return {"placed": placed, **_report(scores, perfect, verdicts, blocks, top_k, per_image)}
 
 
 def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
-    types = sorted({key[4] for key in scores if key[0] != "coverage_map"})
+def _report(scores, perfect, verdicts, blocks, top_k, per_image) -> dict:
+    types = sorted({key[4] for key in scores})
 
     def block_table(kind, smoothing, step_range, metric="iou", word_types=None):
         chosen = word_types or types
@@ -112,8 +115,7 @@ def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
         },
         # What a perfect block's map would score, per word type: the mask's own token coverage. At 8x8
         # tokens a 9-pixel object covers few tokens whole, so pixel IoU cannot come near 1.
-        "coverage_map": {t: {metric: _mean(scores[("coverage_map", t, metric)]) for metric in ("iou", "token_iou")}
-                         for t in types},
+        "coverage_map": {t: {metric: _mean(perfect[(t, metric)]) for metric in ("iou", "token_iou")} for t in types},
         "top_k_vs_all": _top_k_vs_all(per_image, top),
     }
     report["headline"] = {
@@ -121,7 +123,7 @@ def _report(scores, verdicts, blocks, top_k, per_image) -> dict:
         "i2t_best_block_miou": max(block_table("i2t", False, "all")),
         "t2i_best_block_miou_shape_words": max(block_table("t2i", False, "all", "iou", ["shape"])),
         "t2i_best_block_miou_colour_words": max(block_table("t2i", False, "all", "iou", ["colour"])),
-        "coverage_map_miou": _mean([v for t in types for v in scores[("coverage_map", t, "iou")]]),
+        "coverage_map_miou": _mean([v for t in types for v in perfect[(t, "iou")]]),
         "t2i_best_block_token_miou": max(block_table("t2i", False, "all", "token_iou")),
         "i2t_best_block_token_miou": max(block_table("i2t", False, "all", "token_iou")),
         "t2i_best_block_token_miou_shape_words": max(block_table("t2i", False, "all", "token_iou", ["shape"])),
