@@ -13,7 +13,8 @@ measured): SD3-M width (hidden 1536, 24 heads of 64; 2 joint blocks) and Flux wi
   record_all  the same over all text positions (padding included)
   naive     what peers do: softmax over the full joint attention matrix, then slice T2I / I2T
 
-Peak memory (max RSS) is measured per mode in a child process.
+Peak memory is measured per mode: on the CPU as max RSS in a child process, on a GPU as the peak
+of allocated GPU memory (`--device cuda`, results in attention_overhead_cuda*).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging
-from widths import build, machine, median_seconds
+from widths import add_device_arguments, build, machine, median_seconds, results_stem
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
@@ -72,47 +73,62 @@ def _generate_args(inputs):
             "width": inputs["width"], "max_sequence_length": inputs["max_sequence_length"], "output_type": "latent"}
 
 
-def child(width: str, mode: str) -> None:
-    probe, inputs = build(width, PROMPT)
+def child(width: str, mode: str, dtype: str) -> None:
+    probe, inputs = build(width, PROMPT, dtype=dtype)
     run(mode, probe, inputs)
     print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_memory_mb(mode: str, width: str, probe, inputs, device: str, dtype: str) -> float:
+    """Peak memory of one run of `mode`: GPU memory allocated, or the CPU process's max RSS."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run(mode, probe, inputs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    out = subprocess.run([sys.executable, __file__, "--child", width, mode, dtype], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--widths", nargs="*", default=["sd3", "flux"])
-    parser.add_argument("--child", nargs=2, metavar=("WIDTH", "MODE"), help=argparse.SUPPRESS)
+    add_device_arguments(parser)
+    parser.add_argument("--child", nargs=3, metavar=("WIDTH", "MODE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.disable_progress_bar()
     if args.child:
         return child(*args.child)
-    results = {**machine(), "widths": {}}
+    results = {**machine(args.device, args.dtype), "widths": {}}
+    memory_key = "peak_gpu_mb" if args.device == "cuda" else "max_rss_mb"
     for width in args.widths:
-        probe, inputs = build(width, PROMPT)
+        probe, inputs = build(width, PROMPT, device=args.device, dtype=args.dtype)
         median = median_seconds({mode: partial(run, mode, probe, inputs) for mode in MODES}, args.repeats)
-        memory = {}
-        for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--child", width, mode], capture_output=True, text=True,
-                                 check=True)
-            memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
+        memory = {mode: peak_memory_mb(mode, width, probe, inputs, args.device, args.dtype) for mode in MODES}
         n_text = probe.family.text_length(inputs["max_sequence_length"])
         results["widths"][width] = {
             "image_tokens": probe.grid(512, 512)[0] * probe.grid(512, 512)[1], "text_tokens": n_text,
             "blocks": probe.family.num_blocks, "steps": inputs["num_inference_steps"],
             "seconds": median, "ratio_to_plain": {m: median[m] / median["plain"] for m in MODES},
-            "max_rss_mb": memory,
+            memory_key: memory,
         }
         print(width, json.dumps(results["widths"][width], indent=1))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_overhead.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Attention recording overhead ({results['machine']}, torch {results['torch']}, CPU)", "",
-             "| width | image / text tokens | mode | seconds | × plain | peak RSS MB |", "|---|---|---|---|---|---|"]
+    stem = results_stem("attention_overhead", args.device, args.dtype)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    memory_label = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
+    lines = [f"Attention recording overhead ({results['machine']}, torch {results['torch']}, {results['device']}, "
+             f"{args.dtype})", "",
+             f"| width | image / text tokens | mode | seconds | × plain | {memory_label} |",
+             "|---|---|---|---|---|---|"]
     for width, r in results["widths"].items():
         for m in MODES:
             lines.append(f"| {width} | {r['image_tokens']} / {r['text_tokens']} | {m} | {r['seconds'][m]:.2f} | "
-                         f"{r['ratio_to_plain'][m]:.2f} | {r['max_rss_mb'][m]:.0f} |")
-    (RESULTS / "attention_overhead.md").write_text("\n".join(lines) + "\n")
+                         f"{r['ratio_to_plain'][m]:.2f} | {r[memory_key][m]:.0f} |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -15,15 +15,15 @@ import json
 from pathlib import Path
 
 from diffusers.utils import logging
-from widths import build, machine, median_seconds
+from widths import add_device_arguments, build, machine, median_seconds, results_stem
 
 RESULTS = Path(__file__).parent / "results"
 SOURCE = "a photo of a red cat sitting on a wooden table next to a window"
 TARGET = "a photo of a black dog sitting on a wooden table next to a window"
 
 
-def measure(width: str, steps: int, repeats: int) -> dict:
-    probe, inputs = build(width, [SOURCE, TARGET], steps=steps)
+def measure(width: str, steps: int, repeats: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    probe, inputs = build(width, [SOURCE, TARGET], steps=steps, device=device, dtype=dtype)
     generation = {"steps": steps, "guidance": inputs["guidance_scale"], "height": inputs["height"],
                   "width": inputs["width"], "max_sequence_length": inputs["max_sequence_length"],
                   "output_type": "latent"}
@@ -42,20 +42,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--widths", nargs="*", default=["sd3", "flux"])
+    add_device_arguments(parser)
     args = parser.parse_args()
     logging.disable_progress_bar()
-    results = {**machine(), "widths": {}}
+    results = {**machine(args.device, args.dtype), "widths": {}}
     for width in args.widths:
-        results["widths"][width] = measure(width, args.steps, args.repeats)
+        results["widths"][width] = measure(width, args.steps, args.repeats, args.device, args.dtype)
         print(width, json.dumps(results["widths"][width], indent=1))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "edit_overhead.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Edit overhead ({results['machine']}, torch {results['torch']}, {results['device']})", "",
+    stem = results_stem("edit_overhead", args.device, args.dtype)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Edit overhead ({results['machine']}, torch {results['torch']}, {results['device']}, {args.dtype})", "",
              "| width | steps | mode | seconds | × plain batch of two |", "|---|---|---|---|---|"]
     for width, r in results["widths"].items():
         for m, seconds in r["seconds"].items():
             lines.append(f"| {width} | {r['steps']} | {m} | {seconds:.2f} | {r['ratio_to_plain'][m]:.3f} |")
-    (RESULTS / "edit_overhead.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

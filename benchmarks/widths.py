@@ -21,7 +21,7 @@ import mmdit_probe
 from mmdit_probe.testing import tiny_pipeline
 
 
-def build(width: str, prompt: str | list[str], steps: int = 2):
+def build(width: str, prompt: str | list[str], steps: int = 2, device: str = "cpu", dtype: str = "float32"):
     torch.manual_seed(0)
     if width == "sd3":
         base = tiny_pipeline("sd3")
@@ -42,24 +42,37 @@ def build(width: str, prompt: str | list[str], steps: int = 2):
         pipe = FluxPipeline(**{**base.components, "transformer": transformer})
         inputs = dict(guidance=3.5, max_sequence_length=512)
     pipe.set_progress_bar_config(disable=True)
-    probe = mmdit_probe.load(pipe)
+    probe = mmdit_probe.load(pipe, device=device, dtype=getattr(torch, dtype))
     return probe, probe.inputs(prompt, seed=0, steps=steps, height=512, width=512, output_type="latent", **inputs)
 
 
-def machine() -> dict:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def machine(device: str = "cpu", dtype: str = "float32") -> dict:
+    device = torch.cuda.get_device_name() if device == "cuda" else device
     return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "device": device}
+            "torch": torch.__version__, "device": device, "dtype": dtype}
+
+
+def add_device_arguments(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="e.g. cuda; results then go to files named *_cuda")
+    parser.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
+
+
+def results_stem(name: str, device: str, dtype: str) -> str:
+    """File stem of a benchmark's results: the CPU float32 runs keep the plain name."""
+    return name + "".join(f"_{part}" for part in (device, dtype) if part not in ("cpu", "float32"))
 
 
 def median_seconds(modes: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time of each mode, timed interleaved (one of each per repeat) so that a noisy
-    machine slows all modes alike; the first mode runs once beforehand as a warm-up."""
+    machine slows all modes alike; the first mode runs once beforehand as a warm-up. On a GPU each
+    run is waited for, so that its time is the GPU's work and not only the launches."""
     next(iter(modes.values()))()
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode, run in modes.items():
             start = time.perf_counter()
             run()
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - start)
     return {mode: statistics.median(t) for mode, t in times.items()}
