@@ -4,7 +4,8 @@ T2I: each image query's attention probability on each text key; I2T: each text q
 image key. Both are the true softmax over the *whole* joint key set, from the tapped q and k and
 the row normalisers (log-sum-exp) that the fused kernel returns; the joint N x N matrix is never
 built. Maps are reduced as they are recorded (head mean, conditional half, the prompt's real text
-positions by default) and moved to the CPU in a compact dtype.
+positions by default) and copied to host memory in a compact dtype, by copies that do not wait for the
+GPU: recording adds no synchronisation inside the block loop.
 
 >>> inputs = probe.inputs(["on the left a red circle"], seed=0)
 >>> recorder = AttentionRecorder(probe, inputs)
@@ -90,13 +91,19 @@ class AttentionRecorder:
         self.positions = self._positions(positions, family.text_length(length))
         self._index = torch.tensor(self.positions)
         self._check_memory(family, max_gb)
-        self._recorded: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in self.kinds}
+        # Maps go straight into one host buffer per kind, (step, block, ...), with copies that do not
+        # wait for the GPU (pinned memory): nothing inside the block loop synchronises.
+        self._step_slot = {s: i for i, s in enumerate(sorted(self.steps))}
+        self._host: dict[str, torch.Tensor] = {}
+        self._filled: dict[str, set[tuple[int, int]]] = {}
+        self._device: torch.device | None = None
+        self._current: tuple[int, dict[str, dict[int, torch.Tensor]]] = (-1, {})  # this step's maps, on device
+        self._index_on: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
         if attn2 and not self.attn2_blocks:
             raise ValueError("attn2=True, but none of the chosen blocks has an image-only attn2 (SD3.5-M has, "
                              "in blocks 0-12)")
         self.attn2_blocks = self.attn2_blocks if attn2 else []
-        self._entropy: dict[tuple[int, int], torch.Tensor] = {}
         attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
                                                                    for b in self.attn2_blocks]
         self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
@@ -151,6 +158,27 @@ class AttentionRecorder:
             raise ValueError(f"unexpected batch of {batch} rows for {n} prompts")
         return {"cond": torch.arange(n, 2 * n), "uncond": torch.arange(n), "both": torch.arange(2 * n)}[self.rows]
 
+    def _indices(self, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and text-position indices on the taps' device, copied there once (a copy can wait for the GPU)."""
+        key = (device, batch)
+        if key not in self._index_on:
+            self._index_on[key] = (self._row_index(batch).to(device), self._index.to(device))
+        return self._index_on[key]
+
+    def _keep(self, name: str, step: int, block: int, blocks: list[int], m: torch.Tensor) -> None:
+        """Copy one map into its host buffer's (step, block) slot without waiting for the device."""
+        if name not in self._host:
+            self._device = m.device
+            self._host[name] = torch.empty((len(self._step_slot), len(blocks), *m.shape), dtype=m.dtype,
+                                           pin_memory=m.device.type == "cuda")
+            self._filled[name] = set()
+        self._host[name][self._step_slot[step], blocks.index(block)].copy_(m, non_blocking=True)
+        self._filled[name].add((step, block))
+        if name in KINDS:
+            if self._current[0] != step:
+                self._current = (step, {})
+            self._current[1].setdefault(name, {})[block] = m
+
     TAPS = ("q_img", "k_img", "q_txt", "k_txt", "lse_img", "lse_txt")  # in execution order
 
     def record(self, step: int) -> None:
@@ -165,47 +193,60 @@ class AttentionRecorder:
             return
         taps = {name: known[name] if name in known else self.probe.hook(f"blocks.{block}.attn.hook_{name}").output
                 for name in self.TAPS}
-        rows = self._row_index(taps["q_img"].shape[0])
+        rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
         q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in self.TAPS)
-        index = self._index.to(q_img.device)
         scale = q_img.shape[-1] ** -0.5
         maps = {}
-        if "t2i" in self._recorded:
+        if "t2i" in self.kinds:
             logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
             maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
-        if "i2t" in self._recorded:
+        if "i2t" in self.kinds:
             logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
             maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)
         for kind, m in maps.items():
             if self.heads == "mean":
                 m = m.mean(dim=1)
-            self._recorded[kind][(step, block)] = m.to("cpu", self.dtype)
+            self._keep(kind, step, block, self.blocks, m.to(self.dtype))
         if block in self.attn2_blocks:
             q, k, lse = (self.probe.hook(f"blocks.{block}.attn2.hook_{n}").output[rows].float()
                          for n in ("q_img", "k_img", "lse_img"))
-            self._entropy[(step, block)] = attention_entropy(q, k, lse).mean(dim=1).to("cpu", self.dtype)
+            self._keep("attn2_entropy", step, block, self.attn2_blocks,
+                       attention_entropy(q, k, lse).mean(dim=1).to(self.dtype))
 
     def step_maps(self, step: int, kind: str = "t2i") -> torch.Tensor:
-        """This step's maps so far, stacked over the recorded blocks: (block, row, [head,] image, text)."""
-        recorded = self._recorded[kind]
-        return torch.stack([recorded[(step, b)] for b in self.blocks if (step, b) in recorded])
+        """The maps of the step being recorded, on the model's device, stacked over the blocks recorded so far:
+        (block, row, [head,] image, text)."""
+        current, maps = self._current
+        if current != step or kind not in maps:
+            raise KeyError(f"no {kind} maps of step {step} in progress; step_maps reads the step being recorded")
+        return torch.stack([maps[kind][b] for b in self.blocks if b in maps[kind]])
 
     def close(self) -> None:
         """Stop asking the kernels for log-sum-exps (`maps()` does this too)."""
         for processor in self._processors:
             processor.record_lse = False
 
+    def _gathered(self, name: str, blocks: list[int], steps: list[int]) -> torch.Tensor:
+        missing = [(s, b) for s in steps for b in blocks if (s, b) not in self._filled[name]]
+        if missing:
+            raise RuntimeError(f"{name} was recorded for only some blocks of a step (missing (step, block) "
+                               f"{missing[:5]}); record every chosen block at each recorded step")
+        host = self._host[name]
+        if len(steps) == len(self._step_slot):
+            return host
+        return host[[self._step_slot[s] for s in steps]]
+
     def maps(self) -> AttentionMaps:
         """Stop recording and return the maps."""
         self.close()
-        steps = sorted({s for recorded in self._recorded.values() for s, _ in recorded})
-        tensors = {kind: torch.stack([torch.stack([recorded[(s, b)] for b in self.blocks]) for s in steps])
-                   for kind, recorded in self._recorded.items() if recorded}
-        if not tensors:
+        if not self._host:
             raise RuntimeError("nothing was recorded: call recorder.record(step) inside the trace's step loop")
-        entropy = None
-        if self.attn2_blocks:
-            entropy = torch.stack([torch.stack([self._entropy[(s, b)] for b in self.attn2_blocks]) for s in steps])
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # the non-blocking copies have landed
+        self._current = (-1, {})
+        steps = sorted({s for name in self.kinds if name in self._filled for s, _ in self._filled[name]})
+        tensors = {kind: self._gathered(kind, self.blocks, steps) for kind in self.kinds if kind in self._host}
+        entropy = self._gathered("attn2_entropy", self.attn2_blocks, steps) if self.attn2_blocks else None
         return AttentionMaps(
             t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=steps, blocks=self.blocks,
             positions=self.positions, tables=self.tables, grid=self.grid, rows=self.rows,

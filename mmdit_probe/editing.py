@@ -178,4 +178,4 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
               "blend_blocks": recorder.blocks if recorder else [], "blend_steps": blend_steps,
               "source_words": source_words, "target_words": target_words, "steps": n_steps,
               "guidance": inputs["guidance_scale"]}
-    return EditResult(images[0], images[1], [masks[s].numpy() for s in sorted(masks)], maps, params, inputs)
+    return EditResult(images[0], images[1], [masks[s].cpu().numpy() for s in sorted(masks)], maps, params, inputs)

@@ -1,15 +1,29 @@
 """Attention that also returns each query's normaliser, without building the N x N matrix.
 
 T2I and I2T probabilities need, for each query row, the log-sum-exp of its scaled logits over
-*all* keys of the joint sequence. The fused kernels compute it anyway; on CPU torch exposes the
-same flash kernel that `scaled_dot_product_attention` dispatches to, so the attention output stays
-bit-identical. Elsewhere the normaliser is computed in query chunks (exact, one extra QK^T).
+*all* keys of the joint sequence. The fused kernels compute it anyway: `attention_with_lse` asks
+torch which kernel `scaled_dot_product_attention` would pick for these inputs and calls that same
+kernel with its log-sum-exp output switched on, so the attention output stays the stock one, bit
+for bit. The first call for each device, dtype, kernel and shape is checked: the output against
+`scaled_dot_product_attention` itself, the log-sum-exp against `chunked_logsumexp` on a slice of
+queries. Where no fused kernel applies (or a check fails, with a warning), the normaliser is
+computed in query chunks instead: exact, at the cost of one extra float32 QK^T.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+# How far a fused kernel's log-sum-exp may sit from the float32 reference (nats) and still be used:
+# both sum the same float32 logits, in different orders.
+LSE_TOLERANCE = 1e-3
+_CHECKED_QUERIES = 256
 
 
 def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
@@ -26,9 +40,73 @@ def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28) -> 
                      dim=2)
 
 
+def _scale(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])  # as `scaled_dot_product_attention` computes it
+
+
+def _flash_cpu(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+
+
+def _flash_cuda(q, k, v):
+    # `scaled_dot_product_attention` pads the head dimension to a multiple of 8 for this kernel.
+    d = q.shape[-1]
+    pad = (0, -d % 8)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        *(F.pad(t, pad) if pad[1] else t for t in (q, k, v)), 0.0, False, False, scale=_scale(q))[:2]
+    return out[..., :d], lse
+
+
+def _efficient(q, k, v):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+
+
+def _cudnn(q, k, v):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+
+
+_FUSED: dict[tuple[str, SDPBackend], Callable] = {
+    ("cpu", SDPBackend.FLASH_ATTENTION): _flash_cpu,
+    ("cuda", SDPBackend.FLASH_ATTENTION): _flash_cuda,
+    ("cuda", SDPBackend.EFFICIENT_ATTENTION): _efficient,
+    ("cuda", SDPBackend.CUDNN_ATTENTION): _cudnn,
+}
+_trusted: dict[tuple, bool] = {}
+
+
+def fused_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> SDPBackend | None:
+    """The fused kernel `scaled_dot_product_attention` would run for these inputs, if we can ask it
+    for a log-sum-exp too; None otherwise (the math path, or an unknown kernel)."""
+    backend = SDPBackend(torch._fused_sdp_choice(q, k, v))
+    return backend if (q.device.type, backend) in _FUSED else None
+
+
+def _agrees(q, k, v, out, lse) -> str | None:
+    """Why the fused result cannot be used, or None when it matches the references."""
+    if not torch.equal(out, F.scaled_dot_product_attention(q, k, v)):
+        return "its output differs from scaled_dot_product_attention's"
+    n = min(q.shape[2], _CHECKED_QUERIES)
+    error = (lse[:, :, :n].float() - chunked_logsumexp(q[:, :, :n], k)).abs().max().item()
+    if not error <= LSE_TOLERANCE:
+        return f"its log-sum-exp is {error:.3g} nats from the float32 reference"
+    return None
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of (batch, heads, tokens, dim) inputs, and each query's log-sum-exp."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        return out, lse
+    """Softmax attention of (batch, heads, tokens, dim) inputs, and each query's log-sum-exp
+    (batch, heads, tokens), float32. The output is the one `scaled_dot_product_attention` gives."""
+    backend = fused_backend(q, k, v)
+    key = (str(q.device), q.dtype, backend, tuple(q.shape), tuple(k.shape))
+    if backend is not None and _trusted.get(key, True):
+        out, lse = _FUSED[(q.device.type, backend)](q, k, v)
+        lse = lse.squeeze(-1) if lse.ndim == 4 else lse  # cuDNN keeps a trailing singleton
+        lse = lse[:, :, :q.shape[2]]  # the efficient kernel pads the query dimension to a multiple of 32
+        if key not in _trusted:
+            problem = _agrees(q, k, v, out, lse)
+            _trusted[key] = problem is None
+            if problem:
+                warnings.warn(f"{backend.name} attention on {q.device} ({q.dtype}) cannot give maps: {problem}. "
+                              f"Recording falls back to a chunked log-sum-exp (exact, slower).", stacklevel=2)
+        if _trusted[key]:
+            return out, lse
     return F.scaled_dot_product_attention(q, k, v), chunked_logsumexp(q, k)

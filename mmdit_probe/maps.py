@@ -29,10 +29,32 @@ KINDS = ("t2i", "i2t")
 
 
 def smooth(m: torch.Tensor, kernel: int = 7, sigma: float = 1.0) -> torch.Tensor:
-    """Gaussian smoothing of a (rows, cols) map on the token grid (the paper: kernel 7, sigma 1)."""
+    """Gaussian smoothing of a (rows, cols) map on the token grid (the paper: kernel 7, sigma 1).
+
+    On the CPU by scipy; a map on another device is smoothed there, by the same filter as two 1-D
+    convolutions (equal to scipy's within float32 rounding), so editing masks never leave the GPU.
+    """
     radius = kernel // 2
+    if m.device.type != "cpu":
+        return _gaussian_on_device(m.detach().float(), radius, sigma)
     out = gaussian_filter(m.detach().float().cpu().numpy(), sigma=sigma, truncate=radius / sigma, mode="reflect")
     return torch.from_numpy(out)
+
+
+def _gaussian_on_device(m: torch.Tensor, radius: int, sigma: float) -> torch.Tensor:
+    """scipy's `gaussian_filter(mode="reflect")` in torch: the same float64 weights, the same
+    half-sample-symmetric edges (a b c | c b a), for grids of any size."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (x / sigma) ** 2)
+    weights = (weights / weights.sum()).to(m)
+    for dim in (0, 1):
+        n = m.shape[dim]
+        reflected = torch.arange(-radius, n + radius) % (2 * n)
+        reflected = torch.where(reflected >= n, 2 * n - 1 - reflected, reflected).to(m.device)
+        padded = m.index_select(dim, reflected).movedim(dim, -1)
+        rows = padded.reshape(-1, 1, padded.shape[-1])
+        m = F.conv1d(rows, weights.view(1, 1, -1)).reshape(*padded.shape[:-1], n).movedim(-1, dim)
+    return m
 
 
 def normalise(m: torch.Tensor, how: str = "max") -> torch.Tensor:
@@ -168,8 +190,11 @@ class AttentionMaps:
         return m.mean(dim=1).reshape(len(self.steps), *self.grid)
 
     # -- persistence ---------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """One safetensors file: the maps, with everything else as JSON metadata."""
+    def save(self, path: str | Path, *, extra_tensors: dict[str, torch.Tensor] | None = None,
+             extra_metadata: dict[str, str] | None = None) -> Path:
+        """One safetensors file: the maps, with everything else as JSON metadata. `extra_tensors` and
+        `extra_metadata` ride along in the same file (a sweep record adds its image, masks and scores);
+        `load` ignores them."""
         path = Path(path)
         meta = {
             "steps": self.steps, "blocks": self.blocks, "positions": self.positions, "grid": list(self.grid),
@@ -182,8 +207,8 @@ class AttentionMaps:
         tensors = {k: getattr(self, k).contiguous() for k in self.kinds}
         if self.attn2_entropy is not None:
             tensors["attn2_entropy"] = self.attn2_entropy.contiguous()
-        save_file(tensors, str(path),
-                  metadata={"mmdit_probe": json.dumps(meta)})
+        tensors.update({k: v.contiguous() for k, v in (extra_tensors or {}).items()})
+        save_file(tensors, str(path), metadata={**(extra_metadata or {}), "mmdit_probe": json.dumps(meta)})
         return path
 
     @classmethod
