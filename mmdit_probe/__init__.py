@@ -5,10 +5,17 @@
 >>> print(probe.info())
 """
 
-from .presets import PRESETS, Preset, preset
-from .probe import Probe, load
-from .taps import tap_name
-from .tokens import TokenTable
+import logging as _logging
+
+# Import-time notices of optional backends (torchao, torch's pytree registry) say nothing about
+# this package's work and drown a command's own output; errors still show.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+from .presets import PRESETS, Preset, preset  # noqa: E402
+from .probe import Probe, load  # noqa: E402
+from .taps import tap_name  # noqa: E402
+from .tokens import TokenTable  # noqa: E402
 
 __all__ = ["load", "Probe", "Preset", "PRESETS", "preset", "tap_name", "TokenTable"]
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,15 @@ def _dtype_keyword() -> str:
 
 
 def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None, preset: str | Preset | None = None, **from_pretrained: Any) -> Probe:
+         dtype: torch.dtype | None = None, preset: str | Preset | None = None,
+         top_layers: Sequence[int] | str | Path | None = None, **from_pretrained: Any) -> Probe:
     """Load a supported MM-DiT pipeline and install taps.
 
     `model` is a preset name (``"sd3-medium"``, ``"flux.1-dev"``, ``"toy"``, ...), a hub id, a local
     pipeline directory, or a built diffusers pipeline. Sampling defaults (steps, guidance, size,
     T5 length) and the map/editing defaults come from the matching preset, or the family's.
     Every component loads in `dtype` (default float32; pass ``torch.bfloat16`` on a GPU).
+    `top_layers` overrides the preset's map blocks: block indices, or a sweep's ``top_layers.json``.
 
     >>> probe = load("toy")
     >>> probe.family.name, probe.family.num_blocks
@@ -117,7 +120,23 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
         pipeline = _from_pretrained(str(location), **from_pretrained)
     if device is not None:
         pipeline.to(device)
-    return Probe(pipeline, preset=preset if preset is not None else source)
+    probe = Probe(pipeline, preset=preset if preset is not None else source)
+    if top_layers is not None:
+        probe.preset = replace(probe.preset, top_layers=_top_layers(top_layers, probe.family))
+    return probe
+
+
+def _top_layers(chosen: Sequence[int] | str | Path, family: Family) -> tuple[int, ...]:
+    """Block indices, or the ones a sweep report wrote to top_layers.json; checked against the model."""
+    if isinstance(chosen, (str, Path)):
+        path = Path(chosen)
+        if not path.is_file():
+            raise FileNotFoundError(f"top_layers={str(chosen)!r}: give block indices or a sweep's top_layers.json")
+        chosen = json.loads(path.read_text())["top_layers"]
+    blocks = tuple(family.check_block(int(b)) for b in chosen)
+    if not blocks:
+        raise ValueError("top_layers is empty: give at least one block")
+    return blocks
 
 
 class Probe:
@@ -250,9 +269,16 @@ class Probe:
         diffusers' own `transformer.fuse_qkv_projections()` swaps in its fused processors and so
         removes the taps; this puts tapped processors (which handle fused projections) back.
         """
+        quantized = {type(p).__name__ for p in self.pipeline.transformer.parameters()
+                     if type(p) not in (torch.Tensor, torch.nn.Parameter)}
+        if quantized:
+            raise ValueError(f"the transformer's weights are quantized ({', '.join(sorted(quantized))}) and cannot be "
+                             f"fused; call fuse_qkv_projections() first, then quantize")
         self.family.remove_taps()
-        self.pipeline.transformer.fuse_qkv_projections()
-        self.family.install_taps()
+        try:
+            self.pipeline.transformer.fuse_qkv_projections()
+        finally:
+            self.family.install_taps()
 
     def invert(self, image, prompt: str, **options: Any) -> Inversion:
         """The initial latent that regenerates a real image (see `mmdit_probe.inversion.invert`).

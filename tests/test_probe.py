@@ -122,3 +122,14 @@ def test_a_directory_saved_in_half_precision_loads_in_one_dtype(tiny_dirs, tmp_p
     latents = probe.pipeline(**tiny_inputs(probe, family_kind, "a red cat")).images
     assert torch.isfinite(latents).all()
     assert mmdit_probe.load(half, dtype=torch.float16).pipeline.transformer.dtype == torch.float16
+
+
+def test_top_layers_override_the_preset(tiny_dirs, tmp_path):
+    probe = mmdit_probe.load(tiny_dirs["sd3"], top_layers=[1, 0])
+    assert probe.preset.top_layers == (1, 0)
+    (tmp_path / "top_layers.json").write_text(json.dumps({"model": "x", "top_layers": [1]}))
+    assert mmdit_probe.load(tiny_dirs["sd3"], top_layers=tmp_path / "top_layers.json").preset.top_layers == (1,)
+    with pytest.raises(IndexError, match="out of range"):
+        mmdit_probe.load(tiny_dirs["sd3"], top_layers=[7])
+    with pytest.raises(FileNotFoundError, match="top_layers.json"):
+        mmdit_probe.load(tiny_dirs["sd3"], top_layers="nowhere.json")
