@@ -25,7 +25,10 @@ waited for; the peak of allocated GPU memory is read per run:
   plain2        the stock pipeline on a batch of two prompts
   edit          q/k injection + local blending with the preset's defaults (a batch of two)
 
-Writes benchmarks/results/real_scale_<device>[_<dtype>].{json,md}.
+For a 24 GB card, `--quantize int8` (torchao int8 weight-only transformer) and `--offload` (model
+CPU offload) measure the peak a consumer GPU would need, on the modes chosen with `--modes`.
+
+Writes benchmarks/results/real_scale_<device>[_<dtype>][_int8][_offload]_<preset>.{json,md}.
 """
 
 from __future__ import annotations
@@ -159,15 +162,17 @@ def measure(runs: dict, repeats: int, on_gpu: bool) -> tuple[dict, dict]:
     return {m: statistics.median(t) for m, t in seconds.items()}, peak
 
 
+RATIOS = {"record / plain": ("record", "plain"), "record_top5 / plain": ("record_top5", "plain"),
+          "edit / plain2": ("edit", "plain2"), "traced / plain": ("traced", "plain"),
+          "naive / record": ("naive", "record")}
+
+
 def figures(seconds: dict, peak: dict) -> dict:
-    out = {"record / plain": seconds["record"] / seconds["plain"],
-           "record_top5 / plain": seconds["record_top5"] / seconds["plain"],
-           "edit / plain2": seconds["edit"] / seconds["plain2"],
-           "traced / plain": seconds["traced"] / seconds["plain"],
-           "naive / record": seconds["naive"] / seconds["record"]}
-    if peak:
-        out["record extra peak GPU memory / plain"] = (peak["record"] - peak["plain"]) / peak["plain"]
-        out["edit extra peak GPU memory / plain2"] = (peak["edit"] - peak["plain2"]) / peak["plain2"]
+    """The issue's figures, for the modes that were run."""
+    out = {f: seconds[a] / seconds[b] for f, (a, b) in RATIOS.items() if a in seconds and b in seconds}
+    for mode, base in (("record", "plain"), ("edit", "plain2")):
+        if mode in peak and base in peak:
+            out[f"{mode} extra peak GPU memory / {base}"] = (peak[mode] - peak[base]) / peak[base]
     return out
 
 
@@ -190,48 +195,62 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--layers", type=int, help="cap the number of blocks (and Flux single blocks): a CPU run")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--quantize", choices=["int8"], help="torchao int8 weight-only transformer")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload (enable_model_cpu_offload)")
     args = parser.parse_args()
     logging.disable_progress_bar()
     dtype = getattr(torch, args.dtype)
     on_gpu = args.device.startswith("cuda")
-    results = {**machine("cuda" if on_gpu else args.device, args.dtype), "steps": args.steps,
-               "resolution": args.resolution, "layers_capped_at": args.layers, "repeats": args.repeats, "presets": {}}
-    stem = "real_scale_" + args.device.split(":")[0] + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    setting = {**machine("cuda" if on_gpu else args.device, args.dtype), "steps": args.steps,
+               "resolution": args.resolution, "layers_capped_at": args.layers, "repeats": args.repeats,
+               "quantize": args.quantize, "offload": args.offload}
+    stem = "real_scale_" + "_".join([args.device.split(":")[0]] + [part for part in (
+        "" if args.dtype == "float32" else args.dtype, args.quantize or "", "offload" if args.offload else "") if part])
     RESULTS.mkdir(exist_ok=True)
-    half = max(1, args.steps // 2)
     for name in args.presets:
         probe, inputs = build(name, args.device, dtype, args.layers, args.resolution, args.steps)
+        if args.quantize:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            quantize_(probe.pipeline.transformer, Int8WeightOnlyConfig())
+        if args.offload:
+            probe.pipeline.enable_model_cpu_offload(device=args.device)
         rows, cols = probe.grid(args.resolution, args.resolution)
-        seconds, peak = measure(modes(probe, inputs), args.repeats, on_gpu)
-        results["presets"][name] = {
-            "blocks": probe.family.num_blocks, "image_tokens": rows * cols,
+        runs = modes(probe, inputs)
+        seconds, peak = measure({m: runs[m] for m in args.modes}, args.repeats, on_gpu)
+        half = max(1, args.steps // 2)
+        result = {
+            **setting, "preset": name, "blocks": probe.family.num_blocks, "image_tokens": rows * cols,
             "text_tokens": probe.family.text_length(inputs["max_sequence_length"]),
             "top5": [b for b in probe.preset.top_layers if b < probe.family.num_blocks],
             "seconds": seconds, "peak_gpu_mb": peak,
-            "seconds_per_step": {"plain": seconds["plain"] / args.steps, "plain_half": seconds["plain_half"] / half},
+            "seconds_per_step": {m: seconds[m] / (half if m == "plain_half" else args.steps) for m in seconds},
             "figures": figures(seconds, peak),
         }
-        del probe
+        del probe, runs
         if on_gpu:
             torch.cuda.empty_cache()
-        print(name, json.dumps(results["presets"][name], indent=1), flush=True)
-        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))  # each preset's result kept at once
-    lines = [f"Real-scale recording and editing ({results['device']}, torch {results['torch']}, {args.dtype}, "
-             f"{args.resolution}², {args.steps} steps, median of {args.repeats}"
-             + (f", blocks capped at {args.layers}" if args.layers else "") + ")", ""]
-    for name, r in results["presets"].items():
-        lines += [f"## {name}: {r['blocks']} blocks, {r['image_tokens']} image + {r['text_tokens']} text tokens", "",
-                  "| mode | seconds | s / step | peak GPU MB |", "|---|---|---|---|"]
-        for mode in MODES:
-            per_step = r["seconds"][mode] / (half if mode == "plain_half" else args.steps)
-            memory = f"{r['peak_gpu_mb'][mode]:.0f}" if r["peak_gpu_mb"] else "-"
-            lines.append(f"| {mode} | {r['seconds'][mode]:.3f} | {per_step:.4f} | {memory} |")
-        lines += ["", "| figure | value | target |", "|---|---|---|"]
-        lines += [f"| {f} | {v:.3f} | {verdict(f, v)} |" for f, v in r["figures"].items()]
-        lines.append("")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        # One file pair per preset, written at once: a later preset's failure keeps the earlier results.
+        (RESULTS / f"{stem}_{name}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{stem}_{name}.md").write_text(markdown(result))
+        print(markdown(result), flush=True)
 
+
+def markdown(r: dict) -> str:
+    lines = [f"# {r['preset']}: {r['blocks']} blocks, {r['image_tokens']} image + {r['text_tokens']} text tokens", "",
+             f"{r['device']}, torch {r['torch']}, {r['dtype']}, {r['resolution']}², {r['steps']} steps, "
+             f"median of {r['repeats']}"
+             + (f", blocks capped at {r['layers_capped_at']}" if r["layers_capped_at"] else "")
+             + (", int8 weight-only transformer" if r["quantize"] else "")
+             + (", model CPU offload" if r["offload"] else "") + ".", "",
+             "| mode | seconds | s / step | peak GPU MB |", "|---|---|---|---|"]
+    for mode, seconds in r["seconds"].items():
+        memory = f"{r['peak_gpu_mb'][mode]:.0f}" if r["peak_gpu_mb"] else "-"
+        lines.append(f"| {mode} | {seconds:.3f} | {r['seconds_per_step'][mode]:.4f} | {memory} |")
+    lines += ["", "| figure | value | target |", "|---|---|---|"]
+    lines += [f"| {f} | {v:.3f} | {verdict(f, v)} |" for f, v in r["figures"].items()]
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
