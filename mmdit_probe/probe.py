@@ -18,9 +18,8 @@ from diffusers import DiffusionPipeline
 from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from .attention import AttentionRecorder
-from .editing import EditResult, edit
+from .editing import EditResult, Inversion, edit, invert
 from .families import Family, family_for, family_name_for_class
-from .inversion import Inversion, invert
 from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
 from .taps import ACTIVATIONS, QKV, STREAMS
@@ -256,7 +255,7 @@ class Probe:
         return Generation(images=output.images, maps=maps, inputs=inputs)
 
     def edit(self, source: str, target: str, **options: Any) -> EditResult:
-        """Edit by prompt: q/k injection plus local blending (see `mmdit_probe.editing.edit`).
+        """Edit by prompt: q/k injection plus local blending (see `mmdit_probe.editing.qk_injection.edit`).
 
         >>> result = probe.edit("in the center a red circle on a white background",
         ...                     "in the center a blue circle on a white background", seed=0)
@@ -281,7 +280,7 @@ class Probe:
             self.family.install_taps()
 
     def invert(self, image, prompt: str, **options: Any) -> Inversion:
-        """The initial latent that regenerates a real image (see `mmdit_probe.inversion.invert`).
+        """The initial latent that regenerates a real image (see `mmdit_probe.editing.inversion.invert`).
 
         >>> inverted = probe.invert(image, "in the center a red circle on a white background")
         >>> inverted.error        # mean absolute pixel error of the regenerated image

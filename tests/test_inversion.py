@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_inputs
 from PIL import Image
 
-from mmdit_probe.inversion import METHODS, invert_latents
+from mmdit_probe.editing.inversion import METHODS, invert_latents
 
 PROMPT = "a red cat on a mat"
 
@@ -62,8 +62,8 @@ def test_bad_images_and_prompts_are_refused_or_fixed(tiny_dirs):
 
 def test_flowedit_with_an_unchanged_prompt_returns_the_source(tiny_dirs):
     import mmdit_probe
-    from mmdit_probe.flowedit import flowedit
-    from mmdit_probe.inversion import _encode, decode
+    from mmdit_probe.editing.flowedit import flowedit
+    from mmdit_probe.editing.inversion import _encode, decode
 
     probe = mmdit_probe.load(tiny_dirs["flux-dev"])
     image = probe.generate(PROMPT, **generation("flux-dev")).images[0]

@@ -20,8 +20,8 @@ from dataclasses import replace
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..flowedit import flowedit
-from ..inversion import METHODS, pixel_error
+from ..editing.flowedit import flowedit
+from ..editing.inversion import METHODS, pixel_error
 from .evaluate import command_line
 from .judge import match_objects, read_background, read_objects
 from .world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_split_scene, with_object

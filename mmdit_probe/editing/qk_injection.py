@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import AttentionRecorder, check_one_call_per_step
-from .maps import AttentionMaps, normalise, smooth
-from .patching import patch, replace_rows, rows
-from .tokens import normalise_word
+from ..attention import AttentionRecorder, check_one_call_per_step
+from ..maps import AttentionMaps, normalise, smooth
+from ..patching import patch, replace_rows, rows
+from ..tokens import normalise_word
 
 # Which activations the target takes from the source, per variant (the paper's ablations).
 VARIANTS: dict[str, tuple[str, ...]] = {
