@@ -6,6 +6,8 @@
                     --edit "on the left a large green circle on a white background"
     mmdit-probe edit toy "on the left a large red circle on a white background" \
                          "on the left a large blue circle on a white background" --out out/edit
+    mmdit-probe sweep toy --prompts toy --num-prompts 100 --steps 8 --out out/sweep     # see mmdit_probe/sweep
+    mmdit-probe sweep-report out/sweep
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 from .probe import load
+from .sweep.commands import add_commands as add_sweep_commands
 from .tokens import FUNCTION_WORDS
 
 
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     edit.add_argument("--theta", type=float, help="local-blend threshold (default: preset)")
     edit.add_argument("--no-blend", action="store_true", help="no local blending")
     edit.set_defaults(run=_edit)
+
+    add_sweep_commands(commands)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -6,6 +6,7 @@ these is what explains a preset's "top-5 layers", and how to choose them for a n
 A map has one value per token, so it cannot match a pixel mask exactly: `coverage` gives the map
 a perfect block would hold (each token weighted by its share of the object), a reference for every
 score, and `token_mask` the mask at the map's own resolution, for scoring there instead.
+`score_maps` scores many maps against one mask in a batch (a sweep's block x step maps of a word).
 
 >>> scores = score_blocks(maps, {"cat": cat_mask}, prompt=0)
 >>> scores.top(5)                    # best blocks by soft IoU
@@ -19,34 +20,69 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .maps import AttentionMaps, normalise, smooth, upsample
+from .maps import AttentionMaps, normalise, smooth
 
 METRICS = ("soft_iou", "iou", "bce", "mse")
 HIGHER_IS_BETTER = {"soft_iou": True, "iou": True, "bce": False, "mse": False}
 
 
 def _as_mask(mask) -> torch.Tensor:
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    m = mask.float() if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     if m.ndim != 2:
         raise ValueError(f"masks must be 2-D (height, width); got shape {tuple(m.shape)}")
     return m
 
 
-def score_map(prediction: torch.Tensor, mask, threshold: float = 0.5) -> dict[str, float]:
-    """Scores of a [0, 1] map (any size; resized to the mask) against a binary mask."""
-    target = _as_mask(mask)
-    p = prediction.float()
-    if p.shape != target.shape:
-        p = upsample(p, tuple(target.shape))
-    p = p.clamp(0, 1)
-    intersection = (p * target).sum()
-    union = (p + target - p * target).sum().clamp_min(1e-12)
+def _pixel_terms(p: torch.Tensor, target: torch.Tensor, threshold: float, binary_target: bool) -> torch.Tensor:
+    """The six per-pixel terms whose sums make the four scores, stacked: (6, *p.shape)."""
+    overlap = p * target
     binary = (p >= threshold).float()
-    hard_union = ((binary + target) > 0).float().sum().clamp_min(1e-12)
     eps = 1e-6
-    bce = -(target * torch.log(p.clamp(eps, 1)) + (1 - target) * torch.log((1 - p).clamp(eps, 1))).mean()
-    return {"soft_iou": float(intersection / union), "iou": float((binary * target).sum() / hard_union),
-            "bce": float(bce), "mse": float(((p - target) ** 2).mean())}
+    if binary_target:
+        # t log a + (1 - t) log b is exactly log a where t = 1 and log b where t = 0: one log, not two.
+        log_likelihood = torch.where(target.bool(), p, 1 - p).clamp_(eps, 1).log_()
+    else:
+        log_likelihood = target * torch.log(p.clamp(eps, 1)) + (1 - target) * torch.log((1 - p).clamp(eps, 1))
+    return torch.stack([overlap, p + target - overlap, ((binary + target) > 0).float(), binary * target,
+                        log_likelihood, (p - target) ** 2])
+
+
+def score_maps(predictions: torch.Tensor, mask, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Scores of N [0, 1] maps, (N, rows, cols) of any size, against one binary mask: {metric: (N,) tensor}.
+
+    All maps are upsampled to the mask in one call and scored together, on the maps' device; a map
+    scores the same alone (`score_map`) as in any batch. The upsampled maps take N x 4 bytes per mask
+    pixel (64 MB for 16 maps at 1024 px), so score large sets in chunks.
+    """
+    if predictions.ndim != 3:
+        raise ValueError(f"predictions must be (N, rows, cols); got shape {tuple(predictions.shape)}")
+    target = _as_mask(mask).to(predictions.device)
+    p = predictions.float()
+    if p.shape[1:] != target.shape:
+        p = F.interpolate(p[:, None], size=tuple(target.shape), mode="bilinear", align_corners=False)[:, 0].clamp_(0, 1)
+    else:
+        p = p.clamp(0, 1)  # not in place: p may be the caller's tensor
+    n, height, width = p.shape
+    binary_target = bool(((target == 0) | (target == 1)).all())
+    if height * width < 32768:
+        # Below torch's parallel grain a map's sum runs on one thread, in one order, whatever the batch.
+        sums = _pixel_terms(p, target, threshold, binary_target).flatten(2).sum(2)
+    else:
+        # torch sums one long row in pieces on several threads (so a lone map's rounding would depend on
+        # the thread count and differ from the same map's in a batch) but many rows on one thread each:
+        # summing every image row, then the rows, fixes the order. Bands of rows keep the temporaries
+        # small on the CPU, where filling fresh memory costs as much as the arithmetic at 1024 px.
+        rows = max(1, (2**18 if p.device.type == "cpu" else 2**24) // (n * width))
+        sums = torch.cat([_pixel_terms(p[:, r:r + rows], target[r:r + rows], threshold, binary_target).sum(3)
+                          for r in range(0, height, rows)], dim=2).sum(2)
+    intersection, union, hard_union, hard_intersection, log_likelihood, squared_error = sums
+    return {"soft_iou": intersection / union.clamp_min(1e-12), "iou": hard_intersection / hard_union.clamp_min(1e-12),
+            "bce": -log_likelihood / (height * width), "mse": squared_error / (height * width)}
+
+
+def score_map(prediction: torch.Tensor, mask, threshold: float = 0.5) -> dict[str, float]:
+    """Scores of a [0, 1] map (any size; resized to the mask) against a binary mask: `score_maps` of one map."""
+    return {metric: float(value[0]) for metric, value in score_maps(prediction[None], mask, threshold).items()}
 
 
 def coverage(mask, grid: tuple[int, int]) -> torch.Tensor:

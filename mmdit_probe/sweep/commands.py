@@ -1,0 +1,105 @@
+"""The `mmdit-probe sweep` and `mmdit-probe sweep-report` commands.
+
+    mmdit-probe sweep toy --prompts toy --num-prompts 100 --steps 8 --out out/sweep
+    torchrun --nproc_per_node 2 -m mmdit_probe.cli sweep toy --prompts toy --out out/sweep    # two CPU processes
+    accelerate launch --num_processes 4 -m mmdit_probe.cli sweep sd3-medium --prompts prompts.txt \
+        --masks grounded-sam --out out/sd3                                                    # one process per GPU
+    mmdit-probe sweep-report out/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _quiet() -> None:
+    """One progress bar and nothing else: no loading bars or notices from diffusers/transformers."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from .masks import mask_source
+    from .run import sweep
+
+    _quiet()
+    if args.masks is None and args.prompts != "toy":
+        raise SystemExit("give --masks DIR (a folder of <prompt id>/<word>.png) or --masks grounded-sam "
+                         "for prompts other than the Shapes world's (--prompts toy)")
+    options = {"detector": args.detector, "segmenter": args.segmenter} if args.masks == "grounded-sam" else {}
+    result = sweep(args.model, args.prompts, args.out, masks=mask_source(args.masks or "toy", **options),
+                   blocks=args.blocks, record_steps=args.record_steps, kinds=args.kinds,
+                   words=args.words[0] if args.words in (["content"], ["all"]) else args.words,
+                   resolution=args.resolution, num_steps=args.steps, guidance=args.guidance, seed=args.seed,
+                   n=args.num_prompts, threshold=args.threshold, grids=args.grids, smoothing=args.smooth,
+                   windows=args.windows, max_prompts=args.max_prompts)
+    state = PartialState()
+    if state.is_main_process:
+        more = "" if result.complete else "; rerun the same command to go on"
+        print(f"{result.done} of {result.total} prompts done{more}; scores: {result.table}")
+    state.destroy_process_group()
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import sweep_report
+
+    _quiet()
+    report = sweep_report(args.dir, top_k=args.top_k, metric=args.metric, grid=args.grid)
+    ranked = report["ranked_by"]
+    scores = {name: report["top_k_vs_all"][ranked["kind"]][name][ranked["grid"]][ranked["metric"]]
+              for name in ("top", "all")}
+    print(f"top layers {report['top_layers']} by {ranked['kind']} {ranked['metric']} on {ranked['grid']}: "
+          f"{scores['top']:.3f} averaged over them, {scores['all']:.3f} over all blocks")
+    print(f"wrote report.json, top_layers.json and figures to {args.dir}/")
+
+
+def add_commands(commands) -> None:
+    """Add `sweep` and `sweep-report` to the `mmdit-probe` subcommands."""
+    sweep = commands.add_parser("sweep", help="score every block x step x word map of a prompt set against masks",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("model", help="preset name (e.g. toy, sd3-medium), hub id, or local pipeline directory")
+    sweep.add_argument("--prompts", required=True, help="'toy' (held-out Shapes-world captions), or a .txt "
+                       "(one prompt a line) or .jsonl file ({'prompt', 'id', 'seed', 'word_types'} a line)")
+    sweep.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
+    sweep.add_argument("--masks", help="'toy' (default for --prompts toy), 'grounded-sam', or a folder holding "
+                       "<prompt id>/<word>.png")
+    sweep.add_argument("--detector", default="IDEA-Research/grounding-dino-tiny",
+                       help="Grounding-DINO hub id or local directory (with --masks grounded-sam)")
+    sweep.add_argument("--segmenter", default="facebook/sam-vit-base",
+                       help="SAM hub id or local directory (with --masks grounded-sam)")
+    sweep.add_argument("--num-prompts", type=int, default=100, help="how many toy prompts (with --prompts toy)")
+    sweep.add_argument("--seed", type=int, default=0, help="prompt i's seed is SEED + i unless the file gives one")
+    sweep.add_argument("--blocks", type=int, nargs="+", help="blocks to record (default: all)")
+    sweep.add_argument("--record-steps", type=int, nargs="+", help="denoising steps to record (default: all)")
+    sweep.add_argument("--kinds", nargs="+", default=["t2i", "i2t"], choices=["t2i", "i2t"])
+    sweep.add_argument("--words", nargs="+", default=["content"],
+                       help="'content' (default: all but a, the, on, ...), 'all', or the words to score")
+    sweep.add_argument("--resolution", type=int, help="image size in pixels (default: the preset's)")
+    sweep.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    sweep.add_argument("--guidance", type=float, help="guidance scale (default: the preset's)")
+    sweep.add_argument("--threshold", type=float, default=0.5, help="θ for IoU of the max-normalised map")
+    sweep.add_argument("--grids", nargs="+", default=["pixels", "tokens"], choices=["pixels", "tokens"],
+                       help="score on the image's pixels and/or the token grid (pixels cost most on big images)")
+    sweep.add_argument("--windows", nargs="+", default=[], choices=["early", "middle", "late", "all"],
+                       help="also score each block's map averaged over these step ranges (thirds of --steps)")
+    sweep.add_argument("--smooth", action="store_true", help="Gaussian-smooth maps before scoring (kernel 7, σ 1)")
+    sweep.add_argument("--max-prompts", type=int, help="stop after this many unfinished prompts (rerun to go on)")
+    sweep.set_defaults(run=_sweep)
+
+    report = commands.add_parser("sweep-report", help="heatmaps, block ranking and top layers of a finished sweep")
+    report.add_argument("dir", help="the sweep's output folder")
+    report.add_argument("--top-k", type=int, default=5, help="how many blocks to choose (default 5)")
+    report.add_argument("--metric", default="soft_iou", choices=["soft_iou", "iou", "bce", "mse"],
+                        help="metric that ranks the blocks (default soft_iou)")
+    report.add_argument("--grid", default="pixels", choices=["pixels", "tokens"],
+                        help="rank by scores on pixels (default) or on the token grid")
+    report.set_defaults(run=_report)
