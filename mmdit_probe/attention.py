@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import validation
 from .maps import KINDS, AttentionMaps
 from .tokens import normalise_word
 
@@ -49,6 +50,12 @@ def check_one_call_per_step(inputs: dict[str, Any]) -> None:
         raise ValueError("Flux true CFG runs the transformer twice per step; record or patch without it")
 
 
+def _doubles_batch(family, inputs: dict[str, Any]) -> bool:
+    """Whether the pipeline runs classifier-free guidance as a doubled batch ([uncond | cond]): SD3 with
+    guidance > 1 (Flux never doubles; its true CFG is refused by `check_one_call_per_step`)."""
+    return family.name == "sd3" and inputs.get("guidance_scale", 1.0) > 1
+
+
 class AttentionRecorder:
     """Collects maps step by step; `maps()` returns them as an `AttentionMaps`.
 
@@ -73,6 +80,24 @@ class AttentionRecorder:
         self.prompts = list(inputs["prompt"])
         self.n_steps = inputs["num_inference_steps"]
         length = inputs.get("max_sequence_length", probe.preset.max_sequence_length)
+        # Every option is checked here, before the generation runs (validation names what to do).
+        if blocks is not None:
+            blocks = validation.index_list("blocks", blocks, what="block indices")
+        if steps is not None:
+            steps = validation.index_list("steps", steps, what="step indices")
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        if not kinds or not set(kinds) <= set(KINDS) or len(set(kinds)) < len(kinds):
+            raise validation.InvalidInput(f"kinds must be a non-empty subset of {KINDS}, each once; got {kinds}")
+        validation.choice("heads", heads, ("mean", "all"))
+        validation.choice("rows", rows, ROWS)
+        if rows != "cond" and not _doubles_batch(family, inputs):
+            raise validation.InvalidInput(f"rows={rows!r} needs classifier-free guidance, but this run has none "
+                                          f"(guidance <= 1 or a guidance-distilled model): record rows='cond'")
+        if not isinstance(positions, str):
+            positions = validation.word_list("positions", positions)
+        dtype = validation.float_dtype("dtype", dtype)
+        max_gb = validation.number("max_gb", max_gb, low=0.0)
+        validation.boolean("attn2", attn2)
         self.tables = [probe.tokens(p, length) for p in self.prompts]
         self.grid = family.grid(inputs["height"], inputs["width"])
         self.blocks = sorted(family.check_block(b) for b in (range(family.num_blocks) if blocks is None else blocks))
@@ -80,13 +105,7 @@ class AttentionRecorder:
         for s in self.steps:
             if not 0 <= s < self.n_steps:
                 raise IndexError(f"step {s} out of range: this run has steps 0..{self.n_steps - 1}")
-        self.kinds = tuple(kinds)
-        if not set(self.kinds) <= set(KINDS) or not self.kinds:
-            raise ValueError(f"kinds must be a non-empty subset of {KINDS}; got {self.kinds}")
-        if heads not in ("mean", "all"):
-            raise ValueError(f"heads must be 'mean' or 'all'; got {heads!r}")
-        if rows not in ROWS:
-            raise ValueError(f"rows must be one of {ROWS}; got {rows!r}")
+        self.kinds = kinds
         self.heads, self.rows, self.dtype = heads, rows, dtype
         self.positions = self._positions(positions, family.text_length(length))
         self._index = torch.tensor(self.positions)

@@ -8,60 +8,184 @@
                          "on the left a large blue circle on a white background" --out out/edit
     mmdit-probe sweep toy --prompts toy --num-prompts 100 --steps 8 --out out/sweep     # see mmdit_probe/sweep
     mmdit-probe sweep-report out/sweep
+
+Every command checks its arguments (and the words against the prompt) before the model runs, writes
+into a temporary folder and moves the finished files into place, and refuses to replace existing
+files unless given --overwrite. Errors are one line: exit code 2 for a bad argument, 1 for a failure
+while running; --debug shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
-from .probe import load
-from .sweep.commands import add_commands as add_sweep_commands
-from .tokens import FUNCTION_WORDS
+# Light imports only at the top: `--help` and argument errors never import torch.
+
+MAPS_FILES = ("image.png", "maps.safetensors", "t2i_vs_i2t.png", "t2i_by_block.png", "i2t_by_block.png",
+              "t2i_by_step.png")
+EDIT_FILES = ("source.png", "edited.png", "params.json")
+
+
+class UsageError(Exception):
+    """A bad argument, found before anything ran: exit code 2."""
+
+
+@contextlib.contextmanager
+def _checking():
+    """Errors raised while checking arguments (loading the model included) are usage errors."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        raise UsageError(message) from error
+
+
+def _existing(folder: Path, names, masks: bool) -> list[str]:
+    found = [n for n in names if (folder / n).exists()]
+    if masks and folder.is_dir():
+        found += sorted(p.name for p in folder.glob("mask_step*.png"))
+    return found
+
+
+def _check_out(folder: Path, overwrite: bool, names, edit_folder: Path | None = None) -> None:
+    """The output folder is a folder (or absent) and holds none of our files, unless --overwrite."""
+    for f in (folder, *([edit_folder] if edit_folder else [])):
+        for parent in (f, *f.parents):
+            if parent.exists() and not parent.is_dir():
+                raise UsageError(f"--out {folder}: {parent} is a file, not a folder; choose another --out")
+    if overwrite:
+        return
+    found = [str(folder / n) for n in _existing(folder, names, masks=edit_folder is None and "source.png" in names)]
+    if edit_folder is not None:
+        found += [str(edit_folder / n) for n in _existing(edit_folder, EDIT_FILES, masks=True)]
+    if found:
+        raise UsageError(f"--out {folder} already holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}: "
+                         f"pass --overwrite to replace them, or choose another --out")
+
+
+@contextlib.contextmanager
+def _staging(folder: Path):
+    """A temporary folder beside `folder`; on success its files are moved into `folder`, on failure it is removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        yield staging
+        _move_into(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(staging: Path, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(staging.glob("mask_step*.png")) or (staging / "source.png").exists():
+        for old in folder.glob("mask_step*.png"):  # a previous edit's masks would mix with this one's
+            old.unlink()
+    for item in sorted(staging.iterdir()):
+        if item.is_dir():
+            _move_into(item, folder / item.name)
+        else:
+            os.replace(item, folder / item.name)
+
+
+def _quiet() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def _load(model: str):
+    from .probe import load
+
+    _quiet()
+    return load(model)
 
 
 def _info(args: argparse.Namespace) -> None:
-    probe = load(args.model)
+    with _checking():
+        probe = _load(args.model)
+        table = probe.tokens(args.prompt) if args.prompt is not None else None
     print(probe.info())
     if args.hooks:
         print("\n".join(probe.hook_names))
-    if args.prompt:
-        print(probe.tokens(args.prompt))
+    if table is not None:
+        print(table)
+
+
+def _content_words(table) -> list[str]:
+    from .tokens import FUNCTION_WORDS
+
+    return [w for w in dict.fromkeys(table.words)
+            if w not in FUNCTION_WORDS and any(t.word == w for t in table.tokens)]
 
 
 def _maps(args: argparse.Namespace) -> None:
+    folder = Path(args.out)
+    _check_out(folder, args.overwrite, MAPS_FILES, folder / "edit" if args.edit is not None else None)
+    with _checking():
+        probe = _load(args.model)
+        probe.check_generation(args.prompt, seed=args.seed, steps=args.steps)
+        table = probe.tokens(args.prompt)
+        if args.words:
+            for word in args.words:
+                table.positions(word)  # names the prompt's words, or says the word was cut off
+            words = list(args.words)
+        else:
+            words = _content_words(table)
+            if not words:
+                raise UsageError(f"the prompt {args.prompt!r} has no content words to map (a, the, on, ... are left "
+                                 f"out): give a prompt that names something, or --words")
+        if args.edit is not None:
+            from .editing.qk_injection import check_edit
+
+            check_edit(probe, args.prompt, args.edit, seed=args.seed, steps=args.steps)
+
     import matplotlib
 
     matplotlib.use("Agg")
     from .viz import t2i_vs_i2t, word_grid
 
-    probe = load(args.model)
     out = probe.generate(args.prompt, seed=args.seed, steps=args.steps, record=True)
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    out.images[0].save(folder / "image.png")
-    out.maps.save(folder / "maps.safetensors")
-    words = args.words or [w for w in out.maps.recorded_words() if w not in FUNCTION_WORDS]
     blocks = "top" if set(probe.preset.top_layers) <= set(out.maps.blocks) else None
-    figures = {"t2i_vs_i2t.png": t2i_vs_i2t(out.maps, words, blocks=blocks),
-               "t2i_by_block.png": word_grid(out.maps, words, by="block"),
-               "i2t_by_block.png": word_grid(out.maps, words, by="block", kind="i2t"),
-               "t2i_by_step.png": word_grid(out.maps, words, by="step")}
-    for name, fig in figures.items():
-        fig.savefig(folder / name, dpi=110)
-    print(f"wrote {', '.join(['image.png', 'maps.safetensors', *figures])} to {folder}/")
-    if args.edit:
-        _write_edit(probe, args.prompt, args.edit, folder / "edit", seed=args.seed, steps=args.steps)
+    figures = {"t2i_vs_i2t.png": lambda: t2i_vs_i2t(out.maps, words, blocks=blocks),
+               "t2i_by_block.png": lambda: word_grid(out.maps, words, by="block"),
+               "i2t_by_block.png": lambda: word_grid(out.maps, words, by="block", kind="i2t"),
+               "t2i_by_step.png": lambda: word_grid(out.maps, words, by="step")}
+    with _staging(folder) as staging:
+        out.images[0].save(staging / "image.png")
+        out.maps.save(staging / "maps.safetensors")
+        for name, figure in figures.items():
+            figure().savefig(staging / name, dpi=110)
+        if args.edit is not None:
+            _write_edit(probe, args.prompt, args.edit, staging / "edit", seed=args.seed, steps=args.steps)
+    print(f"wrote {', '.join(MAPS_FILES)}{' and edit/' if args.edit is not None else ''} to {folder}/")
 
 
 def _edit(args: argparse.Namespace) -> None:
+    folder = Path(args.out)
+    _check_out(folder, args.overwrite, EDIT_FILES)
     options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
-    _write_edit(load(args.model), args.source, args.target, Path(args.out), seed=args.seed, steps=args.steps,
-                variant=args.variant, local_blend=not args.no_blend, **options)
+    options.update(seed=args.seed, steps=args.steps, variant=args.variant, local_blend=not args.no_blend)
+    with _checking():
+        probe = _load(args.model)
+        from .editing.qk_injection import check_edit
+
+        check_edit(probe, args.source, args.target, **options)
+    with _staging(folder) as staging:
+        count = _write_edit(probe, args.source, args.target, staging, **options)
+    print(f"wrote source.png, edited.png, {count} masks and params.json to {folder}/")
 
 
-def _write_edit(probe, source: str, target: str, folder: Path, **options) -> None:
+def _write_edit(probe, source: str, target: str, folder: Path, **options) -> int:
     import numpy as np
     from PIL import Image
 
@@ -74,12 +198,34 @@ def _write_edit(probe, source: str, target: str, folder: Path, **options) -> Non
         picture = Image.fromarray((np.asarray(mask) * 255).astype(np.uint8)).resize(size, Image.NEAREST)
         picture.save(folder / f"mask_step{step:02d}.png")
     (folder / "params.json").write_text(json.dumps(result.params, indent=2))
-    print(f"wrote source.png, edited.png, {len(result.masks)} masks and params.json to {folder}/")
+    return len(result.masks)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 1 (or leave it out for "
+                                         f"the preset's default)")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: give a number in [0, 1]")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
+    top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    commands = top.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="describe a model: family, blocks, token layout, hook points")
     info.add_argument("model", help="preset name (e.g. toy, sd3-medium), hub id, or local pipeline directory")
@@ -92,9 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     maps.add_argument("prompt")
     maps.add_argument("--out", default="out", help="output directory (default: out)")
     maps.add_argument("--seed", type=int, default=0)
-    maps.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    maps.add_argument("--words", nargs="*", help="words to show (default: the prompt's content words)")
+    maps.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
+    maps.add_argument("--words", nargs="+", help="words to show (default: the prompt's content words)")
     maps.add_argument("--edit", metavar="TARGET", help="also edit the image into this prompt (writes DIR/edit/)")
+    maps.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     maps.set_defaults(run=_maps)
 
     edit = commands.add_parser("edit", help="edit an image by prompt: q/k injection plus local blending")
@@ -103,18 +250,48 @@ def main(argv: list[str] | None = None) -> None:
     edit.add_argument("target", help="the target prompt")
     edit.add_argument("--out", default="out/edit", help="output directory (default: out/edit)")
     edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--steps", type=int, default=None)
-    edit.add_argument("--variant", default="qiki", help="qiki (default), qk, qi, ki, qikt, kivi or none")
-    edit.add_argument("--tau", type=float, help="fraction of steps with q/k injection (default: preset)")
-    edit.add_argument("--eta", type=float, help="fraction of steps with local blending (default: preset)")
-    edit.add_argument("--theta", type=float, help="local-blend threshold (default: preset)")
+    edit.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
+    edit.add_argument("--variant", default="qiki", choices=["qiki", "qk", "qi", "ki", "qikt", "kivi", "none"],
+                      help="which activations the target takes from the source (default qiki)")
+    edit.add_argument("--tau", type=_fraction, help="fraction of steps with q/k injection, 0-1 (default: preset)")
+    edit.add_argument("--eta", type=_fraction, help="fraction of steps with local blending, 0-1 (default: preset)")
+    edit.add_argument("--theta", type=_fraction, help="local-blend threshold, 0-1 (default: preset)")
     edit.add_argument("--no-blend", action="store_true", help="no local blending")
+    edit.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     edit.set_defaults(run=_edit)
 
-    add_sweep_commands(commands)
+    from .sweep.commands import add_commands as add_sweep_commands  # light: the sweep imports lazily
 
-    args = parser.parse_args(argv)
-    args.run(args)
+    add_sweep_commands(commands)
+    for sub in commands.choices.values():  # --debug is accepted after the command too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error")
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)  # usage errors: argparse's one line and exit code 2
+    try:
+        args.run(args)
+    except UsageError as error:
+        if args.debug:
+            raise
+        _fail(args.command, error, 2)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as error:
+        if args.debug:
+            raise
+        _fail(args.command, error, 1)
+
+
+def _fail(command: str, error: BaseException, code: int) -> None:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    message = " ".join(str(message).split()) or type(error).__name__
+    kind = "" if isinstance(error, UsageError) else f"{type(error).__name__}: "
+    hint = "" if code == 2 else " (run with --debug for the traceback)"
+    print(f"mmdit-probe {command}: error: {kind}{message}{hint}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,18 @@ I2T maps are stored transposed, so in both kinds a word's map is a column.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
+from . import validation
 from .tokens import Token, TokenTable
 
 KINDS = ("t2i", "i2t")
@@ -108,12 +111,12 @@ class AttentionMaps:
             return list(range(len(self.blocks)))
         if isinstance(blocks, str):
             if blocks != "top":
-                raise ValueError(f"blocks={blocks!r}; use None (all), 'top' or a list of block indices")
+                raise validation.InvalidInput(f"blocks={blocks!r}; use None (all), 'top' or a list of block indices")
             missing = [b for b in self.top_layers if b not in self.blocks]
             if missing or not self.top_layers:
                 raise ValueError(f"top layers {list(self.top_layers)} were not all recorded (have {self.blocks})")
             blocks = self.top_layers
-        blocks = [blocks] if isinstance(blocks, int) else list(blocks)
+        blocks = validation.index_list("blocks", blocks, what="recorded block indices")
         for b in blocks:
             if b not in self.blocks:
                 raise IndexError(f"block {b} was not recorded; recorded blocks: {self.blocks}")
@@ -123,8 +126,11 @@ class AttentionMaps:
         if steps is None:
             return list(range(len(self.steps)))
         if isinstance(steps, slice):
-            steps = range(*steps.indices(max(self.steps) + 1))
-        steps = [steps] if isinstance(steps, int) else list(steps)
+            chosen = list(range(*steps.indices(max(self.steps) + 1)))
+            if not chosen:
+                raise validation.InvalidInput(f"steps={steps} selects no step: the recorded steps are {self.steps}")
+            steps = chosen
+        steps = validation.index_list("steps", steps, what="recorded step indices")
         for s in steps:
             if s not in self.steps:
                 raise IndexError(f"step {s} was not recorded; recorded steps: {self.steps}")
@@ -132,12 +138,14 @@ class AttentionMaps:
 
     def _row(self, prompt: int, half: str) -> int:
         n = len(self.tables)
+        prompt = validation.integer("prompt", prompt, minimum=0)
         if not 0 <= prompt < n:
             raise IndexError(f"prompt index {prompt} out of range: {n} prompts")
+        validation.choice("half", half, ("cond", "uncond"))
         if self.rows == "both":
             return prompt + (n if half == "cond" else 0)
         if half != self.rows:
-            raise ValueError(f"only the {self.rows!r} rows were recorded")
+            raise ValueError(f"only the {self.rows!r} rows were recorded; half={half!r} is not available")
         return prompt
 
     def recorded_words(self, prompt: int = 0) -> list[str]:
@@ -153,7 +161,14 @@ class AttentionMaps:
 
     def columns(self, words: str | int | Iterable[str | int], prompt: int = 0) -> list[int]:
         """Indices into the text dimension for a prompt's words (every tokenizer, every occurrence)."""
-        wanted = self.tables[prompt].positions(words if isinstance(words, (str, int)) else list(words))
+        words = validation.word_list("words", words)
+        prompt = validation.integer("prompt", prompt, minimum=0)
+        if prompt >= len(self.tables):
+            raise IndexError(f"prompt index {prompt} out of range: {len(self.tables)} prompts")
+        wanted = self.tables[prompt].positions(words)
+        if not wanted:
+            raise ValueError(f"words {words} of prompt {prompt} have no text positions: they were cut off by the "
+                             f"tokenizers' length; shorten the prompt or raise max_sequence_length")
         missing = [p for p in wanted if p not in self.positions]
         if missing:
             raise ValueError(f"text positions {missing} were not recorded (recorded: {self.positions})")
@@ -163,6 +178,10 @@ class AttentionMaps:
                head: int | None = None, half: str = "cond") -> torch.Tensor:
         """Maps of the chosen words before any averaging: (step, block, image token), word positions averaged."""
         m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
+        if head is not None:
+            head = validation.integer("head", head, minimum=0)
+            if self.heads == "all" and head >= m.shape[2]:
+                raise IndexError(f"head {head} out of range: the maps have heads 0..{m.shape[2] - 1}")
         if self.heads == "all":
             m = m.float().mean(dim=2) if head is None else m[:, :, head]
         elif head is not None:
@@ -190,12 +209,21 @@ class AttentionMaps:
         return m.mean(dim=1).reshape(len(self.steps), *self.grid)
 
     # -- persistence ---------------------------------------------------------
-    def save(self, path: str | Path, *, extra_tensors: dict[str, torch.Tensor] | None = None,
+    def save(self, path: str | Path, *, overwrite: bool = False, extra_tensors: dict[str, torch.Tensor] | None = None,
              extra_metadata: dict[str, str] | None = None) -> Path:
         """One safetensors file: the maps, with everything else as JSON metadata. `extra_tensors` and
         `extra_metadata` ride along in the same file (a sweep record adds its image, masks and scores);
-        `load` ignores them."""
+        `load` ignores them. The file is written whole or not at all (a temporary file in the same
+        folder, renamed into place); an existing file is replaced only with `overwrite=True`."""
         path = Path(path)
+        validation.boolean("overwrite", overwrite)
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot save maps to {path}: it is a folder; give a file name such as "
+                                    f"{path / 'maps.safetensors'}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists: pass overwrite=True to replace it, or choose another name")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save maps to {path}: the folder {path.parent} does not exist")
         meta = {
             "steps": self.steps, "blocks": self.blocks, "positions": self.positions, "grid": list(self.grid),
             "rows": self.rows, "heads": self.heads, "top_layers": list(self.top_layers),
@@ -207,23 +235,85 @@ class AttentionMaps:
         tensors = {k: getattr(self, k).contiguous() for k in self.kinds}
         if self.attn2_entropy is not None:
             tensors["attn2_entropy"] = self.attn2_entropy.contiguous()
-        tensors.update({k: v.contiguous() for k, v in (extra_tensors or {}).items()})
-        save_file(tensors, str(path), metadata={**(extra_metadata or {}), "mmdit_probe": json.dumps(meta)})
+        for name, value in (extra_tensors or {}).items():
+            if name in tensors or not isinstance(value, torch.Tensor):
+                raise validation.InvalidInput(f"extra_tensors[{name!r}] must be a tensor under a name other than "
+                                              f"{', '.join(tensors)}")
+            tensors[name] = value.contiguous()
+        for name, value in (extra_metadata or {}).items():
+            if name == "mmdit_probe" or not isinstance(name, str) or not isinstance(value, str):
+                raise validation.InvalidInput(f"extra_metadata[{name!r}] must be a string under a name other than "
+                                              f"'mmdit_probe'")
+        temporary = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+        try:
+            save_file(tensors, temporary, metadata={**(extra_metadata or {}), "mmdit_probe": json.dumps(meta)})
+            os.replace(temporary, path)
+        except Exception as error:
+            Path(temporary).unlink(missing_ok=True)
+            reason = str(error).replace(temporary, str(path))
+            raise OSError(f"could not save maps to {path}: {reason}") from None
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> AttentionMaps:
+        """Maps written by `save`; the file is checked (metadata schema, tensor shapes against the token
+        tables and grid, finite values) and every error names it."""
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["mmdit_probe"])
-        tensors = load_file(str(path))
-        tables = [TokenTable(t["prompt"], [Token(*row) for row in t["tokens"]], t["text_length"])
-                  for t in meta["tables"]]
-        return cls(t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=meta["steps"], blocks=meta["blocks"],
-                   positions=meta["positions"], tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"],
-                   heads=meta["heads"], top_layers=tuple(meta["top_layers"]),
-                   attn2_blocks=meta.get("attn2_blocks", []), attn2_entropy=tensors.get("attn2_entropy"))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no maps file at {path}")
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+                names = [k for k in (*KINDS, "attn2_entropy") if k in f.keys()]
+                tensors = {k: f.get_tensor(k) for k in names}
+        except Exception as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+        if "mmdit_probe" not in metadata:
+            raise ValueError(f"{path} holds no attention maps: its metadata has no 'mmdit_probe' entry (files written "
+                             f"by AttentionMaps.save have one)")
+        try:
+            meta = json.loads(metadata["mmdit_probe"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: the maps metadata is not valid JSON ({error})") from None
+        try:
+            _check_meta(meta)
+            tables = [TokenTable(t["prompt"], [Token(*row) for row in t["tokens"]], t["text_length"])
+                      for t in meta["tables"]]
+            maps = cls(t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=meta["steps"], blocks=meta["blocks"],
+                       positions=meta["positions"], tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"],
+                       heads=meta["heads"], top_layers=tuple(meta["top_layers"]),
+                       attn2_blocks=meta.get("attn2_blocks", []), attn2_entropy=tensors.get("attn2_entropy"))
+            maps._check_tensors()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a valid maps file: {error}") from None
+        return maps
+
+    def _check_tensors(self) -> None:
+        """Tensor shapes against the metadata (steps, blocks, rows, grid, positions) and finite values."""
+        if not self.kinds:
+            raise ValueError("it holds neither t2i nor i2t maps")
+        rows = len(self.tables) * (2 if self.rows == "both" else 1)
+        image = self.grid[0] * self.grid[1]
+        for kind in self.kinds:
+            m = getattr(self, kind)
+            heads = (m.shape[3],) if self.heads == "all" and m.ndim == 6 else ()
+            expected = (len(self.steps), len(self.blocks), rows, *heads, image, len(self.positions))
+            if tuple(m.shape) != expected:
+                raise ValueError(f"{kind} has shape {tuple(m.shape)}, but its metadata (steps, blocks, rows, "
+                                 f"{'heads, ' if self.heads == 'all' else ''}grid, positions) says {expected}")
+            if not m.is_floating_point() or not torch.isfinite(m).all():
+                raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
+        if self.attn2_entropy is not None:
+            expected = (len(self.steps), len(self.attn2_blocks), rows, image)
+            if tuple(self.attn2_entropy.shape) != expected:
+                raise ValueError(f"attn2_entropy has shape {tuple(self.attn2_entropy.shape)}, expected {expected}")
+            if not torch.isfinite(self.attn2_entropy).all():
+                raise ValueError("attn2_entropy holds NaN or infinite values (a damaged file)")
+        length = max(t.text_length for t in self.tables)
+        if any(not 0 <= p < length for p in self.positions):
+            raise ValueError(f"positions {self.positions} do not fit the token tables ({length} text positions)")
 
     def __repr__(self) -> str:
         shape = {k: tuple(getattr(self, k).shape) for k in self.kinds}
@@ -231,3 +321,35 @@ class AttentionMaps:
                 f"({len(self.steps)}), blocks {self.blocks}, grid {self.grid}, {len(self.positions)} text positions, "
                 f"rows={self.rows!r}, heads={self.heads!r}, shapes {shape})")
 
+
+
+def _check_meta(meta) -> None:
+    """The metadata schema `AttentionMaps.save` writes; raises ValueError saying which entry is wrong."""
+    def ints(name, value, *, empty=False):
+        if not isinstance(value, list) or (not value and not empty) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"metadata {name!r} must be a list of whole numbers; got {value!r}")
+
+    if not isinstance(meta, dict):
+        raise ValueError(f"metadata must be a JSON object; got {type(meta).__name__}")
+    for name in ("steps", "blocks", "positions", "grid"):
+        ints(name, meta.get(name))
+    ints("top_layers", meta.get("top_layers"), empty=True)
+    ints("attn2_blocks", meta.get("attn2_blocks", []), empty=True)
+    if len(meta["grid"]) != 2 or min(meta["grid"]) < 1:
+        raise ValueError(f"metadata 'grid' must be [rows, cols] of positive numbers; got {meta['grid']!r}")
+    if meta.get("rows") not in ("cond", "uncond", "both") or meta.get("heads") not in ("mean", "all"):
+        raise ValueError(f"metadata rows={meta.get('rows')!r} / heads={meta.get('heads')!r} are not valid")
+    tables = meta.get("tables")
+    if not isinstance(tables, list) or not tables:
+        raise ValueError("metadata 'tables' must be a non-empty list of token tables")
+    for t in tables:
+        if not isinstance(t, dict) or not isinstance(t.get("prompt"), str) or not isinstance(t.get("text_length"), int):
+            raise ValueError(f"a token table needs a prompt and a text_length; got {t!r:.200}")
+        for row in t.get("tokens", None) or []:
+            if not (isinstance(row, list) and len(row) == 5 and isinstance(row[0], int) and isinstance(row[1], str)
+                    and isinstance(row[2], str) and (row[3] is None or isinstance(row[3], str))
+                    and (row[4] is None or isinstance(row[4], int))):
+                raise ValueError(f"a token row must be [position, encoder, piece, word, word index]; got {row!r}")
+        if not isinstance(t.get("tokens"), list):
+            raise ValueError("a token table needs a list of tokens")

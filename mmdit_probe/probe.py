@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,11 +19,14 @@ import torch
 from diffusers import DiffusionPipeline
 from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
+from . import validation
 from .attention import AttentionRecorder
 from .editing import EditResult, Inversion, edit, invert
+from .editing.qk_injection import check_edit
 from .families import Family, family_for, family_name_for_class
 from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
+from .presets import preset as find_named_preset
 from .taps import ACTIVATIONS, QKV, STREAMS
 from .tokens import TokenTable, tokenize
 
@@ -97,6 +102,15 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
     >>> probe.family.name, probe.family.num_blocks
     ('sd3', 6)
     """
+    if not isinstance(model, (str, Path, DiffusionPipeline)):
+        raise validation.InvalidInput(f"model={model!r} ({type(model).__name__}) is not allowed: give a preset name, a "
+                                      f"hub id, a local pipeline directory or a diffusers pipeline")
+    if dtype is not None:
+        validation.float_dtype("dtype", dtype)
+    if preset is not None and not isinstance(preset, (str, Preset)):
+        raise validation.InvalidInput(f"preset={preset!r} is not allowed: give a preset name ({', '.join(PRESETS)}) "
+                                      f"or a Preset")
+    chosen = find_named_preset(preset) if isinstance(preset, str) else preset  # unknown names fail before loading
     source = None
     if isinstance(model, DiffusionPipeline):
         pipeline = model
@@ -119,7 +133,11 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
         pipeline = _from_pretrained(str(location), **from_pretrained)
     if device is not None:
         pipeline.to(device)
-    probe = Probe(pipeline, preset=preset if preset is not None else source)
+    family = family_for(pipeline)
+    if chosen is not None and chosen.family != family.name:
+        raise validation.InvalidInput(f"preset {chosen.name!r} is for the {chosen.family} family, but this pipeline is "
+                                      f"{family.name}: give a {family.name} preset or leave preset out")
+    probe = Probe(pipeline, preset=chosen if chosen is not None else source)
     if top_layers is not None:
         probe.preset = replace(probe.preset, top_layers=_top_layers(top_layers, probe.family))
     return probe
@@ -132,10 +150,7 @@ def _top_layers(chosen: Sequence[int] | str | Path, family: Family) -> tuple[int
         if not path.is_file():
             raise FileNotFoundError(f"top_layers={str(chosen)!r}: give block indices or a sweep's top_layers.json")
         chosen = json.loads(path.read_text())["top_layers"]
-    blocks = tuple(family.check_block(int(b)) for b in chosen)
-    if not blocks:
-        raise ValueError("top_layers is empty: give at least one block")
-    return blocks
+    return tuple(family.check_block(b) for b in validation.index_list("top_layers", chosen, what="block indices"))
 
 
 class Probe:
@@ -194,8 +209,69 @@ class Probe:
     # -- inputs -------------------------------------------------------------
     def tokens(self, prompt: str, max_sequence_length: int | None = None) -> TokenTable:
         """The token table of a prompt: position, encoder, piece and word of every real token."""
-        length = max_sequence_length or self.preset.max_sequence_length
+        if not isinstance(prompt, str):
+            raise validation.InvalidInput(f"prompt={prompt!r} is not allowed: give the prompt (str)")
+        length = (self.preset.max_sequence_length if max_sequence_length is None
+                  else validation.positive_int("max_sequence_length", max_sequence_length))
         return tokenize(prompt, self.family.text_segments(length), self.pipeline)
+
+    # Pipeline arguments that `inputs` sets itself, and the keyword to use instead.
+    _OWN_ARGUMENTS = {"prompt": "the prompts argument", "num_inference_steps": "steps=",
+                      "guidance_scale": "guidance=", "height": "height=", "width": "width="}
+
+    def check_generation(self, prompts: Any, *, seed: Any = 0, same_noise: Any = True, steps: Any = None,
+                         guidance: Any = None, height: Any = None, width: Any = None,
+                         **kwargs: Any) -> dict[str, Any]:
+        """Check generation arguments before any model call; returns them normalised (see `inputs`)."""
+        checked: dict[str, Any] = {
+            "prompts": validation.prompts(prompts),
+            "seed": validation.integer("seed", seed),
+            "same_noise": validation.boolean("same_noise", same_noise),
+            "steps": validation.optional_positive_int("steps", steps),
+            "guidance": None if guidance is None else validation.number("guidance", guidance, low=0.0),
+        }
+        for name, value in (("height", height), ("width", width)):
+            checked[name] = None if value is None else validation.image_size(name, value, self.family.token_pixels)
+        for key, instead in self._OWN_ARGUMENTS.items():
+            if key in kwargs:
+                raise validation.InvalidInput(f"pass {instead} rather than {key}=")
+        validation.known_keywords(f"{type(self.pipeline).__name__} (generation)", kwargs,
+                                  inspect.signature(self.pipeline.__call__).parameters)
+        if kwargs.get("num_images_per_prompt", 1) != 1:
+            raise validation.InvalidInput(
+                f"num_images_per_prompt={kwargs['num_images_per_prompt']!r} is not supported: repeat the prompt "
+                f"in the list (with same_noise=False for different images) or call again with another seed")
+        if kwargs.get("max_sequence_length") is not None:
+            kwargs["max_sequence_length"] = validation.integer("max_sequence_length", kwargs["max_sequence_length"],
+                                                               minimum=1)
+            if kwargs["max_sequence_length"] > 512:
+                raise validation.InvalidInput(f"max_sequence_length={kwargs['max_sequence_length']} is not allowed: "
+                                              f"T5 takes at most 512 tokens")
+        if kwargs.get("output_type", "pil") not in ("pil", "latent", "np", "pt"):
+            raise validation.InvalidInput(f"output_type={kwargs['output_type']!r} is not allowed: choose 'pil', "
+                                          f"'latent', 'np' or 'pt'")
+        self._warn_unknown_characters(checked["prompts"], kwargs.get("max_sequence_length"))
+        return {**checked, **kwargs}
+
+    def _warn_unknown_characters(self, prompts: list[str], max_sequence_length: int | None) -> None:
+        """Warn when a tokenizer turns characters it does not know into its unknown token: the model sees
+        something else than the prompt (the toy tokenizer maps them to end-of-text)."""
+        length = max_sequence_length or self.preset.max_sequence_length
+        for segment in self.family.text_segments(length):
+            tokenizer = getattr(self.pipeline, segment.tokenizer, None)
+            if tokenizer is None or getattr(self.pipeline, segment.text_encoder, None) is None:
+                continue
+            unknown = tokenizer.unk_token_id
+            if unknown is None:
+                continue
+            for prompt in prompts:
+                enc = tokenizer(prompt, max_length=segment.length, truncation=True, return_offsets_mapping=True)
+                lost = sorted({prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+                               if i == unknown and b > a})
+                if lost:
+                    warnings.warn(f"the {segment.encoder} tokenizer does not know {', '.join(map(repr, lost))} in "
+                                  f"the prompt {prompt!r}: it reads {tokenizer.unk_token!r} there, which changes the "
+                                  f"image; rephrase with characters it knows", UserWarning, stacklevel=4)
 
     def inputs(self, prompts: str | list[str], *, seed: int = 0, same_noise: bool = True,
                steps: int | None = None, guidance: float | None = None, height: int | None = None,
@@ -204,10 +280,14 @@ class Probe:
 
         With `same_noise` every prompt starts from the same initial latent (drawn as the pipeline
         would for `seed`), as editing and prompt comparisons need. Extra keywords pass through.
+        Every argument is checked first (`validation`): 0 never means "the default"; leave it out.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        height = height or self.preset.resolution
-        width = width or self.preset.resolution
+        checked = self.check_generation(prompts, seed=seed, same_noise=same_noise, steps=steps, guidance=guidance,
+                                        height=height, width=width, **kwargs)
+        prompts, seed = checked.pop("prompts"), checked.pop("seed")
+        same_noise, steps, guidance = checked.pop("same_noise"), checked.pop("steps"), checked.pop("guidance")
+        height = checked.pop("height") or self.preset.resolution
+        width = checked.pop("width") or self.preset.resolution
         args: dict[str, Any] = {
             "prompt": prompts,
             "num_inference_steps": steps or self.preset.steps,
@@ -220,7 +300,7 @@ class Probe:
             args["latents"] = self.family.initial_noise(len(prompts), height, width, seed)
         else:
             args["generator"] = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-        args.update(kwargs)
+        args.update(checked)
         return args
 
     def generate(self, prompts: str | list[str], *, seed: int = 0, record: bool | dict = False,
@@ -235,6 +315,9 @@ class Probe:
         >>> out = probe.generate("on the left a large red circle on a white background", record=True)
         >>> out.images[0], out.maps.word("red", blocks="top")
         """
+        if not isinstance(record, (bool, dict)):
+            raise validation.InvalidInput(f"record={record!r} is not allowed: give True, False or a dict of "
+                                          f"AttentionRecorder options")
         inputs = self.inputs(prompts, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                              **kwargs)
         recorder = None
@@ -287,18 +370,39 @@ class Probe:
         """
         return invert(self, image, prompt, **options)
 
-    def edit_image(self, image, source: str, target: str, *, method: str = "fixed-point",
+    def edit_image(self, image, source: str, target: str, *, method: str = "fixed-point", iterations: int = 3,
                    **options: Any) -> EditResult:
-        """Edit a real image: invert it with the source prompt, then edit from that latent."""
-        generation = {k: options[k] for k in ("steps", "guidance", "height", "width") if k in options}
-        inverted = self.invert(image, source, method=method, check=False, **generation)
+        """Edit a real image: invert it with the source prompt, then edit from that latent.
+
+        Every option is checked before the inversion runs. The edit's source row regenerates the image
+        from the inverted latent, so ``result.params["inversion_error"]`` (mean absolute pixel error,
+        0-255; PIL output only) says how well the image was inverted, at no extra cost.
+        """
+        if "latents" in options:
+            raise validation.InvalidInput("edit_image inverts the image to get the latents: do not pass latents=")
+        from .editing.inversion import check_inversion
+
+        check_inversion(method, iterations)
+        check_edit(self, source, target, **options)  # refuse bad edit options before inverting
+        generation = {k: options[k] for k in ("steps", "guidance", "height", "width", "max_sequence_length")
+                      if k in options}
+        inverted = self.invert(image, source, method=method, iterations=iterations, check=False, **generation)
         result = self.edit(source, target, latents=inverted.latents, **options)
         result.params["inversion"] = method
+        result.params["inversion_iterations"] = iterations if method == "fixed-point" else None
+        if hasattr(result.source_image, "size") and options.get("output_type", "pil") == "pil":
+            from .editing.inversion import as_image, pixel_error
+
+            original = as_image(image, result.source_image.size, quiet=True)
+            result.params["inversion_error"] = pixel_error(result.source_image, original)
         return result
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The image-token grid (rows, columns) for an image size (default: the preset's)."""
-        return self.family.grid(height or self.preset.resolution, width or self.preset.resolution)
+        step = self.family.token_pixels
+        height = self.preset.resolution if height is None else validation.image_size("height", height, step)
+        width = self.preset.resolution if width is None else validation.image_size("width", width, step)
+        return self.family.grid(height, width)
 
     def info(self) -> str:
         """A summary: family, blocks, token layout, tap names."""

@@ -11,6 +11,7 @@ handled the same way.
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -54,17 +55,22 @@ class TokenTable:
 
     def positions(self, words: str | int | list[str | int], encoders: tuple[str, ...] | None = None) -> list[int]:
         """Text positions of one word or several (by text or word index); every occurrence."""
-        if isinstance(words, (str, int)):
+        if isinstance(words, (str, numbers.Integral)):
             words = [words]
         found: list[int] = []
         for word in words:
-            if isinstance(word, int):
+            if isinstance(word, numbers.Integral) and not isinstance(word, bool):
+                word = int(word)
                 if not 0 <= word < len(self.words):
                     raise IndexError(f"word index {word} out of range: the prompt has {len(self.words)} words")
                 match = [t for t in self.tokens if t.word_index == word]
             else:
                 key = normalise_word(word)
                 match = [t for t in self.tokens if t.word == key]
+                if not match and key in self.words:
+                    raise KeyError(f"word {word!r} is in the prompt {self.prompt!r} but cut off: the tokenizers keep "
+                                   f"only the first tokens ({self.text_length} text positions in all); shorten the "
+                                   f"prompt or raise max_sequence_length")
                 if not match:
                     raise KeyError(f"word {word!r} is not in the prompt {self.prompt!r}; "
                                    f"its words are: {', '.join(dict.fromkeys(self.words))}")

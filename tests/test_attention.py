@@ -129,9 +129,8 @@ def test_recorder_rejects_bad_requests(tiny_dirs):
         AttentionRecorder(probe, inputs, max_gb=1e-6)
     with pytest.raises(ValueError, match="runs the transformer twice per step"):
         AttentionRecorder(probe, {**inputs, "negative_prompt": "x", "true_cfg_scale": 4.0})
-    recorder = AttentionRecorder(probe, inputs, rows="uncond")
-    with pytest.raises(ValueError, match="needs classifier-free guidance"):
-        recorder._row_index(2)
+    with pytest.raises(ValueError, match="needs classifier-free guidance"):  # checked before the run
+        AttentionRecorder(probe, inputs, rows="uncond")
 
 
 def test_smoothing_and_normalising():

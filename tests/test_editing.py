@@ -49,9 +49,13 @@ def test_same_prompt_with_injection_everywhere_reproduces_the_source(probe, kind
     assert torch.equal(result.edited_image, result.source_image)
 
 
-def test_an_all_zero_blend_mask_gives_the_source(probe, kind):
-    result, _ = edit(probe, kind, tau=0.0, eta=1.0, theta=1.01)  # no map value reaches theta > 1
-    assert all(m.sum() == 0 for m in result.masks)
+def test_an_all_zero_blend_mask_gives_the_source(probe, kind, monkeypatch):
+    # theta > 1 (no map value reaches it) is refused now; an all-zero mask comes from the mask function.
+    from mmdit_probe.editing import qk_injection
+
+    monkeypatch.setattr(qk_injection, "blend_mask", lambda maps, columns, grid, theta: torch.zeros(grid))
+    result, _ = edit(probe, kind, tau=0.0, eta=1.0, theta=1.0)
+    assert result.masks and all(m.sum() == 0 for m in result.masks)
     assert torch.equal(result.edited_image, result.source_image)
 
 

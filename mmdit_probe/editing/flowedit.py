@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .. import validation
 from .inversion import _encode, as_image, decode, sampler_velocity
 
 
@@ -26,8 +27,12 @@ from .inversion import _encode, as_image, decode, sampler_velocity
 def flowedit(probe, image, source: str, target: str, *, skip: float = 0.33, source_guidance: float | None = None,
              target_guidance: float | None = None, seed: int = 0, **generation: Any) -> Image.Image:
     """Edit a real image from `source` to `target` without inversion; returns the edited image."""
-    if not source.strip() or not target.strip():
-        raise ValueError("FlowEdit needs both a source and a target prompt")
+    if not isinstance(source, str) or not isinstance(target, str) or not source.strip() or not target.strip():
+        raise validation.InvalidInput("FlowEdit needs both a source and a target prompt")
+    skip = validation.fraction("skip", skip, " (the share of the steps FlowEdit skips)")
+    for name, value in (("source_guidance", source_guidance), ("target_guidance", target_guidance)):
+        if value is not None:
+            validation.number(name, value, low=0.0)
     inputs = probe.inputs([source, target], seed=seed, **generation)
     image = as_image(image, (inputs["width"], inputs["height"]))
     velocity, sigmas = sampler_velocity(probe, inputs)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import validation
+
 METHODS = ("euler", "heun", "fixed-point")
 
 
@@ -41,8 +43,9 @@ class Inversion:
     reconstruction: Any  # the regenerated image, if checked
 
 
-def as_image(image, size: tuple[int, int]) -> Image.Image:
-    """An RGB PIL image of `size` (width, height); other modes are converted, other sizes resized, with a warning."""
+def as_image(image, size: tuple[int, int], quiet: bool = False) -> Image.Image:
+    """An RGB PIL image of `size` (width, height); other modes are converted, other sizes resized, with a warning
+    (unless `quiet`)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"image arrays must be uint8 (height, width, 3); got {image.dtype}")
@@ -50,11 +53,15 @@ def as_image(image, size: tuple[int, int]) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
     if image.mode != "RGB":
-        warnings.warn(f"converting a {image.mode} image to RGB", stacklevel=3)
+        if not quiet:
+            warnings.warn(f"converting a {image.mode} image to RGB", stacklevel=3)
         image = image.convert("RGB")
     if image.size != size:
-        warnings.warn(f"resizing the image from {image.size} to {size} (the model's resolution)", stacklevel=3)
+        if not quiet:
+            warnings.warn(f"resizing the image from {image.size} to {size} (the model's resolution)", stacklevel=3)
         image = image.resize(size, Image.BICUBIC)
+    if min(image.size) == 0:
+        raise validation.InvalidInput(f"the image is empty ({image.size[0]}x{image.size[1]} pixels)")
     return image
 
 
@@ -125,14 +132,21 @@ def decode(probe, latents: torch.Tensor, height: int, width: int) -> list[Image.
     return pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pil")
 
 
+def check_inversion(method: str, iterations: int) -> int:
+    """Refuse an unknown method or a bad iteration count before anything runs."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise validation.InvalidInput(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    return validation.integer("iterations", iterations, minimum=0)
+
+
 @torch.no_grad()
 def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "fixed-point",
                    iterations: int = 3, **generation: Any) -> torch.Tensor:
     """Run the sampler's ODE backwards from clean latents (in the sampler's layout) to the noise."""
-    if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; choose from {METHODS}")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("inversion needs the prompt that describes the image (got none)")
+    iterations = check_inversion(method, iterations)
+    _check_prompt(prompt)
+    if not isinstance(latents, torch.Tensor) or not torch.isfinite(latents).all():
+        raise validation.InvalidInput("latents must be a tensor of finite values (the clean latents to invert)")
     velocity, sigmas = sampler_velocity(probe, probe.inputs(prompt, seed=0, **generation))
     x = latents.to(velocity.device, velocity.dtype)
     for i in reversed(range(len(sigmas) - 1)):
@@ -148,20 +162,27 @@ def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "
     return x
 
 
+def _check_prompt(prompt) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise validation.InvalidInput("inversion needs the prompt that describes the image (got none)")
+
+
 @torch.no_grad()
-def invert(probe, image, prompt: str, *, method: str = "fixed-point", check: bool = True,
+def invert(probe, image, prompt: str, *, method: str = "fixed-point", iterations: int = 3, check: bool = True,
            **generation: Any) -> Inversion:
     """The initial latent that regenerates `image` from `prompt` (same steps and guidance).
 
     generation: steps, guidance, height, width (default: the preset's), as for generation.
+    iterations: fixed-point iterations per step (method "fixed-point" only).
     check: regenerate from the latent and report the mean absolute pixel error.
     """
-    inputs = probe.inputs(prompt, seed=0, **generation) if isinstance(prompt, str) else None
-    if inputs is None:
-        raise ValueError("inversion needs the prompt that describes the image (got none)")
+    iterations = check_inversion(method, iterations)
+    validation.boolean("check", check)
+    _check_prompt(prompt)
+    inputs = probe.inputs(prompt, seed=0, **generation)
     image = as_image(image, (inputs["width"], inputs["height"]))
     clean = _encode(probe, image, inputs["height"], inputs["width"])
-    x = invert_latents(probe, clean, prompt, method=method, **generation)
+    x = invert_latents(probe, clean, prompt, method=method, iterations=iterations, **generation)
     error, reconstruction = None, None
     if check:
         reconstruction = probe.pipeline(**{**inputs, "latents": x}).images[0]

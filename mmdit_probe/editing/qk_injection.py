@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import validation
 from ..attention import AttentionRecorder, check_one_call_per_step
 from ..maps import AttentionMaps, normalise, smooth
 from ..patching import patch, replace_rows, rows
@@ -76,7 +77,7 @@ def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], th
 def _blocks(family, chosen: list[int] | None, default: tuple[int, ...] | None) -> list[int]:
     """Blocks the caller chose (checked), else the preset's that exist in this model, else all."""
     if chosen is not None:
-        return [family.check_block(b) for b in chosen]
+        return [family.check_block(int(b)) for b in chosen]
     present = [b for b in (default or ()) if b < family.num_blocks]
     return present or list(range(family.num_blocks))
 
@@ -100,6 +101,110 @@ def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], i
             recorder.record_block(step, block, **{k: v for k, v in known.items() if k in needed})
 
 
+@dataclass
+class _Plan:
+    """An edit's checked arguments: everything decided before the model runs."""
+
+    inputs: dict[str, Any]
+    variant: str
+    tau: float
+    eta: float
+    theta: float
+    inject: list[int]
+    inject_steps: list[int]
+    blend_blocks: list[int]
+    blend_steps: list[int]
+    source_words: list[str]
+    target_words: list[str]
+    user_callback: Any
+    user_tensors: list[str]
+
+
+def _words(name: str, words: Any, table) -> list[str] | None:
+    """None, or the chosen words (a str is one word), each checked against its prompt's token table."""
+    if words is None:
+        return None
+    words = [words] if isinstance(words, str) else words
+    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise validation.InvalidInput(f"{name}={words!r} is not allowed: give a list of words of the prompt")
+    for word in words:
+        table.positions(word)  # KeyError naming the prompt's words, or saying the word was cut off
+    return list(words)
+
+
+def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki", tau: float | None = None,
+          eta: float | None = None, theta: float | None = None, inject_blocks: list[int] | None = None,
+          blend_blocks: list[int] | None = None, local_blend: bool = True,
+          source_words: list[str] | None = None, target_words: list[str] | None = None,
+          latents: torch.Tensor | None = None, **generation: Any) -> _Plan:
+    """Check every argument of `edit` and decide steps, blocks and words; runs no model."""
+    for name, prompt in (("source", source), ("target", target)):
+        if not isinstance(prompt, str):
+            raise validation.InvalidInput(f"{name}={prompt!r} is not allowed: give the {name} prompt (str)")
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise validation.InvalidInput(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    preset, family = probe.preset, probe.family
+    what = {"tau": " (the share of the steps with q/k injection)", "eta": " (the share of the steps with local "
+            "blending)", "theta": " (the threshold on max-normalised maps; above 1 no token passes)"}
+    tau = validation.fraction("tau", preset.tau if tau is None else tau, what["tau"])
+    eta = validation.fraction("eta", preset.eta if eta is None else eta, what["eta"])
+    theta = validation.fraction("theta", preset.theta if theta is None else theta, what["theta"])
+    local_blend = validation.boolean("local_blend", local_blend)
+    if inject_blocks is not None:
+        inject_blocks = validation.index_list("inject_blocks", inject_blocks, what="block indices")
+    if blend_blocks is not None:
+        blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
+    inject = _blocks(family, inject_blocks, preset.inject_blocks)
+    user_callback = generation.pop("callback_on_step_end", None)
+    user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
+    inputs = probe.inputs([source, target], seed=seed, **generation)
+    check_one_call_per_step(inputs)
+    if latents is not None:
+        shape = tuple(inputs["latents"].shape[1:])
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) not in (shape, (1, *shape)):
+            raise validation.InvalidInput(f"latents of shape {tuple(getattr(latents, 'shape', ()))} do not fit: "
+                                          f"give one initial latent of shape {(1, *shape)} for these sizes")
+        if not torch.isfinite(latents).all():
+            raise validation.InvalidInput("latents hold NaN or infinite values")
+        inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
+    if user_callback is not None:
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
+            user_tensors = user_callback.tensor_inputs
+        elif not callable(user_callback):
+            raise validation.InvalidInput(f"callback_on_step_end={user_callback!r} is not callable")
+    user_tensors = list(user_tensors or [])
+    n_steps = inputs["num_inference_steps"]
+    inject_steps = [s for s in range(n_steps) if s < tau * n_steps] if VARIANTS[variant] else []
+
+    length = inputs["max_sequence_length"]
+    tables = [probe.tokens(source, length), probe.tokens(target, length)]
+    given = (source_words, target_words)
+    source_words = _words("source_words", source_words, tables[0])
+    target_words = _words("target_words", target_words, tables[1])
+    if source_words is None and target_words is None:
+        source_words, target_words = edited_words(source, target)
+        if local_blend and eta > 0:  # their masks are needed: a word cut off by the tokenizer cannot make one
+            _words("source_words (the words that differ)", source_words, tables[0])
+            _words("target_words (the words that differ)", target_words, tables[1])
+    elif local_blend and given[0] is not None and given[1] is not None and not source_words and not target_words:
+        raise validation.InvalidInput("source_words and target_words are both empty, so no mask can be made: name "
+                                      "the edited words, or pass local_blend=False")
+    source_words, target_words = list(source_words or []), list(target_words or [])
+    blend_steps: list[int] = []
+    if local_blend and (source_words or target_words):
+        blend_steps = [s for s in range(n_steps) if s < eta * n_steps]
+    blend = _blocks(family, blend_blocks, preset.top_layers) if blend_steps else []
+    return _Plan(inputs, variant, tau, eta, theta, inject, inject_steps, blend, blend_steps, source_words,
+                 target_words, user_callback, user_tensors)
+
+
+def check_edit(probe, source: str, target: str, **options: Any) -> None:
+    """Refuse bad `edit` arguments without running anything (e.g. before a real image is inverted)."""
+    _plan(probe, source, target, **options)
+
+
 def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki", tau: float | None = None,
          eta: float | None = None, theta: float | None = None, inject_blocks: list[int] | None = None,
          blend_blocks: list[int] | None = None, local_blend: bool = True,
@@ -107,39 +212,18 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
          latents: torch.Tensor | None = None, **generation: Any) -> EditResult:
     """Edit `source` into `target` (see the module docstring). Defaults come from the probe's preset.
 
-    generation: steps, guidance, height, width, output_type and other pipeline arguments.
+    generation: steps, guidance, height, width, output_type and other pipeline arguments. A
+    `callback_on_step_end` of the caller runs after each step's local blending (it sees the blended latents).
     latents: an initial latent (e.g. from inversion) instead of the noise drawn for `seed`.
+    Every argument is checked before the model runs; nothing stays switched on after an error.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    preset, family = probe.preset, probe.family
-    tau = preset.tau if tau is None else tau
-    eta = preset.eta if eta is None else eta
-    theta = preset.theta if theta is None else theta
-    inject = _blocks(family, inject_blocks, preset.inject_blocks)
-    inputs = probe.inputs([source, target], seed=seed, **generation)
-    if latents is not None:
-        inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
-    n_steps = inputs["num_inference_steps"]
-    inject_steps = [s for s in range(n_steps) if s < tau * n_steps] if VARIANTS[variant] else []
-
-    if source_words is None and target_words is None:
-        source_words, target_words = edited_words(source, target)
-    source_words, target_words = list(source_words or []), list(target_words or [])
-    recorder = None
-    blend_steps: list[int] = []
-    if local_blend and (source_words or target_words):
-        blend_steps = [s for s in range(n_steps) if s < eta * n_steps]
-    if blend_steps:
-        blocks = _blocks(family, blend_blocks, preset.top_layers)
-        recorder = AttentionRecorder(probe, inputs, blocks=blocks, steps=blend_steps, kinds=["t2i"], rows="cond",
-                                     positions=source_words + target_words, dtype=torch.float32)
-        tables = recorder.tables
-        columns = ([recorder.positions.index(p) for p in tables[0].positions(source_words)] if source_words else [],
-                   [recorder.positions.index(p) for p in tables[1].positions(target_words)] if target_words else [])
-
+    plan = _plan(probe, source, target, seed=seed, variant=variant, tau=tau, eta=eta, theta=theta,
+                 inject_blocks=inject_blocks, blend_blocks=blend_blocks, local_blend=local_blend,
+                 source_words=source_words, target_words=target_words, latents=latents, **generation)
+    family, inputs, theta = probe.family, plan.inputs, plan.theta
+    source_words, target_words = plan.source_words, plan.target_words
     masks: dict[int, torch.Tensor] = {}
-    check_one_call_per_step(inputs)
+    user_callback = plan.user_callback
 
     def blend_latents(pipeline, step, timestep, tensors):
         latents = tensors["latents"]
@@ -147,21 +231,34 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
             m = family.mask_to_latents(masks[step], latents.shape[1:]).to(latents)
             latents = latents.clone()
             latents[1] = latents[0] + m * (latents[1] - latents[0])
-        return {"latents": latents}
+        if user_callback is None:
+            return {"latents": latents}
+        returned = user_callback(pipeline, step, timestep, {**tensors, "latents": latents})
+        return {"latents": latents, **(returned or {})}
 
     def inject_rows(x: torch.Tensor) -> torch.Tensor:  # the target's conditional row takes the source's
         return replace_rows(x, rows(2, x, 0), rows(2, x, 1))
 
     inputs["callback_on_step_end"] = blend_latents
-    inputs["callback_on_step_end_tensor_inputs"] = ["latents"]
-    active = max([s + 1 for s in inject_steps + blend_steps], default=0)
-    blocks = sorted(set(inject) | set(recorder.blocks if recorder else []))
+    inputs["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys(["latents", *plan.user_tensors]))
+    recorder = None
     try:
+        if plan.blend_steps:
+            recorder = AttentionRecorder(probe, inputs, blocks=plan.blend_blocks, steps=plan.blend_steps,
+                                         kinds=["t2i"], rows="cond", positions=source_words + target_words,
+                                         dtype=torch.float32)
+            tables = recorder.tables
+            columns = ([recorder.positions.index(p) for p in tables[0].positions(source_words)]
+                       if source_words else [],
+                       [recorder.positions.index(p) for p in tables[1].positions(target_words)]
+                       if target_words else [])
+        active = max([s + 1 for s in plan.inject_steps + plan.blend_steps], default=0)
+        blocks = sorted(set(plan.inject) | set(recorder.blocks if recorder else []))
         with probe.model.generate(**inputs) as tracer:
             for step in tracer.iter[0:active]:
-                injected = VARIANTS[variant] if step in inject_steps else ()
-                _inject_and_record(probe, step, blocks, inject, injected, recorder, inject_rows)
-                if recorder is not None and step in blend_steps:
+                injected = VARIANTS[plan.variant] if step in plan.inject_steps else ()
+                _inject_and_record(probe, step, blocks, plan.inject, injected, recorder, inject_rows)
+                if recorder is not None and step in plan.blend_steps:
                     t2i = recorder.step_maps(step)  # (block, row, image, text): rows are [source, target]
                     parts = [blend_mask(t2i[:, r], c, recorder.grid, theta) for r, c in enumerate(columns) if c]
                     masks[step] = torch.stack(parts).amax(dim=0)
@@ -173,9 +270,9 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     images = output.images
     if maps is not None and inputs.get("output_type", "pil") == "pil":
         maps.images = list(images)
-    params = {"source": source, "target": target, "seed": seed, "variant": variant, "tau": tau, "eta": eta,
-              "theta": theta, "inject_blocks": inject, "inject_steps": inject_steps,
-              "blend_blocks": recorder.blocks if recorder else [], "blend_steps": blend_steps,
-              "source_words": source_words, "target_words": target_words, "steps": n_steps,
+    params = {"source": source, "target": target, "seed": int(seed), "variant": plan.variant, "tau": plan.tau,
+              "eta": plan.eta, "theta": theta, "inject_blocks": plan.inject, "inject_steps": plan.inject_steps,
+              "blend_blocks": recorder.blocks if recorder else [], "blend_steps": plan.blend_steps,
+              "source_words": source_words, "target_words": target_words, "steps": inputs["num_inference_steps"],
               "guidance": inputs["guidance_scale"]}
     return EditResult(images[0], images[1], [masks[s].cpu().numpy() for s in sorted(masks)], maps, params, inputs)

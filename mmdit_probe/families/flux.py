@@ -111,9 +111,13 @@ class FluxFamily(Family):
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]
 
+    @property
+    def token_pixels(self) -> int:
+        """The side in pixels of the square an image token covers: latents are packed 2x2 into one token."""
+        return self.pipeline.vae_scale_factor * 2
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        # Latents are packed 2x2 into one token.
-        step = self.pipeline.vae_scale_factor * 2
+        step = self.token_pixels
         return height // step, width // step
 
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -80,8 +80,13 @@ class SD3Family(Family):
         return [TextSegment("clip", "tokenizer", "text_encoder", 0, clip),
                 TextSegment("t5", "tokenizer_3", "text_encoder_3", clip, max_sequence_length)]
 
+    @property
+    def token_pixels(self) -> int:
+        """The side in pixels of the square an image token covers (VAE factor x patch size)."""
+        return self.pipeline.vae_scale_factor * self.transformer.config.patch_size
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        step = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
+        step = self.token_pixels
         return height // step, width // step
 
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:

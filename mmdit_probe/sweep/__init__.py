@@ -5,19 +5,16 @@
 >>> sweep_report("out/sweep")["top_layers"]
 """
 
-from .masks import FolderMasks, GroundedSam, ToyMasks, mask_source
-from .report import sweep_report
-from .run import (
-    ConfigMismatch,
-    PromptItem,
-    SweepConfig,
-    SweepResult,
-    load_prompts,
-    read_record,
-    record_masks,
-    sweep,
-    toy_prompts,
-)
+from .._lazy import lazy
 
-__all__ = ["sweep", "sweep_report", "toy_prompts", "load_prompts", "PromptItem", "SweepConfig", "SweepResult",
-           "ConfigMismatch", "read_record", "record_masks", "ToyMasks", "FolderMasks", "GroundedSam", "mask_source"]
+# Each name from its module, imported on first use: `mmdit-probe --help` registers the sweep's
+# commands (sweep/commands.py) without importing torch.
+_LAZY = {
+    **dict.fromkeys(["FolderMasks", "GroundedSam", "ToyMasks", "mask_source"], ".masks"),
+    "sweep_report": ".report",
+    **dict.fromkeys(["ConfigMismatch", "PromptItem", "SweepConfig", "SweepResult", "load_prompts", "read_record",
+                     "record_masks", "sweep", "toy_prompts"], ".run"),
+}
+__all__ = list(_LAZY)
+
+__getattr__, __dir__ = lazy(__name__, _LAZY)

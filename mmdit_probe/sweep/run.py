@@ -358,7 +358,7 @@ def _write_record(path: Path, maps, extra: dict[str, torch.Tensor], meta: dict) 
     meta["checksum"] = _checksum(tensors)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if maps is not None:
-        maps.save(tmp, extra_tensors=extra, extra_metadata={"sweep": json.dumps(meta)})
+        maps.save(tmp, overwrite=True, extra_tensors=extra, extra_metadata={"sweep": json.dumps(meta)})
     else:
         from safetensors.torch import save_file
 

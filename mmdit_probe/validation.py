@@ -1,0 +1,160 @@
+"""One place for the checks of user-facing parameters, run before any model call.
+
+Every check names the parameter, the value it got, what is allowed and what to do; the API
+(`Probe.inputs/generate`, `edit`, `invert`, `AttentionRecorder`, `AttentionMaps`, `load`) and the
+CLI share them. Integers may be Python or numpy integers (never bools or floats); numbers must be
+finite.
+
+>>> positive_int("steps", 0)
+Traceback (most recent call last):
+ValueError: steps=0 is not allowed: give a whole number >= 1 (or leave steps out for the preset's default)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+
+class InvalidInput(ValueError):
+    """A user-facing parameter refused before anything ran (the CLI answers it with exit code 2)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer(name: str, value: Any, *, minimum: int | None = None, default_hint: str = "") -> int:
+    """A whole number (Python or numpy), at least `minimum`; returned as a Python int."""
+    if not _is_int(value):
+        kind = type(value).__name__
+        raise InvalidInput(f"{name}={value!r} ({kind}) is not allowed: give a whole number"
+                           + (f" >= {minimum}" if minimum is not None else "") + default_hint)
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise InvalidInput(f"{name}={value} is not allowed: give a whole number >= {minimum}{default_hint}")
+    return value
+
+
+def positive_int(name: str, value: Any, *, default_hint: str | None = None) -> int:
+    hint = f" (or leave {name} out for the preset's default)" if default_hint is None else default_hint
+    return integer(name, value, minimum=1, default_hint=hint)
+
+
+def optional_positive_int(name: str, value: Any) -> int | None:
+    """None (the preset's default) or a whole number >= 1: 0 never silently means the default."""
+    return None if value is None else positive_int(name, value)
+
+
+def number(name: str, value: Any, *, low: float | None = None, high: float | None = None, what: str = "") -> float:
+    """A finite real number in [low, high]; returned as a float."""
+    allowed = (f"a number in [{low}, {high}]" if low is not None and high is not None
+               else f"a number >= {low}" if low is not None else "a finite number")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise InvalidInput(f"{name}={value!r} ({type(value).__name__}) is not allowed: give {allowed}{what}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidInput(f"{name}={value!r} is not allowed: give {allowed}{what}")
+    return value
+
+
+def fraction(name: str, value: Any, what: str = "") -> float:
+    """A number in [0, 1] (a share of the steps, a threshold on max-normalised maps)."""
+    return number(name, value, low=0.0, high=1.0, what=what)
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name}={value!r} is not allowed: give True or False")
+    return value
+
+
+def choice(name: str, value: Any, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidInput(f"{name}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def index_list(name: str, values: Any, *, what: str = "indices") -> list[int]:
+    """A non-empty list of distinct whole numbers (one whole number is a list of one)."""
+    if _is_int(values):
+        return [int(values)]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InvalidInput(f"{name}={values!r} is not allowed: give a whole number or a list of {what}")
+    values = list(values)
+    if not values:
+        raise InvalidInput(f"{name}=[] selects nothing: give at least one of the {what}, or leave {name} out for all")
+    bad = [v for v in values if not _is_int(v)]
+    if bad:
+        raise InvalidInput(f"{name} must hold whole numbers ({what}); got {bad[0]!r} ({type(bad[0]).__name__})")
+    ints = [int(v) for v in values]
+    duplicates = sorted({v for v in ints if ints.count(v) > 1})
+    if duplicates:
+        raise InvalidInput(f"{name} names {duplicates} more than once: give each of the {what} once")
+    return ints
+
+
+def word_list(name: str, words: Any) -> list[str | int]:
+    """One word (or word index), or a non-empty list of them."""
+    if isinstance(words, str) or _is_int(words):
+        words = [words]
+    if isinstance(words, bytes) or not isinstance(words, Iterable):
+        raise InvalidInput(f"{name}={words!r} is not allowed: give a word, a word index, or a list of them")
+    words = list(words)
+    if not words:
+        raise InvalidInput(f"{name}=[] selects no word: give at least one word of the prompt")
+    for w in words:
+        if not (isinstance(w, str) or _is_int(w)):
+            raise InvalidInput(f"{name} must hold words (str) or word indices (int); got {w!r}")
+        if isinstance(w, str) and not w.strip():
+            raise InvalidInput(f"{name} holds an empty word: give words of the prompt")
+    return [w if isinstance(w, str) else int(w) for w in words]
+
+
+def prompts(value: Any, name: str = "prompts") -> list[str]:
+    """One prompt or a non-empty list of prompts (strings)."""
+    found = [value] if isinstance(value, str) else value
+    if isinstance(found, (bytes, dict)) or not isinstance(found, Iterable):
+        raise InvalidInput(f"{name}={value!r} is not allowed: give a prompt (str) or a list of prompts")
+    found = list(found)
+    if not found:
+        raise InvalidInput(f"{name}=[] is empty: give at least one prompt")
+    for p in found:
+        if not isinstance(p, str):
+            raise InvalidInput(f"{name} must be strings; got {p!r} ({type(p).__name__})")
+    return found
+
+
+def image_size(name: str, value: Any, multiple: int) -> int:
+    """An image side in pixels: a whole number >= `multiple`, divisible by it (one image token's side)."""
+    value = positive_int(name, value)
+    if value % multiple:
+        below, above = value - value % multiple, value - value % multiple + multiple
+        suggestion = f"{below} or {above}" if below else f"{above}"
+        raise InvalidInput(f"{name}={value} is not allowed: image sides must be multiples of {multiple} pixels "
+                           f"(one image token); use {suggestion}")
+    return value
+
+
+def float_dtype(name: str, value: Any):
+    import torch
+
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InvalidInput(f"{name}={value!r} is not allowed: give a floating-point torch dtype "
+                           f"(torch.float16, torch.bfloat16 or torch.float32)")
+    return value
+
+
+def known_keywords(name: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse keywords a function would pass on to a place that does not take them, with a suggestion."""
+    import difflib
+
+    allowed = sorted(set(allowed))
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(allowed)}"
+            raise InvalidInput(f"{name} got an unknown keyword {key!r}{hint}")
