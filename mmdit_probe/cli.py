@@ -271,9 +271,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)  # usage errors: argparse's one line and exit code 2
+    from .validation import InvalidInput  # light: no torch
+
     try:
         args.run(args)
-    except UsageError as error:
+    except (UsageError, InvalidInput) as error:
         if args.debug:
             raise
         _fail(args.command, error, 2)
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(command: str, error: BaseException, code: int) -> None:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     message = " ".join(str(message).split()) or type(error).__name__
-    kind = "" if isinstance(error, UsageError) else f"{type(error).__name__}: "
+    kind = "" if code == 2 else f"{type(error).__name__}: "
     hint = "" if code == 2 else " (run with --debug for the traceback)"
     print(f"mmdit-probe {command}: error: {kind}{message}{hint}", file=sys.stderr)
     raise SystemExit(code)

@@ -176,6 +176,20 @@ def test_changed_configuration_is_refused(toy, full_run):
         sweep(toy, toy_prompts(5), result.out, num_steps=STEPS, progress=False)
 
 
+def test_the_cli_refuses_a_changed_configuration_as_a_usage_error(full_run, capsys):
+    from mmdit_probe.cli import main
+
+    result, _ = full_run
+    before = sorted(p.stat().st_mtime_ns for p in (result.out / "records").iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "toy", "--prompts", "toy", "--num-prompts", "4", "--steps", str(STEPS + 1),
+              "--out", str(result.out)])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "num_steps: 4 -> 5" in error and "Traceback" not in error
+    assert sorted(p.stat().st_mtime_ns for p in (result.out / "records").iterdir()) == before
+
+
 def test_two_processes_give_the_same_table(full_run, tmp_path):
     """torchrun starts two real CPU processes; each takes its share through accelerate."""
     _, reference = full_run

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..maps import KINDS, normalise, smooth
 from ..metrics import METRICS, score_maps, token_mask
 from ..tokens import FUNCTION_WORDS, normalise_word
+from ..validation import InvalidInput
 
 RECORD_VERSION = 2  # 2: window slots after the steps in the score array
 GRIDS = ("pixels", "tokens")
@@ -148,8 +149,8 @@ class SweepResult:
         return self.done == self.total
 
 
-class ConfigMismatch(ValueError):
-    """A rerun into an output folder made with different options."""
+class ConfigMismatch(InvalidInput):
+    """A rerun into an output folder made with different options (a usage error: exit code 2 in the CLI)."""
 
 
 def sweep(model, prompts: list[PromptItem] | str, out: str | Path, *, masks=None, blocks=None, record_steps=None,
