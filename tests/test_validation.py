@@ -88,6 +88,9 @@ def refused(calls, error, match, call, *args, **kwargs):
     ({"max_sequence_length": 1000}, "T5 takes at most 512 tokens"),
     ({"output_type": "png"}, "output_type='png' is not allowed"),
     ({"record": "yes"}, "record='yes' is not allowed"),
+    ({"latents": torch.zeros(1, 16, 4, 4)}, r"latents of shape \(1, 16, 4, 4\) do not fit 1 prompt\(s\) at 64x64: give "
+                                            r"a tensor of shape \(1, 16, 8, 8\)"),
+    ({"latents": torch.full((1, 16, 8, 8), float("nan"))}, "latents hold NaN"),
 ])
 def test_bad_generation_arguments_are_refused_before_running(sd3, calls, bad, match):
     refused(calls, ValueError, match, sd3.generate, SOURCE, **{**GENERATION, "output_type": "latent", **bad})
