@@ -14,8 +14,6 @@ I2T maps are stored transposed, so in both kinds a word's map is a column.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
 from . import validation
+from .files import written_atomically
 from .tokens import Token, TokenTable
 
 KINDS = ("t2i", "i2t")
@@ -244,13 +243,11 @@ class AttentionMaps:
             if name == "mmdit_probe" or not isinstance(name, str) or not isinstance(value, str):
                 raise validation.InvalidInput(f"extra_metadata[{name!r}] must be a string under a name other than "
                                               f"'mmdit_probe'")
-        temporary = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
         try:
-            save_file(tensors, temporary, metadata={**(extra_metadata or {}), "mmdit_probe": json.dumps(meta)})
-            os.replace(temporary, path)
+            with written_atomically(path) as temporary:
+                save_file(tensors, str(temporary), metadata={**(extra_metadata or {}), "mmdit_probe": json.dumps(meta)})
         except Exception as error:
-            Path(temporary).unlink(missing_ok=True)
-            reason = str(error).replace(temporary, str(path))
+            reason = str(error).replace(str(temporary), str(path))
             raise OSError(f"could not save maps to {path}: {reason}") from None
         return path
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..files import written_atomically
 from ..maps import KINDS, normalise, smooth
 from ..metrics import METRICS, score_maps, token_mask
 from ..tokens import FUNCTION_WORDS, normalise_word
@@ -273,9 +273,8 @@ def _write_or_check_config(out: Path, config: SweepConfig) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with written_atomically(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def _written_since(records: Path, started: float) -> int:
@@ -357,14 +356,13 @@ def _write_record(path: Path, maps, extra: dict[str, torch.Tensor], meta: dict) 
     if maps is not None:
         tensors.update({k: maps.tensor(k) for k in maps.kinds})
     meta["checksum"] = _checksum(tensors)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if maps is not None:
-        maps.save(tmp, overwrite=True, extra_tensors=extra, extra_metadata={"sweep": json.dumps(meta)})
-    else:
-        from safetensors.torch import save_file
+    if maps is not None:  # `save` writes whole or not at all
+        maps.save(path, overwrite=True, extra_tensors=extra, extra_metadata={"sweep": json.dumps(meta)})
+        return
+    from safetensors.torch import save_file
 
-        save_file(extra, str(tmp), metadata={"sweep": json.dumps(meta)})
-    os.replace(tmp, path)
+    with written_atomically(path) as temporary:
+        save_file(extra, str(temporary), metadata={"sweep": json.dumps(meta)})
 
 
 def read_record(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -414,9 +412,8 @@ def merge(out: str | Path, prompts: list[PromptItem], config: SweepConfig) -> tu
                         ("metric", pa.string()), ("grid", pa.string()), ("value", pa.float64())])
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     path = out / "scores.parquet"
-    tmp = out / f".scores.parquet.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as temporary:
+        pq.write_table(table, temporary)
     return path, done
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import written_atomically
 from .model import CLIP_LENGTH, T5_LENGTH, TEXT_LAYERS, WEIGHTS_DIR, build_pipeline
 from .world import caption, render, sample_split_scene, unplaced_caption_is_held_out
 
@@ -177,8 +178,8 @@ def train(out: Path, minutes: float, max_steps: int, seed: int, n_scenes: int, v
     def save() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "gen": gen.get_state(), "step": step, "warmup_from": warmup_from}
-        torch.save(state, ckpt_path.with_suffix(".tmp"))
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        with written_atomically(ckpt_path) as temporary:
+            torch.save(state, temporary)
 
     deadline = time.monotonic() + minutes * 60
     bar = tqdm(total=max_steps, initial=step, desc="diffusion")
