@@ -301,19 +301,11 @@ class Probe:
         else:
             args["generator"] = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
         if checked.get("latents") is not None:
-            self._check_latents(checked["latents"], len(prompts), height, width)
+            expected = (len(prompts), *self.family.initial_noise(1, height, width, 0).shape[1:])
+            validation.latents(checked["latents"], (expected,), f"{len(prompts)} prompt(s) at {height}x{width}",
+                               " (one row per prompt), or leave latents out")
         args.update(checked)
         return args
-
-    def _check_latents(self, latents: Any, n_prompts: int, height: int, width: int) -> None:
-        """Initial latents given to `inputs` must be the pipeline's, for these prompts and sizes."""
-        expected = (n_prompts, *self.family.initial_noise(1, height, width, 0).shape[1:])
-        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
-            raise validation.InvalidInput(
-                f"latents of shape {tuple(getattr(latents, 'shape', ()))} do not fit {n_prompts} prompt(s) at "
-                f"{height}x{width}: give a tensor of shape {expected} (one row per prompt), or leave latents out")
-        if not torch.isfinite(latents).all():
-            raise validation.InvalidInput("latents hold NaN or infinite values")
 
     def generate(self, prompts: str | list[str], *, seed: int = 0, record: bool | dict = False,
                  steps: int | None = None, guidance: float | None = None, height: int | None = None,

@@ -148,6 +148,18 @@ def float_dtype(name: str, value: Any):
     return value
 
 
+def latents(value: Any, shapes: tuple[tuple[int, ...], ...], fits: str, hint: str = ""):
+    """An initial-latent tensor of one of `shapes` (the first is named in the message), of finite values."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) not in shapes:
+        raise InvalidInput(f"latents of shape {tuple(getattr(value, 'shape', ()))} do not fit {fits}: give a tensor "
+                           f"of shape {shapes[0]}{hint}")
+    if not torch.isfinite(value).all():
+        raise InvalidInput("latents hold NaN or infinite values")
+    return value
+
+
 def known_keywords(name: str, given: Iterable[str], allowed: Iterable[str]) -> None:
     """Refuse keywords a function would pass on to a place that does not take them, with a suggestion."""
     import difflib

@@ -161,11 +161,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     check_one_call_per_step(inputs)
     if latents is not None:
         shape = tuple(inputs["latents"].shape[1:])
-        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) not in (shape, (1, *shape)):
-            raise validation.InvalidInput(f"latents of shape {tuple(getattr(latents, 'shape', ()))} do not fit: "
-                                          f"give one initial latent of shape {(1, *shape)} for these sizes")
-        if not torch.isfinite(latents).all():
-            raise validation.InvalidInput("latents hold NaN or infinite values")
+        validation.latents(latents, ((1, *shape), shape), "one prompt at these sizes (the edit repeats it)")
         inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
     if user_callback is not None:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
