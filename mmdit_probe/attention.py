@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import validation
+from .concepts import ConceptStream
 from .maps import KINDS, AttentionMaps
 from .tokens import normalise_word
 
@@ -68,12 +69,16 @@ class AttentionRecorder:
     max_gb: refuse (before running) a recording whose maps would exceed this much memory.
     attn2: also record SD3.5-M's image-only attention (`attn2`) of the chosen blocks that have it,
         as the entropy of each image query's attention (nats, head mean); never mixed into T2I/I2T.
+    concepts: words carried through the blocks as concept tokens (`mmdit_probe.concepts`), one list for
+        every prompt or one list per prompt; their "concept" (output space) and "concept_xattn" maps
+        are recorded beside T2I/I2T, same blocks, steps and rows, head mean. The generation is unchanged.
     """
 
     def __init__(self, probe, inputs: dict[str, Any], *, blocks: Iterable[int] | None = None,
                  steps: Iterable[int] | None = None, kinds: Iterable[str] = KINDS, heads: str = "mean",
                  rows: str = "cond", positions: str | list[int] | list[str] = "real",
-                 dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False) -> None:
+                 dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False,
+                 concepts: Iterable[str] | Iterable[Iterable[str]] | None = None) -> None:
         check_one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
@@ -126,6 +131,11 @@ class AttentionRecorder:
         attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
                                                                    for b in self.attn2_blocks]
         self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
+        self.concepts = None
+        if concepts is not None:
+            self.concepts = ConceptStream(probe, concepts, len(self.prompts), length, blocks=self.blocks,
+                                          steps=self.steps, rows=self._row_index, dtype=dtype)
+            self.concepts.install()
         for processor in self._processors:
             processor.record_lse = True
 
@@ -244,6 +254,8 @@ class AttentionRecorder:
         """Stop asking the kernels for log-sum-exps (`maps()` does this too)."""
         for processor in self._processors:
             processor.record_lse = False
+        if self.concepts is not None:
+            self.concepts.remove()
 
     def _gathered(self, name: str, blocks: list[int], steps: list[int]) -> torch.Tensor:
         missing = [(s, b) for s in steps for b in blocks if (s, b) not in self._filled[name]]
@@ -266,9 +278,11 @@ class AttentionRecorder:
         steps = sorted({s for name in self.kinds if name in self._filled for s, _ in self._filled[name]})
         tensors = {kind: self._gathered(kind, self.blocks, steps) for kind in self.kinds if kind in self._host}
         entropy = self._gathered("attn2_entropy", self.attn2_blocks, steps) if self.attn2_blocks else None
+        concept_maps = self.concepts.tensors(steps) if self.concepts is not None else {}
         return AttentionMaps(
             t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=steps, blocks=self.blocks,
             positions=self.positions, tables=self.tables, grid=self.grid, rows=self.rows,
             heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
             attn2_blocks=self.attn2_blocks, attn2_entropy=entropy,
+            concepts=self.concepts.concepts if self.concepts is not None else [], concept_tensors=concept_maps,
         )

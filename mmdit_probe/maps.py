@@ -3,7 +3,9 @@
 Stored tensors have dimensions (step, block, row, [head,] image token, text position): `row` is a
 prompt (or, with rows="both", the unconditional prompts then the conditional ones), image tokens
 are the token grid in raster order, and text positions are `positions` of the text sequence.
-I2T maps are stored transposed, so in both kinds a word's map is a column.
+I2T maps are stored transposed, so in both kinds a word's map is a column. Concept maps
+(`mmdit_probe.concepts`: "concept", output space, and "concept_xattn") have a concept where the
+others have a text position: (step, block, row, image token, concept).
 
 >>> m = maps.word("cat", blocks="top")                   # mean over the preset's top layers, all steps
 >>> m = smooth(m)                                         # Gaussian, kernel 7, sigma 1 on the token grid
@@ -24,8 +26,9 @@ from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
 from . import validation
+from .concepts import CONCEPT_KINDS
 from .files import written_atomically
-from .tokens import Token, TokenTable
+from .tokens import Token, TokenTable, normalise_word
 
 KINDS = ("t2i", "i2t")
 
@@ -89,6 +92,10 @@ class AttentionMaps:
     images: list = field(default_factory=list, repr=False)  # the generated images, when known
     attn2_blocks: list[int] = field(default_factory=list)  # SD3.5-M image-only attention, if recorded
     attn2_entropy: torch.Tensor | None = None  # (step, attn2 block, row, image token), nats
+    concepts: list[list[str]] = field(default_factory=list)  # each prompt's concept words, if concept tokens ran
+    # {"concept": output-space maps, "concept_xattn": image queries x concept keys}, each (step, block, row,
+    # image token, concept), softmax over the concepts
+    concept_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def prompts(self) -> list[str]:
@@ -98,11 +105,37 @@ class AttentionMaps:
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k in KINDS if getattr(self, k) is not None)
 
+    @property
+    def concept_kinds(self) -> tuple[str, ...]:
+        """The concept map kinds recorded ("concept", "concept_xattn"), if concept tokens ran."""
+        return tuple(k for k in CONCEPT_KINDS if k in self.concept_tensors)
+
     def tensor(self, kind: str = "t2i") -> torch.Tensor:
-        m = getattr(self, kind, None) if kind in KINDS else None
+        m = getattr(self, kind) if kind in KINDS else self.concept_tensors.get(kind)
         if m is None:
-            raise ValueError(f"no {kind!r} maps here; recorded kinds: {self.kinds}")
+            raise ValueError(f"no {kind!r} maps here; recorded kinds: {self.kinds + self.concept_kinds}"
+                             + ("" if kind not in CONCEPT_KINDS else
+                                " (record with concepts=[...] for concept maps)"))
         return m
+
+    def concept_columns(self, concepts, prompt: int = 0) -> list[int]:
+        """Indices into the concept dimension of a prompt's concept maps."""
+        names = [concepts] if isinstance(concepts, str) else list(concepts)
+        prompt = validation.integer("prompt", prompt, minimum=0)
+        if not self.concepts:
+            raise ValueError("no concept maps here: record with concepts=[...]")
+        if prompt >= len(self.concepts):
+            raise IndexError(f"prompt index {prompt} out of range: {len(self.concepts)} prompts")
+        found = []
+        for name in names:
+            if not isinstance(name, str):
+                raise validation.InvalidInput(f"concept {name!r} is not allowed: give a concept word (str)")
+            word = normalise_word(name)
+            if word not in self.concepts[prompt]:
+                raise KeyError(f"concept {name!r} was not recorded for prompt {prompt}; its concepts: "
+                               f"{self.concepts[prompt]}")
+            found.append(self.concepts[prompt].index(word))
+        return found
 
     # -- selection ----------------------------------------------------------
     def _block_index(self, blocks) -> list[int]:
@@ -175,8 +208,13 @@ class AttentionMaps:
 
     def select(self, words, *, prompt: int = 0, kind: str = "t2i", blocks=None, steps=None,
                head: int | None = None, half: str = "cond") -> torch.Tensor:
-        """Maps of the chosen words before any averaging: (step, block, image token), word positions averaged."""
+        """Maps of the chosen words before any averaging: (step, block, image token), word positions averaged.
+        For concept kinds, `words` are concepts."""
         m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
+        if kind in CONCEPT_KINDS:
+            if head is not None:
+                raise ValueError("concept maps are head means; head= is for t2i/i2t maps recorded with heads='all'")
+            return m[..., self.concept_columns(words, prompt)].float().mean(dim=-1)
         if head is not None:
             head = validation.integer("head", head, minimum=0)
             if self.heads == "all" and head >= m.shape[2]:
@@ -196,6 +234,16 @@ class AttentionMaps:
         """
         m = self.select(words, prompt=prompt, kind=kind, blocks=blocks, steps=steps, head=head, half=half)
         return m.mean(dim=(0, 1)).reshape(self.grid)
+
+    def concept(self, concepts, *, prompt: int = 0, kind: str = "concept", blocks=None, steps=None,
+                half: str = "cond") -> torch.Tensor:
+        """The (rows, cols) map of a concept, or the mean of several, like `word`: kind "concept" (output space,
+        ConceptAttention's) or "concept_xattn" (image queries x concept keys).
+
+        >>> maps.concept("circle", blocks="top")
+        """
+        validation.choice("kind", kind, CONCEPT_KINDS)
+        return self.word(concepts, prompt=prompt, kind=kind, blocks=blocks, steps=steps, half=half)
 
     def per_block(self, words, *, prompt: int = 0, kind: str = "t2i", steps=None) -> torch.Tensor:
         """(block, rows, cols): a word's map in every recorded block, averaged over steps."""
@@ -226,12 +274,12 @@ class AttentionMaps:
         meta = {
             "steps": self.steps, "blocks": self.blocks, "positions": self.positions, "grid": list(self.grid),
             "rows": self.rows, "heads": self.heads, "top_layers": list(self.top_layers),
-            "attn2_blocks": self.attn2_blocks,
+            "attn2_blocks": self.attn2_blocks, "concepts": self.concepts,
             "tables": [{"prompt": t.prompt, "text_length": t.text_length,
                         "tokens": [[k.position, k.encoder, k.piece, k.word, k.word_index] for k in t.tokens]}
                        for t in self.tables],
         }
-        tensors = {k: getattr(self, k).contiguous() for k in self.kinds}
+        tensors = {k: self.tensor(k).contiguous() for k in self.kinds + self.concept_kinds}
         if self.attn2_entropy is not None:
             tensors["attn2_entropy"] = self.attn2_entropy.contiguous()
         for name, value in (extra_tensors or {}).items():
@@ -263,7 +311,7 @@ class AttentionMaps:
         try:
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-                names = [k for k in (*KINDS, "attn2_entropy") if k in f.keys()]
+                names = [k for k in (*KINDS, *CONCEPT_KINDS, "attn2_entropy") if k in f.keys()]
                 tensors = {k: f.get_tensor(k) for k in names}
         except Exception as error:
             raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
@@ -281,7 +329,9 @@ class AttentionMaps:
             maps = cls(t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=meta["steps"], blocks=meta["blocks"],
                        positions=meta["positions"], tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"],
                        heads=meta["heads"], top_layers=tuple(meta["top_layers"]),
-                       attn2_blocks=meta.get("attn2_blocks", []), attn2_entropy=tensors.get("attn2_entropy"))
+                       attn2_blocks=meta.get("attn2_blocks", []), attn2_entropy=tensors.get("attn2_entropy"),
+                       concepts=meta.get("concepts", []),
+                       concept_tensors={k: tensors[k] for k in CONCEPT_KINDS if k in tensors})
             maps._check_tensors()
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} is not a valid maps file: {error}") from None
@@ -302,6 +352,14 @@ class AttentionMaps:
                                  f"{'heads, ' if self.heads == 'all' else ''}grid, positions) says {expected}")
             if not m.is_floating_point() or not torch.isfinite(m).all():
                 raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
+        for kind in self.concept_kinds:
+            m = self.concept_tensors[kind]
+            expected = (len(self.steps), len(self.blocks), rows, image, max(map(len, self.concepts), default=0))
+            if tuple(m.shape) != expected:
+                raise ValueError(f"{kind} has shape {tuple(m.shape)}, but its metadata (steps, blocks, rows, grid, "
+                                 f"concepts) says {expected}")
+            if not m.is_floating_point() or not torch.isfinite(m).all():
+                raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
         if self.attn2_entropy is not None:
             expected = (len(self.steps), len(self.attn2_blocks), rows, image)
             if tuple(self.attn2_entropy.shape) != expected:
@@ -313,7 +371,7 @@ class AttentionMaps:
             raise ValueError(f"positions {self.positions} do not fit the token tables ({length} text positions)")
 
     def __repr__(self) -> str:
-        shape = {k: tuple(getattr(self, k).shape) for k in self.kinds}
+        shape = {k: tuple(self.tensor(k).shape) for k in self.kinds + self.concept_kinds}
         return (f"AttentionMaps({len(self.tables)} prompt(s), steps {self.steps[0]}..{self.steps[-1]} "
                 f"({len(self.steps)}), blocks {self.blocks}, grid {self.grid}, {len(self.positions)} text positions, "
                 f"rows={self.rows!r}, heads={self.heads!r}, shapes {shape})")
@@ -333,6 +391,10 @@ def _check_meta(meta) -> None:
         ints(name, meta.get(name))
     ints("top_layers", meta.get("top_layers"), empty=True)
     ints("attn2_blocks", meta.get("attn2_blocks", []), empty=True)
+    concepts = meta.get("concepts", [])
+    if not isinstance(concepts, list) or not all(isinstance(c, list) and all(isinstance(w, str) for w in c)
+                                                 for c in concepts):
+        raise ValueError(f"metadata 'concepts' must be one list of words per prompt; got {concepts!r}")
     if len(meta["grid"]) != 2 or min(meta["grid"]) < 1:
         raise ValueError(f"metadata 'grid' must be [rows, cols] of positive numbers; got {meta['grid']!r}")
     if meta.get("rows") not in ("cond", "uncond", "both") or meta.get("heads") not in ("mean", "all"):

@@ -45,6 +45,10 @@ class TapProcessor(nn.Module):
                 self.add_module(f"hook_{activation}_{stream}", HookPoint())
         # Set by attention recording: attention then also yields each query's log-sum-exp.
         self.record_lse = False
+        # Set by a concept stream (`mmdit_probe.concepts`): `concepts` keeps this call's image q/k/v and
+        # attention output; `concept_mode` marks the block's second call, which carries the concepts.
+        self.concepts = None
+        self.concept_mode = False
 
     def hook(self, activation: str, stream: str) -> HookPoint:
         return getattr(self, f"hook_{activation}_{stream}")

@@ -33,6 +33,8 @@ class FluxTapProcessor(TapProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                 image_rotary_emb=None, **kwargs):
+        if self.concept_mode:
+            return self._concepts_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, hidden_states, "img"))
         q, k = attn.norm_q(q), attn.norm_k(k)
 
@@ -71,12 +73,31 @@ class FluxTapProcessor(TapProcessor):
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
+        if self.concepts is not None:
+            self.concepts.keep(*(i.transpose(1, 2) for i in (q[:, n_text:], k[:, n_text:], v[:, n_text:])), image)
         if joint:
             image = attn.to_out[1](attn.to_out[0](image.contiguous()))
             text = attn.to_add_out(text.contiguous())
             return self.hook_out_img(image), self.hook_out_txt(text)
         image = self.hook_out_img(image)
         return torch.cat([self.hook_out_txt(text), image], dim=1)
+
+    def _concepts_forward(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """The block's concept call: the concept tokens, projected and normed as the text is (single-stream
+        blocks: the first `text_length` rows), rotated by the identity rotation of zero ids, attend to the image
+        keys kept from the block's own call and to each other. The dummy image gets zeros. No taps."""
+        joint = attn.added_kv_proj_dim is not None
+        concepts = encoder_hidden_states if joint else hidden_states[:, :self.text_length]
+        stream = "txt" if joint else "img"  # single-stream blocks project text with the image projections
+        cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, concepts, stream))
+        cq, ck = (attn.norm_added_q(cq), attn.norm_added_k(ck)) if joint else (attn.norm_q(cq), attn.norm_k(ck))
+        if image_rotary_emb is not None:
+            cq = apply_rotary_emb(cq, image_rotary_emb, sequence_dim=1)
+            ck = apply_rotary_emb(ck, image_rotary_emb, sequence_dim=1)
+        out = self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
+        if joint:
+            return torch.zeros_like(hidden_states), attn.to_add_out(out)
+        return torch.cat([out, torch.zeros_like(hidden_states[:, self.text_length:])], dim=1)
 
 
 def _set_text_length(block, args, kwargs) -> None:

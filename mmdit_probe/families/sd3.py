@@ -26,6 +26,8 @@ class SD3TapProcessor(TapProcessor):
         super().__init__(("img", "txt") if has_text else ("img",))
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if self.concept_mode:
+            return self._concepts_forward(attn, hidden_states, encoder_hidden_states)
         n_image = hidden_states.shape[1]
         q, k, v = (_heads(t, attn.heads) for t in project_qkv(attn, hidden_states, "img"))
         if attn.norm_q is not None:
@@ -52,6 +54,8 @@ class SD3TapProcessor(TapProcessor):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(q.dtype)
 
+        if self.concepts is not None:
+            self.concepts.keep(*(t[:, :, :n_image] for t in (q, k, v)), out[:, :n_image])
         image = self.hook_out_img(attn.to_out[1](attn.to_out[0](out[:, :n_image])))
         if encoder_hidden_states is None:
             return image
@@ -59,6 +63,19 @@ class SD3TapProcessor(TapProcessor):
         if not attn.context_pre_only:
             text = attn.to_add_out(text)
         return image, self.hook_out_txt(text)
+
+    def _concepts_forward(self, attn, hidden_states, encoder_hidden_states):
+        """The block's concept call: the text stream's projections and norms on the concept tokens, which attend
+        to the image keys kept from the block's own call and to each other; the dummy image gets zeros. No taps."""
+        if encoder_hidden_states is None:  # SD3.5-M attn2: image only, concepts take no part
+            return torch.zeros_like(hidden_states)
+        cq, ck, cv = (_heads(t, attn.heads) for t in project_qkv(attn, encoder_hidden_states, "txt"))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        out = self.concepts.attend(cq, ck, cv).to(cq.dtype)
+        return torch.zeros_like(hidden_states), out if attn.context_pre_only else attn.to_add_out(out)
 
 
 class SD3Family(Family):

@@ -1,4 +1,4 @@
-"""An ipywidgets explorer of recorded maps: block, step, word, T2I/I2T, smoothing, opacity.
+"""An ipywidgets explorer of recorded maps: block, step, word (or concept), T2I/I2T/concept, smoothing, opacity.
 
 Everything is precomputed by the recording; a slider move only re-colours one small map, so it
 is instant. With masks, a bar chart ranks the blocks, which is why a few layers are averaged.
@@ -33,7 +33,11 @@ class Explorer:
             raise ValueError(f"{word!r} is not among the prompt's recorded words: {words}")
         content = [w for w in words if w not in FUNCTION_WORDS]
         self.word = widgets.Dropdown(options=words, value=word or (content or words)[0], description="word")
-        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds], description="map")
+        concepts = maps.concepts[prompt] if maps.concepts else []
+        self.concept = widgets.Dropdown(options=concepts, value=concepts[0] if concepts else None,
+                                        description="concept", disabled=not concepts)
+        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds + maps.concept_kinds],
+                                          description="map")
         self.block = widgets.SelectionSlider(options=maps.blocks, description="block")
         self.top = widgets.Checkbox(value=False, description=f"mean of top layers {list(maps.top_layers)}",
                                     disabled=not set(maps.top_layers) <= set(maps.blocks) or not maps.top_layers)
@@ -43,14 +47,14 @@ class Explorer:
         self.opacity = widgets.FloatSlider(value=0.6, min=0.0, max=1.0, step=0.05, description="opacity")
         self.image = widgets.Image(format="png", layout=widgets.Layout(width=f"{size}px", height=f"{size}px"))
         self.caption = widgets.HTML()
-        controls = [self.word, self.kind, self.block, self.top, self.step, self.all_steps, self.smoothing,
-                    self.opacity]
+        controls = [self.word, self.concept, self.kind, self.block, self.top, self.step, self.all_steps,
+                    self.smoothing, self.opacity]
         for control in controls:
             control.observe(lambda change: self.update(), names="value")
         panels = [widgets.VBox([self.image, self.caption])]
         if masks:
             panels.append(self._scores_panel(masks))
-        self.widget = widgets.VBox([widgets.HBox([widgets.VBox(controls[:4]), widgets.VBox(controls[4:])]),
+        self.widget = widgets.VBox([widgets.HBox([widgets.VBox(controls[:5]), widgets.VBox(controls[5:])]),
                                     widgets.HBox(panels)])
         self.update()
 
@@ -58,7 +62,8 @@ class Explorer:
         kind = self.kind.value.lower()
         blocks = "top" if self.top.value else [self.block.value]
         steps = None if self.all_steps.value else [self.step.value]
-        m = self.maps.word(self.word.value, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
+        name = self.concept.value if kind in self.maps.concept_kinds else self.word.value
+        m = self.maps.word(name, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
         return smooth(m) if self.smoothing.value else m
 
     def update(self) -> None:
@@ -69,7 +74,8 @@ class Explorer:
         self.image.value = png(rgb, scale=max(1, self.size // rgb.shape[0]))
         where = f"top layers {list(self.maps.top_layers)}" if self.top.value else f"block {self.block.value}"
         when = "all steps" if self.all_steps.value else f"step {self.step.value}"
-        self.caption.value = (f"<b>{self.kind.value}</b> of <b>{self.word.value}</b>, {where}, {when}; "
+        name = self.concept.value if self.kind.value.lower() in self.maps.concept_kinds else self.word.value
+        self.caption.value = (f"<b>{self.kind.value}</b> of <b>{name}</b>, {where}, {when}; "
                               f"max {float(m.max()):.3f}")
 
     def _scores_panel(self, masks: dict) -> widgets.Widget:

@@ -1,4 +1,4 @@
-"""matplotlib figures: word x block and word x step grids, T2I beside I2T, block scores."""
+"""matplotlib figures: word x block and word x step grids, T2I beside I2T (and concept maps), block scores."""
 
 from __future__ import annotations
 
@@ -42,23 +42,53 @@ def word_grid(maps: AttentionMaps, words: Sequence[str], *, by: str = "block", p
     return fig
 
 
-def t2i_vs_i2t(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
-               smoothing: bool = True, opacity: float = 0.7) -> plt.Figure:
-    """The image, then for each word its T2I map above its I2T map (same blocks and steps)."""
-    fig, axes = plt.subplots(2, len(words) + 1, figsize=(1.8 * (len(words) + 1), 3.8), squeeze=False)
+KIND_NAMES = {"t2i": "T2I", "i2t": "I2T", "concept": "concept", "concept_xattn": "concept x-attn"}
+
+
+def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[str], *, prompt: int, blocks,
+                   smoothing: bool, opacity: float, row_height: float, fontsize: int) -> plt.Figure:
+    """The image, then one column per word with one row per kind; concept rows stay empty for a word
+    that is not among the prompt's concepts."""
+    fig, axes = plt.subplots(len(kinds), len(words) + 1, figsize=(1.8 * (len(words) + 1), row_height * len(kinds)),
+                             squeeze=False)
     image = _image(maps, prompt)
-    for r, kind in enumerate(("t2i", "i2t")):
+    concepts = maps.concepts[prompt] if maps.concept_kinds else []
+    for r, kind in enumerate(kinds):
         axes[r, 0].axis("off")
         if image is not None and r == 0:
             axes[r, 0].imshow(image)
             axes[r, 0].set_title("image", fontsize=9)
         for c, word in enumerate(words, start=1):
+            if kind in maps.concept_kinds and word.lower() not in concepts:
+                axes[r, c].axis("off")
+                continue
             m = maps.word(word, prompt=prompt, kind=kind, blocks=blocks)
             _show(axes[r, c], maps, smooth(m) if smoothing else m, prompt, opacity)
-            axes[r, c].set_title(f"{word} ({kind.upper()})", fontsize=9)
+            axes[r, c].set_title(f"{word} ({KIND_NAMES[kind]})", fontsize=fontsize)
     fig.suptitle(f"{maps.prompts[prompt]!r}, blocks {blocks}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def t2i_vs_i2t(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
+               smoothing: bool = True, opacity: float = 0.7) -> plt.Figure:
+    """The image, then for each word its T2I map above its I2T map (same blocks and steps)."""
+    return _kinds_by_word(maps, words, ("t2i", "i2t"), prompt=prompt, blocks=blocks, smoothing=smoothing,
+                          opacity=opacity, row_height=1.9, fontsize=9)
+
+
+def three_kinds(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
+                smoothing: bool = True, opacity: float = 0.7) -> plt.Figure:
+    """The image, then for each word its T2I, I2T and concept maps (output space, then concept x-attention) in
+    one column, same blocks and steps; a word that is not among the prompt's concepts leaves its concept rows
+    empty. Needs maps recorded with concepts (`probe.generate(..., concepts=[...])`).
+
+    >>> three_kinds(out.maps, ["circle", "red", "background"])
+    """
+    if not maps.concept_kinds:
+        raise ValueError("these maps have no concept maps: record with concepts=[...] (or use t2i_vs_i2t)")
+    return _kinds_by_word(maps, words, [*maps.kinds, *maps.concept_kinds], prompt=prompt, blocks=blocks,
+                          smoothing=smoothing, opacity=opacity, row_height=1.9, fontsize=8)
 
 
 def block_scores(scores: Sequence[BlockScores] | BlockScores, metric: str = "soft_iou", top: int = 5) -> plt.Figure:

@@ -1,0 +1,264 @@
+"""Concept tokens: ConceptAttention's output-space saliency, read beside T2I and I2T on the same run.
+
+Concept words ("circle", "background", ...) are encoded by the pipeline's own text encoders, like a
+prompt, and carried through every joint block as a residual stream of their own, on the text
+stream's weights (projections, qk-norms, modulation, MLP). After each block's normal call, a
+forward hook calls the block once more, in *concept mode*: the concept stream is its text input, a
+one-token dummy its image input, and the block's `temb` (and, for Flux, the identity rotation of
+zero position ids, as Flux gives its text) are the block's own. In concept mode the tapped attention
+processor ignores the dummy and lets the concept queries attend to the image keys and values kept
+from the block's normal call (post-norm, post-RoPE, after the taps) and to the concept keys; the
+block's own code then applies the modulation, gates, output projection and MLP to the concept
+stream. Image and prompt tokens never see concept keys, so the generation is bit for bit the one
+without concepts. No hook point fires in concept mode, so recording and patching see one call per
+step as before (modules inside the blocks, which nnsight could also read, are called twice).
+
+Under classifier-free guidance every row of the batch (unconditional and conditional) carries the
+same concepts against its own image keys; the maps keep the recorder's rows (the conditional half by
+default).
+
+Maps, per block and step:
+
+- "concept" (ConceptAttention's, output space): softmax over the concepts of the dot product of each
+  image token's attention output with each concept's, both *before* the output projection and over
+  all heads at once (the attention output (tokens, heads x head_dim)), as in ConceptAttention's
+  reference code (`concept_attn` and `img_attn`, einsum over the full feature dimension).
+  ConceptAttention's pipeline takes this softmax per block and step, then averages blocks and steps,
+  as `maps.concept` does.
+- "concept_xattn" (the baseline on the same run): each image query's attention logits on the
+  concept keys, softmax over the concepts, per head, then the head mean. (ConceptAttention's own
+  "cross attention" baseline dots image *queries* with concept *queries*, heads concatenated; this
+  one is the attention the image queries would pay the concept keys.)
+
+Unlike ConceptAttention, which modulates its concepts by a vector built from the concepts' own pooled
+CLIP embedding, the concept stream here is modulated by the block's `temb` (the prompt's), so the
+concept tokens are exactly text tokens that nothing else attends to.
+
+Each concept is one token: the concept, encoded alone as a prompt, gives its first token of the
+word in T5 where the pipeline has T5, else in CLIP (the position `probe.tokens(concept)` names).
+Concepts are one list for every prompt, or one list per prompt: then each prompt's concepts attend
+only to each other (a key mask), and its maps take the softmax over its own concepts only, exactly
+as if each prompt ran alone.
+
+>>> out = probe.generate("on the left a red circle", concepts=["circle", "red", "background"], record=True)
+>>> out.maps.concept("circle", blocks="top")           # (rows, cols), like maps.word
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import validation
+from .tokens import normalise_word
+
+CONCEPT_KINDS = ("concept", "concept_xattn")
+
+
+def check_concepts(concepts, n_prompts: int) -> list[list[str]]:
+    """One list of concepts per prompt, from one list for all prompts or one list per prompt."""
+    if not isinstance(concepts, str) and isinstance(concepts, Iterable):
+        concepts = list(concepts)
+        if concepts and all(isinstance(c, (list, tuple)) for c in concepts):
+            if len(concepts) != n_prompts:
+                raise validation.InvalidInput(f"{len(concepts)} concept lists for {n_prompts} prompt(s): give one list "
+                                              f"per prompt, or one list of words for all of them")
+            return [check_words(c) for c in concepts]
+    return [check_words(concepts)] * n_prompts
+
+
+def check_words(concepts) -> list[str]:
+    """A non-empty list of distinct one-word concepts (str), normalised as words are matched."""
+    if isinstance(concepts, str) or not isinstance(concepts, Iterable):
+        raise validation.InvalidInput(f"concepts={concepts!r} is not allowed: give a list of words, e.g. "
+                                      f"['circle', 'square', 'background']")
+    concepts = list(concepts)
+    if not concepts:
+        raise validation.InvalidInput("concepts=[] is empty: give at least one word (two or more for maps that "
+                                      "compare concepts; add 'background')")
+    found = []
+    for c in concepts:
+        if not isinstance(c, str):
+            raise validation.InvalidInput(f"concept {c!r} ({type(c).__name__}) is not allowed: concepts are words "
+                                          f"(str)")
+        word = normalise_word(c)
+        if not word or " " in word:
+            raise validation.InvalidInput(f"concept {c!r} is not one word: each concept is a single word such as "
+                                          f"'circle'")
+        if word in found:
+            raise validation.InvalidInput(f"concept {c!r} is given twice: give each concept once")
+        found.append(word)
+    return found
+
+
+def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> torch.Tensor:
+    """(concept, joint_attention_dim): each concept encoded alone by the pipeline's `encode_prompt`, the row of
+    the word's first token (T5 where the pipeline has it, else CLIP)."""
+    pipe = probe.pipeline
+    options = {"prompt": concepts, "prompt_2": None, "device": pipe._execution_device,
+               "max_sequence_length": max_sequence_length}
+    if "prompt_3" in inspect.signature(pipe.encode_prompt).parameters:  # SD3: no negative prompts wanted
+        options.update(prompt_3=None, do_classifier_free_guidance=False)
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(**options)[0]
+    rows = []
+    for i, concept in enumerate(concepts):
+        tokens = [t for t in probe.tokens(concept, max_sequence_length).tokens if t.word == concept]
+        if not tokens:
+            raise validation.InvalidInput(f"concept {concept!r} gives no token in this model's tokenizers")
+        chosen = [t for t in tokens if t.encoder == "t5"] or tokens
+        rows.append(embeds[i, chosen[0].position])
+    return torch.stack(rows)
+
+
+class ConceptSlot:
+    """One attention module's share: the image q/k/v and attention output of the block's normal call, and the
+    concept attention of its concept call."""
+
+    def __init__(self, stream: ConceptStream, block: int) -> None:
+        self.stream, self.block = stream, block
+        self.kept: tuple[torch.Tensor, ...] | None = None
+
+    def keep(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Image q, k, v (batch, heads, tokens, dim) after the taps, and the image attention output before the
+        output projection (batch, tokens, heads x dim)."""
+        self.kept = (q, k, v, out)
+
+    def attend(self, cq: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
+        """Concept queries over [image keys | concept keys]: the concepts' attention output (batch, concept,
+        heads x dim), before the output projection. Records the block's maps."""
+        if self.kept is None:
+            raise RuntimeError(f"block {self.block}: concept call before the block's own call")
+        q, k, v, image_out = self.kept
+        mask = self.stream.key_mask
+        if mask is not None:  # prompts with fewer concepts: their spare slots are no keys
+            mask = torch.cat([mask.new_ones(*mask.shape[:3], k.shape[2]), mask], dim=-1)
+        out = F.scaled_dot_product_attention(cq, torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2),
+                                             attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2)
+        self.stream.record(self.block, q, ck, image_out, out)
+        self.kept = None
+        return out
+
+
+class ConceptStream:
+    """The concept tokens' residual stream through every block, and their maps (see the module docstring).
+
+    rows: a function from the batch size to the rows to record (the recorder's `_row_index`).
+    `install()` adds the hooks, `remove()` takes them away; `tensors()` gives the recorded maps as
+    {kind: (step, block, row, image token, concept)} on the CPU.
+    """
+
+    def __init__(self, probe, concepts, n_prompts: int, max_sequence_length: int, *, blocks: list[int],
+                 steps: set[int], rows: Callable[[int], torch.Tensor], dtype: torch.dtype = torch.float16) -> None:
+        self.probe = probe
+        self.concepts = check_concepts(concepts, n_prompts)  # one list per prompt
+        self.blocks, self.steps, self.rows, self.dtype = blocks, steps, rows, dtype
+        words = list(dict.fromkeys(w for c in self.concepts for w in c))
+        encoded = encode_concepts(probe, words, max_sequence_length)
+        # Each prompt's concepts in slots 0..len-1; a shorter list's spare slots are masked out everywhere.
+        slots = max(len(c) for c in self.concepts)
+        self.valid = torch.tensor([[i < len(c) for i in range(slots)] for c in self.concepts])
+        self.embeds = torch.stack([encoded[[words.index(w) for w in c] + [0] * (slots - len(c))]
+                                   for c in self.concepts])
+        self.state: torch.Tensor | None = None  # the concept stream entering the next block
+        self.key_mask: torch.Tensor | None = None  # (batch, 1, 1, slots): which concept keys a row has
+        self.rotary = None  # Flux: the identity rotation of zero ids, one row per concept
+        self.step = -1
+        self._maps: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in CONCEPT_KINDS}
+        self._handles: list = []
+        self._inside = False
+
+    # -- hooks --------------------------------------------------------------
+    def install(self) -> None:
+        family = self.probe.family
+        transformer = self.probe.pipeline.transformer
+        self._handles.append(transformer.register_forward_pre_hook(self._start, with_kwargs=True))
+        for a in family.attentions:
+            if a.name != "attn":
+                continue
+            block = transformer.get_submodule(family.block_path(a.block))
+            processors = [m.processor for m in (getattr(block, "attn", None), getattr(block, "attn2", None))
+                          if m is not None]
+            processors[0].concepts = ConceptSlot(self, a.block)
+            self._handles.append(block.register_forward_hook(self._after_block(processors), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for a in self.probe.family.attentions:
+            processor = self.probe.pipeline.transformer.get_submodule(a.path).processor
+            processor.concepts, processor.concept_mode = None, False
+        self.state = None
+
+    def _start(self, transformer, args, kwargs) -> None:
+        """Each transformer call is a step: the concept stream starts from the context embedder, like the text."""
+        self.step += 1
+        text = kwargs.get("encoder_hidden_states")
+        if text is None:
+            raise RuntimeError("the transformer was called without encoder_hidden_states as a keyword; concept "
+                               "tokens need the pipeline's own call")
+        n, batch = len(self.concepts), text.shape[0]
+        if batch % n:
+            raise RuntimeError(f"a batch of {batch} rows for {n} prompts: concept tokens need one row per prompt, or "
+                               f"two under classifier-free guidance")
+        prompt = torch.arange(batch) % n  # [uncond | cond] rows under guidance
+        embeds = self.embeds[prompt].to(device=text.device, dtype=text.dtype)
+        self.state = transformer.context_embedder(embeds)
+        valid = self.valid[prompt]
+        self.key_mask = None if valid.all() else valid[:, None, None].to(text.device)
+        if kwargs.get("txt_ids") is not None:
+            ids = kwargs["txt_ids"]
+            self.rotary = transformer.pos_embed(ids.new_zeros(self.valid.shape[1], ids.shape[-1]))
+
+    def _after_block(self, processors):
+        def hook(block, args, kwargs, output):
+            if self._inside or self.state is None:
+                return None
+            if args:
+                raise RuntimeError("concept tokens need the blocks called with keywords, as the pipelines call them")
+            hidden = kwargs["hidden_states"]
+            call = {**kwargs, "hidden_states": hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]),
+                    "encoder_hidden_states": self.state}
+            if call.get("image_rotary_emb") is not None:
+                call["image_rotary_emb"] = self.rotary
+            self._inside = True
+            for p in processors:
+                p.concept_mode = True
+            try:
+                self.state = block(**call)[0]  # None after SD3's last (context_pre_only) block
+            finally:
+                self._inside = False
+                for p in processors:
+                    p.concept_mode = False
+            return None
+        return hook
+
+    # -- maps ---------------------------------------------------------------
+    def record(self, block: int, q_img: torch.Tensor, k_concepts: torch.Tensor, image_out: torch.Tensor,
+               concept_out: torch.Tensor) -> None:
+        if self.step not in self.steps or block not in self.blocks:
+            return
+        rows = self.rows(q_img.shape[0]).to(q_img.device)
+        scores = image_out[rows].float() @ concept_out[rows].float().transpose(-1, -2)
+        logits = q_img[rows].float() @ k_concepts[rows].float().transpose(-1, -2) * q_img.shape[-1] ** -0.5
+        if self.key_mask is not None:
+            spare = ~self.key_mask[rows]
+            scores, logits = scores.masked_fill(spare[:, 0], -torch.inf), logits.masked_fill(spare, -torch.inf)
+        self._maps["concept"][(self.step, block)] = scores.softmax(dim=-1).to(self.dtype)
+        self._maps["concept_xattn"][(self.step, block)] = logits.softmax(dim=-1).mean(dim=1).to(self.dtype)
+
+    def tensors(self, steps: list[int]) -> dict[str, torch.Tensor]:
+        """The maps of these steps and every chosen block: {kind: (step, block, row, image token, concept)}."""
+        found = {}
+        for kind, maps in self._maps.items():
+            missing = [(s, b) for s in steps for b in self.blocks if (s, b) not in maps]
+            if missing:
+                raise RuntimeError(f"{kind} maps are missing for (step, block) {missing[:5]}: the concept stream "
+                                   f"did not run through every recorded block")
+            found[kind] = torch.stack([torch.stack([maps[(s, b)] for b in self.blocks]) for s in steps]).cpu()
+        return found
