@@ -295,6 +295,8 @@ def test_bad_inversion_arguments_are_refused_before_running(sd3, calls, bad, mat
     ({"tau": 2.0}, "tau=2.0"),
     ({"target_words": ["zebra"]}, "word 'zebra' is not in the prompt"),
     ({"latents": torch.zeros(1, 16, 8, 8)}, "do not pass latents="),
+    ({"method": "rf-solver"}, r"rf_solver_edit\(probe, source, target, image=image\)"),
+    ({"method": "fireflow"}, r"fireflow_edit\(probe, source, target, image=image\)"),
 ])
 def test_bad_edit_image_arguments_are_refused_before_inverting(sd3, calls, bad, match):
     with pytest.raises((ValueError, KeyError), match=match):

@@ -3,7 +3,13 @@
 - `qk_injection`: the paper's editor, image q/k injection plus local blending from T2I masks
   (`edit`, also `Probe.edit`); on real images after `inversion` (`Probe.edit_image`).
 - `flowedit`: FlowEdit, inversion-free editing of real images (the baseline).
-- `inversion`: the initial noise that regenerates a real image (`invert`, also `Probe.invert`).
+- `rf_solver`: RF-Solver's second-order sampler and RF-Solver-Edit (source values shared in late blocks).
+- `fireflow`: FireFlow's one-call-per-step sampler and its value-sharing edit.
+- `stable_flow`: Stable Flow, the source's image keys and values injected in the vital layers;
+  `vital_layers` finds those layers (bypass one block at a time; also `Probe.vital_layers`).
+- `kv_edit`: KV-Edit, the background's keys and values kept while the masked foreground is regenerated.
+- `inversion`: the initial noise that regenerates a real image (`invert`, also `Probe.invert`);
+  methods euler, heun, fixed-point, rf-solver, fireflow.
 
 Each method is built from the public primitives (hook points, `patching`, the attention recorder),
 so a new one is a module of the same kind.
@@ -11,10 +17,16 @@ so a new one is a module of the same kind.
 >>> from mmdit_probe.editing import edit, flowedit, invert
 """
 
+from .fireflow import FIREFLOW_EDIT, fireflow_edit
 from .flowedit import flowedit
 from .inversion import METHODS as INVERSION_METHODS
 from .inversion import Inversion, invert, invert_latents
+from .kv_edit import kv_edit
 from .qk_injection import VARIANTS, EditResult, blend_mask, edit, edited_words
+from .rf_solver import RF_SOLVER_EDIT, ValueSharing, rf_solver_edit
+from .stable_flow import PUBLISHED_LAYERS, stable_flow
+from .vital_layers import VitalLayers, bypassed, vital_layers
 
 __all__ = ["edit", "EditResult", "VARIANTS", "edited_words", "blend_mask", "flowedit", "invert", "invert_latents",
-           "Inversion", "INVERSION_METHODS"]
+           "Inversion", "INVERSION_METHODS", "rf_solver_edit", "fireflow_edit", "ValueSharing", "RF_SOLVER_EDIT",
+           "FIREFLOW_EDIT", "stable_flow", "PUBLISHED_LAYERS", "vital_layers", "VitalLayers", "bypassed", "kv_edit"]

@@ -6,10 +6,15 @@ text embeddings, guidance, ids), captured from the pipeline itself, so one code 
 every family:
 
 - "euler": plain Euler steps (one velocity per step; the paper's baseline),
-- "heun": a second-order predictor-corrector step (two velocities per step), in the spirit of
-  RF-Solver's higher-order inversion: follows the true ODE more closely;
+- "heun": a second-order predictor-corrector step (two velocities per step): follows the true
+  ODE more closely;
 - "fixed-point": inverts the sampler's own Euler step exactly, x_high = x_low + h v(x_high, σ_high),
-  by fixed-point iteration from the Euler guess (1 + `iterations` velocities per step).
+  by fixed-point iteration from the Euler guess (1 + `iterations` velocities per step);
+- "rf-solver": RF-Solver's second-order Taylor step (two velocities per step; `rf_solver`),
+- "fireflow": FireFlow's midpoint step reusing the last midpoint velocity (one per step; `fireflow`).
+
+The first three invert the pipeline's Euler sampler; "rf-solver" and "fireflow" invert their own
+sampler (`sample_latents`), which `invert(check=True)` regenerates with.
 
 >>> inverted = invert(probe, image, "in the center a red circle on a white background", method="fixed-point")
 >>> inverted.error, inverted.reconstruction
@@ -27,7 +32,9 @@ from PIL import Image
 
 from .. import validation
 
-METHODS = ("euler", "heun", "fixed-point")
+METHODS = ("euler", "heun", "fixed-point", "rf-solver", "fireflow")
+# Methods with their own sampler: they integrate the ODE with `solve` in both directions.
+SOLVERS = ("rf-solver", "fireflow")
 
 
 class _Captured(Exception):
@@ -149,6 +156,8 @@ def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "
         raise validation.InvalidInput("latents must be a tensor of finite values (the clean latents to invert)")
     velocity, sigmas = sampler_velocity(probe, probe.inputs(prompt, seed=0, **generation))
     x = latents.to(velocity.device, velocity.dtype)
+    if method in SOLVERS:
+        return solve(velocity, x, sigmas.flip(0), method)
     for i in reversed(range(len(sigmas) - 1)):
         low, high = float(sigmas[i + 1]), float(sigmas[i])
         v = velocity(x, low)
@@ -160,6 +169,39 @@ def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "
                 guess = x + (high - low) * velocity(guess, high)
         x = guess
     return x
+
+
+def solver(method: str):
+    """A fresh step function of a method in `SOLVERS`: ``step(velocity, x, sigma, following)``."""
+    from .fireflow import FireFlow  # imported here: those modules build on this one
+    from .rf_solver import RFSolver
+
+    return {"rf-solver": RFSolver, "fireflow": FireFlow}[method]()
+
+
+def solve(velocity, x: torch.Tensor, sigmas: torch.Tensor, method: str, before_step=None) -> torch.Tensor:
+    """Integrate dx/dσ = velocity(x, σ) over the grid `sigmas` (descending: sampling; ascending:
+    inversion) with one solver of `SOLVERS`; `before_step(i)` runs before step i (e.g. to switch a hook)."""
+    step = solver(method)
+    for i in range(len(sigmas) - 1):
+        if before_step is not None:
+            before_step(i)
+        x = step(velocity, x, float(sigmas[i]), float(sigmas[i + 1]))
+    return x
+
+
+@torch.no_grad()
+def sample_latents(probe, inputs: dict, method: str) -> torch.Tensor:
+    """Clean latents (sampler layout) from `inputs` (as `probe.inputs` makes them, with latents) by a
+    solver of `SOLVERS` instead of the pipeline's scheduler."""
+    if method not in SOLVERS:
+        raise validation.InvalidInput(f"sample_latents integrates with a solver of its own: choose one of "
+                                      f"{', '.join(SOLVERS)} (the pipeline samples with Euler)")
+    if inputs.get("latents") is None:
+        raise validation.InvalidInput("sample_latents needs the initial latents in inputs (probe.inputs(...) with "
+                                      "same_noise=True gives them)")
+    velocity, sigmas = sampler_velocity(probe, inputs)
+    return solve(velocity, inputs["latents"].to(velocity.device, velocity.dtype), sigmas, method)
 
 
 def _check_prompt(prompt) -> None:
@@ -185,7 +227,11 @@ def invert(probe, image, prompt: str, *, method: str = "fixed-point", iterations
     x = invert_latents(probe, clean, prompt, method=method, iterations=iterations, **generation)
     error, reconstruction = None, None
     if check:
-        reconstruction = probe.pipeline(**{**inputs, "latents": x}).images[0]
+        if method in SOLVERS:  # regenerate with the sampler this method inverts
+            regenerated = sample_latents(probe, {**inputs, "latents": x}, method)
+            reconstruction = decode(probe, regenerated, inputs["height"], inputs["width"])[0]
+        else:
+            reconstruction = probe.pipeline(**{**inputs, "latents": x}).images[0]
         error = pixel_error(reconstruction, image)
     return Inversion(x, method, prompt, error, reconstruction)
 

@@ -1,27 +1,41 @@
-"""Editing on the Shapes world, scored by the judge: which injection variant and blending win here.
+"""Editing on the Shapes world, scored by the judge: every editing method on the same edits.
 
-    python -m mmdit_probe.toy.evaluate_edits --n 20 --out reports/toy_edits
+    python -m mmdit_probe.toy.evaluate_edits --n 16 --out reports/toy_edits
+    python -m mmdit_probe.toy.evaluate_edits --study variants --n 36 --out reports/toy_edit_variants
 
 Held-out scenes, each with one edit: an object's colour, an object's shape, or the background.
-For every variant (none, qiki, qk, kivi by default), with and without local blending:
+The default study ("methods") runs every method on every edit twice: on the scene *generated* from
+the edit's seed (each method starts from the caption and that seed) and on the scene *rendered*
+(never generated: each method gets the image and inverts it its own way, or not at all):
+the paper's q/k injection + local blending (`probe.edit`, `probe.edit_image`), FlowEdit,
+RF-Solver-Edit, FireFlow's edit, Stable Flow and KV-Edit. Per method:
 - success: the judge reads the target attribute in the edited image;
 - preservation: the judge reads the untouched objects as it read them in the source image, and
-  PSNR between source and edited images outside the edited region.
-Then real (rendered, not generated) scenes: invert with each method and edit with qiki + blending,
-against FlowEdit (inversion-free) as a baseline.
+  PSNR between source and edited images outside the edited region;
+- cost: transformer forward calls per edit (a batch of rows is one call) and wall time.
+The "variants" study compares q/k injection variants (none, qiki, qk, kivi), with and without local
+blending, and qiki + blending after the Euler-sampler inversions, against FlowEdit.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..editing.fireflow import fireflow_edit
 from ..editing.flowedit import flowedit
-from ..editing.inversion import METHODS, pixel_error
+from ..editing.inversion import pixel_error
+from ..editing.kv_edit import kv_edit
+from ..editing.rf_solver import rf_solver_edit
+from ..editing.stable_flow import default_layers, stable_flow
+from ..editing.vital_layers import vital_layers
+from ..validation import InvalidInput
 from .evaluate import command_line
 from .judge import match_objects, read_background, read_objects
 from .world import BACKGROUNDS, COLOURS, SHAPES, caption, render, sample_split_scene, with_object
@@ -79,7 +93,9 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.nanmean([r[k] for r in rows if np.isfinite(r[k])] or [np.nan])) for k in keys}
 
 
-def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", "kivi")) -> dict:
+def variant_study(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", "kivi")) -> dict:
+    """q/k injection variants with and without blending; on rendered scenes qiki + blending after each
+    inversion of the pipeline's Euler sampler, against FlowEdit."""
     rng = np.random.default_rng(seed)
     edits = [sample_edit(rng) for _ in range(n)]
     results: dict[str, list[dict]] = defaultdict(list)
@@ -92,7 +108,7 @@ def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", 
                 results[f"{variant}{'+blend' if blend else ''}/{kind}"].append(row)
     for i, (scene, target, kind, index) in enumerate(tqdm(edits, desc="rendered scenes")):
         image = render(scene)[0]
-        for method in METHODS:
+        for method in EULER_INVERSIONS:
             r = probe.edit_image(image, caption(scene), caption(target), method=method, seed=seed + i)
             row = score(image, r.edited_image, scene, target, kind, index)
             results[f"rendered/{method}/qiki+blend"].append(row)
@@ -101,8 +117,113 @@ def evaluate(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", 
         edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
         results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
     types, counts = np.unique([e[2] for e in edits], return_counts=True)
-    return {"n": n, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
+    return {"study": "variants", "n": n, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
             "results": {k: _mean(v) for k, v in results.items()}}
+
+
+EULER_INVERSIONS = ("euler", "heun", "fixed-point")
+# An editor: (probe, source caption, target caption, seed, image or None) -> (source image, edited image).
+# With image=None the source is generated from the seed; otherwise the image is the source, and what the
+# editor returns as its source (its reconstruction) is not scored.
+Editor = Callable[..., tuple]
+
+
+def _qiki(probe, source, target, seed, image):
+    if image is None:
+        r = probe.edit(source, target, seed=seed)
+    else:
+        r = probe.edit_image(image, source, target, seed=seed)
+    return r.source_image, r.edited_image
+
+
+def _flowedit(probe, source, target, seed, image):
+    if image is None:
+        image = probe.generate(source, seed=seed).images[0]
+    return image, flowedit(probe, image, source, target, seed=seed)
+
+
+def _editor(edit, **options) -> Editor:
+    """An editing function of `mmdit_probe.editing` (it takes `seed=` and `image=`) as an `Editor`."""
+    def run(probe, source, target, seed, image):
+        r = edit(probe, source, target, seed=seed, image=image, **options)
+        return r.source_image, r.edited_image
+    return run
+
+
+def editors(probe) -> tuple[dict[str, Editor], dict]:
+    """Every editing method, and notes on how each was set up."""
+    try:
+        layers, origin = default_layers(probe), "stable_flow.default_layers (published, else measured)"
+    except InvalidInput:  # a model with no known vital layers: find them here, on training captions
+        training = np.random.default_rng(1)
+        prompts = [caption(sample_split_scene(training, held_out=False)) for _ in range(8)]
+        layers = vital_layers(probe, prompts, measures="pixel", progress=False).vital
+        origin = "vital_layers (pixel measure) on 8 training captions, by this run"
+    found: dict[str, Editor] = {"qiki+blend": _qiki, "flowedit": _flowedit,
+                                "rf-solver-edit": _editor(rf_solver_edit),
+                                "fireflow-edit": _editor(fireflow_edit),
+                                "stable-flow": _editor(stable_flow, layers=layers),
+                                "kv-edit": _editor(kv_edit)}  # mask from the edited words' T2I maps
+    return found, {"stable-flow": {"layers": list(layers), "layers_from": origin}}
+
+
+class CallCounter:
+    """Counts the transformer's forward calls (one call: a whole batch, both guidance halves)."""
+
+    def __init__(self, probe) -> None:
+        self.calls = 0
+        self.handle = probe.pipeline.transformer.register_forward_hook(self._count)
+
+    def _count(self, *_) -> None:
+        self.calls += 1
+
+
+def method_study(probe, n: int = 16, seed: int = 0) -> dict:
+    """Every editor on the same edits, generated and rendered (module docstring)."""
+    rng = np.random.default_rng(seed)
+    edits = [sample_edit(rng) for _ in range(n)]
+    methods, notes = editors(probe)
+    results: dict[str, list[dict]] = defaultdict(list)
+    counter = CallCounter(probe)
+    try:
+        for i, (scene, target, kind, index) in enumerate(tqdm(edits, desc="edits (every method)")):
+            rendered = render(scene)[0]
+            for setting, image in (("generated", None), ("rendered", rendered)):
+                for name, run in methods.items():
+                    counter.calls = 0
+                    start = time.perf_counter()
+                    source_image, edited = run(probe, caption(scene), caption(target), seed + i, image)
+                    cost = {"model_calls": float(counter.calls), "seconds": time.perf_counter() - start}
+                    source_image = rendered if image is not None else source_image
+                    row = {**score(source_image, edited, scene, target, kind, index), **cost}
+                    results[f"{setting}/{name}"].append(row)
+                    results[f"{setting}/{name}/{kind}"].append(row)
+    finally:
+        counter.handle.remove()
+    types, counts = np.unique([e[2] for e in edits], return_counts=True)
+    return {"study": "methods", "n": n, "seed": seed, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
+            "steps": probe.preset.steps, "notes": notes, "results": {k: _mean(v) for k, v in results.items()}}
+
+
+def table(report: dict) -> list[str]:
+    """The report's main rows as a Markdown table."""
+    if report["study"] == "variants":
+        lines = ["| method | success | untouched objects kept | PSNR outside edit |", "|---|---|---|---|"]
+        for name, r in report["results"].items():
+            if "success" in r and ("/" not in name or name.startswith("rendered")):
+                lines.append(f"| {name} | {r['success']:.2f} | {r['preserved']:.2f} | {r['psnr_outside']:.1f} |")
+        for name, r in report["results"].items():
+            if "pixel_error" in r:
+                lines.append(f"| {name} | mean abs pixel error {r['pixel_error']:.1f} | | |")
+        return lines
+    lines = ["| scenes | method | success | untouched objects kept | PSNR outside edit (dB) | model calls | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        if name.count("/") == 1:
+            setting, method = name.split("/")
+            lines.append(f"| {setting} | {method} | {r['success']:.2f} | {r['preserved']:.2f} | "
+                         f"{r['psnr_outside']:.1f} | {r['model_calls']:.0f} | {r['seconds']:.1f} |")
+    return lines
 
 
 def figure(report: dict, out) -> None:
@@ -112,33 +233,36 @@ def figure(report: dict, out) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {k: v for k, v in report["results"].items()
-            if "success" in v and ("/" not in k or (k.startswith("rendered") and k.count("/") <= 2))}
+    if report["study"] == "variants":
+        rows = {k: v for k, v in report["results"].items()
+                if "success" in v and ("/" not in k or (k.startswith("rendered") and k.count("/") <= 2))}
+    else:
+        rows = {k: v for k, v in report["results"].items() if k.count("/") == 1}
     names = list(rows)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 3.2))
     ax.bar(x - 0.2, [rows[k]["success"] for k in names], 0.4, label="edit success")
     ax.bar(x + 0.2, [rows[k]["preserved"] for k in names], 0.4, label="untouched objects kept")
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title(f"Shapes-world edits (n={report['n']}), judged on the images")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(out / "edits.png", dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, probe = command_line(__doc__, 12, "reports/toy_edits", argv)
-    report = evaluate(probe, n=args.n, seed=args.seed)
+    def study_option(parser):
+        parser.add_argument("--study", choices=("methods", "variants"), default="methods",
+                            help="every editing method (default), or q/k injection variants")
+
+    args, probe = command_line(__doc__, 16, "reports/toy_edits", argv, study_option)
+    study = method_study if args.study == "methods" else variant_study
+    report = study(probe, n=args.n, seed=args.seed)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["| method | success | untouched objects kept | PSNR outside edit |", "|---|---|---|---|"]
-    for name, r in report["results"].items():
-        if "success" in r and ("/" not in name or name.startswith("rendered")):
-            lines.append(f"| {name} | {r['success']:.2f} | {r['preserved']:.2f} | {r['psnr_outside']:.1f} |")
-    for name, r in report["results"].items():
-        if "pixel_error" in r:
-            lines.append(f"| {name} | mean abs pixel error {r['pixel_error']:.1f} | | |")
+    lines = table(report)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     figure(report, args.out)
     print("\n".join(lines))
