@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from . import validation
 from .attention import AttentionRecorder
-from .editing import EditResult, Inversion, edit, invert
+from .editing import EditResult, Inversion, VitalLayers, edit, invert, vital_layers
 from .editing.qk_injection import check_edit
 from .families import Family, family_for, family_name_for_class
 from .maps import AttentionMaps
@@ -31,6 +32,17 @@ from .taps import ACTIVATIONS, QKV, STREAMS
 from .tokens import TokenTable, tokenize
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to PIL without torchvision: the
+    pipelines import those processors for IP-adapters only, which nothing here uses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
 @dataclass
@@ -309,12 +321,15 @@ class Probe:
 
     def generate(self, prompts: str | list[str], *, seed: int = 0, record: bool | dict = False,
                  steps: int | None = None, guidance: float | None = None, height: int | None = None,
-                 width: int | None = None, **kwargs: Any) -> Generation:
+                 width: int | None = None, concepts: Sequence[str] | Sequence[Sequence[str]] | None = None,
+                 **kwargs: Any) -> Generation:
         """Generate from one shared initial noise, optionally recording attention maps.
 
         `record=True` records T2I and I2T maps of every block and step (head mean, conditional half,
         real text positions); a dict passes options to `AttentionRecorder` (blocks, steps, kinds,
-        heads, rows, positions, dtype).
+        heads, rows, positions, dtype). `concepts` (words, e.g. ["circle", "background"], or one list
+        per prompt) also records concept maps (`mmdit_probe.concepts`; read them with
+        `maps.concept("circle")`); the images are bit for bit the ones without concepts.
 
         >>> out = probe.generate("on the left a large red circle on a white background", record=True)
         >>> out.images[0], out.maps.word("red", blocks="top")
@@ -325,8 +340,13 @@ class Probe:
         inputs = self.inputs(prompts, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                              **kwargs)
         recorder = None
+        if concepts is not None and not record:
+            raise validation.InvalidInput("concepts= records concept maps: pass record=True (or a dict of options)")
         if record:
-            recorder = AttentionRecorder(self, inputs, **(record if isinstance(record, dict) else {}))
+            options = dict(record) if isinstance(record, dict) else {}
+            if concepts is not None:
+                options["concepts"] = concepts
+            recorder = AttentionRecorder(self, inputs, **options)
         try:
             with self.model.generate(**inputs) as tracer:
                 if recorder is not None:
@@ -348,6 +368,15 @@ class Probe:
         ...                     "in the center a blue circle on a white background", seed=0)
         """
         return edit(self, source, target, **options)
+
+    def vital_layers(self, prompts: str | list[str], **options: Any) -> VitalLayers:
+        """Rank blocks by how much bypassing each changes the images (Stable Flow's vital layers; see
+        `mmdit_probe.editing.vital_layers`). The result's `.ranking`, `.top(k)`, `.figure()`; pass it as
+        ``layers=`` to `mmdit_probe.editing.stable_flow`.
+
+        >>> found = probe.vital_layers(["on the left a large red circle on a white background"], measures=["pixel"])
+        """
+        return vital_layers(self, prompts, **options)
 
     def fuse_qkv_projections(self) -> None:
         """Fuse the q/k/v projections (faster on GPUs) and keep the taps.
@@ -384,9 +413,14 @@ class Probe:
         """
         if "latents" in options:
             raise validation.InvalidInput("edit_image inverts the image to get the latents: do not pass latents=")
-        from .editing.inversion import check_inversion
+        from .editing.inversion import SOLVERS, check_inversion
 
         check_inversion(method, iterations)
+        if method in SOLVERS:  # the editor samples with the pipeline's Euler: their inversion would not match it
+            raise validation.InvalidInput(
+                f"edit_image inverts for the pipeline's own (Euler) sampler; method={method!r} inverts its own "
+                f"sampler: edit with mmdit_probe.editing.{method.replace('-', '_')}_edit(probe, source, target, "
+                f"image=image), or choose one of euler, heun, fixed-point here")
         check_edit(self, source, target, **options)  # refuse bad edit options before inverting
         generation = {k: options[k] for k in ("steps", "guidance", "height", "width", "max_sequence_length")
                       if k in options}

@@ -249,8 +249,10 @@ def _load_shipped(pipe, out: Path, source: Path = WEIGHTS_DIR, vae_only: bool = 
     the step the shipped weights were exported at."""
     from diffusers import StableDiffusion3Pipeline
 
+    from ..probe import _dtype_keyword
+
     shipped = StableDiffusion3Pipeline.from_pretrained(source, text_encoder_3=None, tokenizer_3=None,
-                                                       torch_dtype=torch.float32)
+                                                       **{_dtype_keyword(): torch.float32})
     parts = ("vae",) if vae_only else ("vae", "transformer", "text_encoder", "text_encoder_2")
     for name in parts:
         # Not strict: a run with fewer text-encoder layers than the shipped model drops the rest.
