@@ -11,6 +11,7 @@ measured): SD3-M width (hidden 1536, 24 heads of 64; 2 joint blocks) and Flux wi
   traced    the tapped pipeline under an nnsight trace, no intervention
   record    `probe.generate(record=True)`: T2I + I2T, all blocks and steps, real text positions
   record_all  the same over all text positions (padding included)
+  record_concepts  `record` plus four concept tokens (`concepts=`): each block runs a second time on them
   naive     what peers do: softmax over the full joint attention matrix, then slice T2I / I2T
 
 Peak memory is measured per mode: on the CPU as max RSS in a child process, on a GPU as the peak
@@ -33,7 +34,8 @@ from widths import add_device_arguments, build, machine, median_seconds, results
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
-MODES = ("plain", "traced", "record", "record_all", "naive")
+MODES = ("plain", "traced", "record", "record_all", "record_concepts", "naive")
+CONCEPTS = ["cat", "table", "window", "background"]
 
 
 def naive(probe, inputs) -> list[torch.Tensor]:
@@ -64,6 +66,8 @@ def run(mode: str, probe, inputs) -> None:
         probe.generate(inputs["prompt"], record=True, **_generate_args(inputs))
     elif mode == "record_all":
         probe.generate(inputs["prompt"], record={"positions": "all"}, **_generate_args(inputs))
+    elif mode == "record_concepts":
+        probe.generate(inputs["prompt"], record=True, concepts=CONCEPTS, **_generate_args(inputs))
     elif mode == "naive":
         naive(probe, inputs)
 

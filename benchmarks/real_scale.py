@@ -21,6 +21,7 @@ waited for; the peak of allocated GPU memory is read per run:
   traced        the tapped pipeline under an nnsight trace, no intervention
   record        T2I + I2T of every block and step (the prompt's tokens): `generate(record=True)`
   record_top5   the same for the preset's top-5 blocks only
+  record_concepts  record plus four concept tokens (`concepts=`; each block runs again on them)
   naive         what peers do: an explicit joint softmax per block and step, then the T2I / I2T slices
   plain2        the stock pipeline on a batch of two prompts
   edit          q/k injection + local blending with the preset's defaults (a batch of two)
@@ -52,7 +53,8 @@ from mmdit_probe.testing import tiny_pipeline
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
 TARGET = "a photo of a black dog sitting on a wooden table next to a window"
-MODES = ("plain", "plain_half", "traced", "record", "record_top5", "naive", "plain2", "edit")
+MODES = ("plain", "plain_half", "traced", "record", "record_top5", "record_concepts", "naive", "plain2", "edit")
+CONCEPTS = ["cat", "table", "window", "background"]
 
 # The checkpoints' transformer configurations (their config.json), less the text-embedding widths.
 CONFIGS = {
@@ -135,6 +137,7 @@ def modes(probe, inputs) -> dict:
         "traced": traced,
         "record": lambda: probe.generate(PROMPT, record=True, **generation),
         "record_top5": lambda: probe.generate(PROMPT, record={"blocks": top5}, **generation),
+        "record_concepts": lambda: probe.generate(PROMPT, record=True, concepts=CONCEPTS, **generation),
         "naive": lambda: naive(probe, inputs),
         "plain2": lambda: stock(pair),
         "edit": lambda: probe.edit(PROMPT, TARGET, seed=0, **generation),
@@ -164,7 +167,7 @@ def measure(runs: dict, repeats: int, on_gpu: bool) -> tuple[dict, dict]:
 
 RATIOS = {"record / plain": ("record", "plain"), "record_top5 / plain": ("record_top5", "plain"),
           "edit / plain2": ("edit", "plain2"), "traced / plain": ("traced", "plain"),
-          "naive / record": ("naive", "record")}
+          "naive / record": ("naive", "record"), "record_concepts / record": ("record_concepts", "record")}
 
 
 def figures(seconds: dict, peak: dict) -> dict:

@@ -13,6 +13,17 @@ import logging as _logging
 for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
+
+class _NoTorchvisionNotice(_logging.Filter):
+    """transformers' notice that an image processor falls back to PIL without torchvision: the
+    pipelines import those processors for IP-adapters only, which nothing here uses."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+
 from ._lazy import lazy  # noqa: E402
 from .presets import PRESETS, Preset, preset  # noqa: E402  (no torch: `mmdit-probe --help` stays fast)
 from .tokens import TokenTable  # noqa: E402

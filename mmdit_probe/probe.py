@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,17 +31,6 @@ from .taps import ACTIVATIONS, QKV, STREAMS
 from .tokens import TokenTable, tokenize
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
-
-
-class _NoTorchvisionNotice(logging.Filter):
-    """Drops transformers' notice that an image processor falls back to PIL without torchvision: the
-    pipelines import those processors for IP-adapters only, which nothing here uses."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
 @dataclass
@@ -402,6 +390,18 @@ class Probe:
         >>> inverted.error        # mean absolute pixel error of the regenerated image
         """
         return invert(self, image, prompt, **options)
+
+    def image_maps(self, image, prompt: str, concepts, **options: Any) -> AttentionMaps:
+        """Concept, T2I and I2T maps of a real image: ``method="noise"`` (ConceptAttention's route: one call at
+        noise level `sigma`) or ``"inversion"`` (ours: invert, then record the regeneration); see
+        `mmdit_probe.image_maps`.
+
+        >>> maps = probe.image_maps(image, "a red circle on a white background", ["circle", "background"])
+        >>> maps.concept("circle")
+        """
+        from .image_maps import image_maps
+
+        return image_maps(self, image, prompt, concepts, **options)
 
     def edit_image(self, image, source: str, target: str, *, method: str = "fixed-point", iterations: int = 3,
                    **options: Any) -> EditResult:

@@ -208,7 +208,7 @@ def test_real_image_maps_by_noise_and_by_inversion(probe, kind):
     assert noised.steps == [0] and noised.concepts == [CONCEPTS]
     for k in ("t2i", "i2t", "concept", "concept_xattn"):
         torch.testing.assert_close(noised.tensor(k), generated.tensor(k))
-    halfway = image_maps(probe, image, PROMPT, CONCEPTS, sigma=0.5, **options)
+    halfway = probe.image_maps(image, PROMPT, CONCEPTS, sigma=0.5, **options)  # the Probe method: the same function
     assert not torch.equal(halfway.tensor("concept"), noised.tensor("concept").half())
     inverted = image_maps(probe, image, PROMPT, CONCEPTS, method="inversion", inversion={"method": "euler"},
                           **options)

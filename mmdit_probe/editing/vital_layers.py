@@ -51,7 +51,7 @@ def _bypass_hook(module, args, kwargs, output):
 
 @contextlib.contextmanager
 def bypassed(probe, blocks: Iterable[int]) -> Iterator[None]:
-    """Inside the block, the chosen blocks hand on their inputs unchanged (a forward hook on each).
+    """Inside the `with`, the chosen blocks hand on their inputs unchanged (a forward hook on each).
 
     >>> with bypassed(probe, [3]):
     ...     image = probe.pipeline("a cat").images[0]
