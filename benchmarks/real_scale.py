@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from attention_overhead import naive
+from attention_overhead import CONCEPTS, PROMPT, naive
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging
 from widths import machine
@@ -51,10 +51,8 @@ from mmdit_probe.presets import preset
 from mmdit_probe.testing import tiny_pipeline
 
 RESULTS = Path(__file__).parent / "results"
-PROMPT = "a photo of a red cat sitting on a wooden table next to a window"
 TARGET = "a photo of a black dog sitting on a wooden table next to a window"
 MODES = ("plain", "plain_half", "traced", "record", "record_top5", "record_concepts", "naive", "plain2", "edit")
-CONCEPTS = ["cat", "table", "window", "background"]
 
 # The checkpoints' transformer configurations (their config.json), less the text-embedding widths.
 CONFIGS = {

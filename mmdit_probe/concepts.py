@@ -184,7 +184,8 @@ class ConceptStream:
             processors = [m.processor for m in (getattr(block, "attn", None), getattr(block, "attn2", None))
                           if m is not None]
             processors[0].concepts = ConceptSlot(self, a.block)
-            self._handles.append(block.register_forward_hook(self._after_block(processors), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(self._after_block(processors, a.block),
+                                                              with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -215,9 +216,13 @@ class ConceptStream:
             ids = kwargs["txt_ids"]
             self.rotary = transformer.pos_embed(ids.new_zeros(self.valid.shape[1], ids.shape[-1]))
 
-    def _after_block(self, processors):
+    def _after_block(self, processors, index: int):
         def hook(block, args, kwargs, output):
             if self._inside or self.state is None:
+                return None
+            if self.step not in self.steps or index > self.blocks[-1]:
+                # No map of this step reads the stream from here on, and the next step starts it afresh.
+                processors[0].concepts.kept = None
                 return None
             if args:
                 raise RuntimeError("concept tokens need the blocks called with keywords, as the pipelines call them")

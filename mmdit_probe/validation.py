@@ -128,6 +128,13 @@ def prompts(value: Any, name: str = "prompts") -> list[str]:
     return found
 
 
+def edit_prompts(source: Any, target: Any) -> None:
+    """An editor's two prompts: both non-empty strings."""
+    for name, prompt in (("source", source), ("target", target)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput(f"{name}={prompt!r} is not allowed: give the {name} prompt (a non-empty str)")
+
+
 def image_size(name: str, value: Any, multiple: int) -> int:
     """An image side in pixels: a whole number >= `multiple`, divisible by it (one image token's side)."""
     value = positive_int(name, value)

@@ -37,6 +37,15 @@ def test_concepts_change_no_bit_of_the_image(probe, kind):
                for a in probe.family.attentions)
 
 
+def test_recording_some_blocks_and_steps_gives_those_maps_of_a_full_recording(probe, kind):
+    # The concept stream skips steps nobody records and blocks past the last recorded one: the maps kept stay
+    # those of the whole run.
+    full = _generate(probe, kind, CONCEPTS, dtype=torch.float32).maps
+    some = _generate(probe, kind, CONCEPTS, dtype=torch.float32, blocks=[1], steps=[1]).maps
+    for name in ("concept", "concept_xattn"):
+        assert torch.equal(some.tensor(name)[0, 0], full.tensor(name)[1, 1])
+
+
 def test_any_aspect_ratio(probe, kind):
     inputs = tiny_inputs(probe, kind, [PROMPT], width=128)
     steps, guidance = inputs.pop("num_inference_steps"), inputs.pop("guidance_scale")

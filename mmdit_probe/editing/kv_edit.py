@@ -43,7 +43,7 @@ from .. import validation
 from ..attention import AttentionRecorder, check_one_call_per_step
 from ..patching import patch
 from .qk_injection import EditResult, blend_mask, edited_words
-from .stable_flow import GENERATION_KEYS, check_prompts, source_and_target
+from .stable_flow import GENERATION_KEYS, source_and_target
 
 
 def token_mask(probe, mask, height: int, width: int) -> torch.Tensor:
@@ -115,7 +115,7 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
     generation: steps, guidance, height, width, output_type and other pipeline arguments.
     ``result.masks[0]`` is the token mask used; ``result.params`` holds every setting.
     """
-    check_prompts(source, target)
+    validation.edit_prompts(source, target)
     for name in ("latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs"):
         if name in generation:
             raise validation.InvalidInput(f"kv_edit sets {name} itself: do not pass it")

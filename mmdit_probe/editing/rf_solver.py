@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from .. import validation
-from ..patching import replace_rows, rows
 from .inversion import _encode, as_image, decode, invert_latents, sampler_velocity, solve
 from .qk_injection import EditResult
+from .stable_flow import source_and_target
 
 
 class RFSolver:
@@ -102,9 +102,7 @@ RF_SOLVER_EDIT = ValueSharing("RF-Solver-Edit", "rf-solver", paper_steps=25, pap
 def check_sharing(probe, source: str, target: str, defaults: ValueSharing, inject: int | None,
                   blocks: list[int] | None, n_steps: int) -> tuple[int, list[int]]:
     """Refuse bad prompts, step counts or blocks before any model call; returns (inject, blocks)."""
-    for name, prompt in (("source", source), ("target", target)):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise validation.InvalidInput(f"{name}={prompt!r} is not allowed: give the {name} prompt (str)")
+    validation.edit_prompts(source, target)
     if inject is None:
         inject = defaults.inject_steps(n_steps)
     inject = validation.integer("inject", inject, minimum=0)
@@ -153,7 +151,7 @@ def share_values(probe, source: str, target: str, defaults: ValueSharing, *, ima
     sharing = {"on": False}
 
     def share(module, args, v):  # the target's rows (both CFG halves) take the source's values
-        return replace_rows(v, rows(2, v, 0, "both"), rows(2, v, 1, "both")) if sharing["on"] else None
+        return source_and_target(v) if sharing["on"] else None
 
     velocity, sigmas = sampler_velocity(probe, inputs)
     handles = [probe.module(f"blocks.{b}.attn.hook_v_img").register_forward_hook(share) for b in blocks]

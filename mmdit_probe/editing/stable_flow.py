@@ -46,13 +46,6 @@ MEASURED_LAYERS: dict[str, tuple[int, ...]] = {
 GENERATION_KEYS = ("steps", "guidance", "height", "width", "max_sequence_length")
 
 
-def check_prompts(source: Any, target: Any) -> None:
-    """Both prompts must be non-empty strings."""
-    for name, prompt in (("source", source), ("target", target)):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise validation.InvalidInput(f"{name}={prompt!r} is not allowed: give the {name} prompt (a non-empty str)")
-
-
 def default_layers(probe) -> list[int]:
     """The published (else measured) vital layers of the probe's preset, or a clear error saying how to find them."""
     known = {**MEASURED_LAYERS, **PUBLISHED_LAYERS}
@@ -104,7 +97,7 @@ def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None
         `iterations` as in `probe.invert`) and the edit starts from that noise.
     generation: steps, guidance, height, width, output_type and other pipeline arguments.
     """
-    check_prompts(source, target)
+    validation.edit_prompts(source, target)
     chosen = check_layers(probe, layers)
     if image is not None:
         from .inversion import check_inversion

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import validation
+from .inversion import pixel_error
 
 MEASURES = ("dino", "pixel", "judge")
 PUBLISHED_SHARE = 9 / 57  # Stable Flow's vital layers in FLUX.1-dev
@@ -165,10 +166,6 @@ def judge_change(reference, changed) -> float:
     return 1.0 - kept / (len(wanted) + 1)
 
 
-def _pixel_change(reference, changed) -> float:
-    return float(np.abs(np.asarray(reference, dtype=float) - np.asarray(changed, dtype=float)).mean())
-
-
 def _check(probe, prompts, measures, dino, keep, rank_by, generation) -> tuple[list[str], list[str], int, str]:
     prompts = validation.prompts(prompts)
     if not all(p.strip() for p in prompts):
@@ -233,7 +230,7 @@ def vital_layers(probe, prompts: str | list[str], *, measures: str | Sequence[st
                 per_prompt["dino"][block] = (1.0 - similarity).cpu().numpy()
             for i, (ref, new) in enumerate(zip(reference, images)):
                 if "pixel" in measures:
-                    per_prompt["pixel"][block, i] = _pixel_change(ref, new)
+                    per_prompt["pixel"][block, i] = pixel_error(ref, new)
                 if "judge" in measures:
                     per_prompt["judge"][block, i] = judge_change(ref, new)
     finally:

@@ -79,7 +79,7 @@ class Family:
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Image tokens per column and row for an image of this size."""
-        raise NotImplementedError
+        return height // self.token_pixels, width // self.token_pixels
 
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """A (rows, cols) token-grid mask, broadcastable to one prompt's latents of this shape."""

@@ -137,10 +137,6 @@ class FluxFamily(Family):
         """The side in pixels of the square an image token covers: latents are packed 2x2 into one token."""
         return self.pipeline.vae_scale_factor * 2
 
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        step = self.token_pixels
-        return height // step, width // step
-
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         # Packed latents are (tokens, channels), tokens in the grid's raster order.
         return mask.flatten()[:, None]

@@ -102,10 +102,6 @@ class SD3Family(Family):
         """The side in pixels of the square an image token covers (VAE factor x patch size)."""
         return self.pipeline.vae_scale_factor * self.transformer.config.patch_size
 
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        step = self.token_pixels
-        return height // step, width // step
-
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         # Latents are (channels, height, width); each token covers a patch of latent pixels.
         patch = self.transformer.config.patch_size

@@ -13,15 +13,12 @@ import argparse
 
 
 def _quiet() -> None:
-    """One progress bar and nothing else: no loading bars or notices from diffusers/transformers."""
+    """One progress bar and nothing else: the CLI's quiet libraries, and no FutureWarnings either."""
     import warnings
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from ..cli import _quiet as quiet_libraries
 
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+    quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
