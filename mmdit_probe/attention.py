@@ -46,9 +46,11 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budge
 def check_one_call_per_step(inputs: dict[str, Any]) -> None:
     """Recording and patching count transformer calls as denoising steps; refuse options that add calls."""
     if inputs.get("skip_guidance_layers"):
-        raise ValueError("skip_guidance_layers runs the transformer twice per step; record or patch without it")
+        raise validation.InvalidInput("skip_guidance_layers runs the transformer twice per step; record or patch "
+                                      "without it")
     if inputs.get("true_cfg_scale", 1.0) > 1 and inputs.get("negative_prompt") is not None:
-        raise ValueError("Flux true CFG runs the transformer twice per step; record or patch without it")
+        raise validation.InvalidInput("Flux true CFG runs the transformer twice per step; record or patch "
+                                      "without it")
 
 
 def _doubles_batch(family, inputs: dict[str, Any]) -> bool:

@@ -12,7 +12,8 @@
 Every command checks its arguments (and the words against the prompt) before the model runs, writes
 into a temporary folder and moves the finished files into place, and refuses to replace existing
 files unless given --overwrite. Errors are one line: exit code 2 for a bad argument, 1 for a failure
-while running; --debug shows the traceback.
+while running; --debug shows the traceback. `run_command` and `ArgumentParser` give every entry point
+(`python -m mmdit_probe.segmentation` too) these same rules.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from .validation import InvalidInput
 
 # Light imports only at the top: `--help` and argument errors never import torch.
 
@@ -33,18 +37,37 @@ MAPS_FILES = ("image.png", "maps.safetensors", "t2i_vs_i2t.png", "t2i_by_block.p
 EDIT_FILES = ("source.png", "edited.png", "params.json")
 
 
-class UsageError(Exception):
-    """A bad argument, found before anything ran: exit code 2."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `prog: error: message`, with exit code 2 like any other bad input."""
+
+    def error(self, message: str):
+        _fail(self.prog, message, 2)
+
+
+def run_command(prog: str, command: Callable[[], None], *, debug: bool = False) -> None:
+    """Run an entry point's command with the one mapping of errors to exit codes: bad input (`InvalidInput`)
+    exits 2 and any other failure 1, each as one line `prog: error: ...` on stderr; `debug` re-raises instead."""
+    try:
+        command()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as error:
+        if debug:
+            raise
+        _fail(prog, error, 2 if isinstance(error, InvalidInput) else 1)
 
 
 @contextlib.contextmanager
-def _checking():
-    """Errors raised while checking arguments (loading the model included) are usage errors."""
+def checking():
+    """Errors raised while checking arguments (loading the model included) are bad input: `InvalidInput`.
+    A model that cannot be loaded, a word not in the prompt, are the user's to fix, whatever their type."""
     try:
         yield
+    except InvalidInput:
+        raise
     except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        raise UsageError(message) from error
+        raise InvalidInput(message) from error
 
 
 def _existing(folder: Path, names, masks: bool) -> list[str]:
@@ -59,15 +82,15 @@ def _check_out(folder: Path, overwrite: bool, names, edit_folder: Path | None = 
     for f in (folder, *([edit_folder] if edit_folder else [])):
         for parent in (f, *f.parents):
             if parent.exists() and not parent.is_dir():
-                raise UsageError(f"--out {folder}: {parent} is a file, not a folder; choose another --out")
+                raise InvalidInput(f"--out {folder}: {parent} is a file, not a folder; choose another --out")
     if overwrite:
         return
     found = [str(folder / n) for n in _existing(folder, names, masks=edit_folder is None and "source.png" in names)]
     if edit_folder is not None:
         found += [str(edit_folder / n) for n in _existing(edit_folder, EDIT_FILES, masks=True)]
     if found:
-        raise UsageError(f"--out {folder} already holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}: "
-                         f"pass --overwrite to replace them, or choose another --out")
+        raise InvalidInput(f"--out {folder} already holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}: "
+                           f"pass --overwrite to replace them, or choose another --out")
 
 
 @contextlib.contextmanager
@@ -111,7 +134,7 @@ def _load(model: str):
 
 
 def _info(args: argparse.Namespace) -> None:
-    with _checking():
+    with checking():
         probe = _load(args.model)
         table = probe.tokens(args.prompt) if args.prompt is not None else None
     print(probe.info())
@@ -131,7 +154,7 @@ def _content_words(table) -> list[str]:
 def _maps(args: argparse.Namespace) -> None:
     folder = Path(args.out)
     _check_out(folder, args.overwrite, MAPS_FILES, folder / "edit" if args.edit is not None else None)
-    with _checking():
+    with checking():
         probe = _load(args.model)
         probe.check_generation(args.prompt, seed=args.seed, steps=args.steps)
         table = probe.tokens(args.prompt)
@@ -142,8 +165,8 @@ def _maps(args: argparse.Namespace) -> None:
         else:
             words = _content_words(table)
             if not words:
-                raise UsageError(f"the prompt {args.prompt!r} has no content words to map (a, the, on, ... are left "
-                                 f"out): give a prompt that names something, or --words")
+                raise InvalidInput(f"the prompt {args.prompt!r} has no content words to map (a, the, on, ... are "
+                                   f"left out): give a prompt that names something, or --words")
         if args.edit is not None:
             from .editing.qk_injection import check_edit
 
@@ -175,7 +198,7 @@ def _edit(args: argparse.Namespace) -> None:
     _check_out(folder, args.overwrite, EDIT_FILES)
     options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
     options.update(seed=args.seed, steps=args.steps, variant=args.variant, local_blend=not args.no_blend)
-    with _checking():
+    with checking():
         probe = _load(args.model)
         from .editing.qk_injection import check_edit
 
@@ -223,7 +246,7 @@ def _fraction(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
+    top = ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
     top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = top.add_subparsers(dest="command", required=True)
 
@@ -270,29 +293,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)  # usage errors: argparse's one line and exit code 2
-    from .validation import InvalidInput  # light: no torch
-
-    try:
-        args.run(args)
-    except (UsageError, InvalidInput) as error:
-        if args.debug:
-            raise
-        _fail(args.command, error, 2)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except Exception as error:
-        if args.debug:
-            raise
-        _fail(args.command, error, 1)
+    args = parser().parse_args(argv)  # argparse's errors: one line and exit code 2 (`ArgumentParser`)
+    run_command(f"mmdit-probe {args.command}", lambda: args.run(args), debug=args.debug)
 
 
-def _fail(command: str, error: BaseException, code: int) -> None:
+def _fail(prog: str, error: BaseException | str, code: int) -> None:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     message = " ".join(str(message).split()) or type(error).__name__
     kind = "" if code == 2 else f"{type(error).__name__}: "
     hint = "" if code == 2 else " (run with --debug for the traceback)"
-    print(f"mmdit-probe {command}: error: {kind}{message}{hint}", file=sys.stderr)
+    print(f"{prog}: error: {kind}{message}{hint}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -36,9 +36,11 @@ concept tokens are exactly text tokens that nothing else attends to.
 
 Each concept is one token: the concept, encoded alone as a prompt, gives its first token of the
 word in T5 where the pipeline has T5, else in CLIP (the position `probe.tokens(concept)` names).
-Concepts are one list for every prompt, or one list per prompt: then each prompt's concepts attend
-only to each other (a key mask), and its maps take the softmax over its own concepts only, exactly
-as if each prompt ran alone.
+A word the tokenizer splits is warned about (the concept is its first piece only); a word whose
+first token is the tokenizer's unknown or end-of-text token is refused. Concepts are one list for
+every prompt, or one list per prompt: then each prompt's concepts attend only to each other (a key
+mask), and its maps take the softmax over its own concepts only, exactly as if each prompt ran
+alone. Each list holds two concepts or more: a softmax over one concept is 1.0 everywhere.
 
 >>> out = probe.generate("on the left a red circle", concepts=["circle", "red", "background"], record=True)
 >>> out.maps.concept("circle", blocks="top")           # (rows, cols), like maps.word
@@ -47,13 +49,14 @@ as if each prompt ran alone.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from . import validation
-from .tokens import normalise_word
+from .tokens import Token, normalise_word
 
 CONCEPT_KINDS = ("concept", "concept_xattn")
 
@@ -66,19 +69,20 @@ def check_concepts(concepts, n_prompts: int) -> list[list[str]]:
             if len(concepts) != n_prompts:
                 raise validation.InvalidInput(f"{len(concepts)} concept lists for {n_prompts} prompt(s): give one list "
                                               f"per prompt, or one list of words for all of them")
-            return [check_words(c) for c in concepts]
+            return [check_words(c, f"concepts[{i}]") for i, c in enumerate(concepts)]
     return [check_words(concepts)] * n_prompts
 
 
-def check_words(concepts) -> list[str]:
-    """A non-empty list of distinct one-word concepts (str), normalised as words are matched."""
+def check_words(concepts, name: str = "concepts") -> list[str]:
+    """Two or more distinct one-word concepts (str), normalised as words are matched. Both concept maps are a
+    softmax over the concepts: with one concept they are 1.0 at every image token and say nothing."""
     if isinstance(concepts, str) or not isinstance(concepts, Iterable):
-        raise validation.InvalidInput(f"concepts={concepts!r} is not allowed: give a list of words, e.g. "
+        raise validation.InvalidInput(f"{name}={concepts!r} is not allowed: give a list of words, e.g. "
                                       f"['circle', 'square', 'background']")
     concepts = list(concepts)
     if not concepts:
-        raise validation.InvalidInput("concepts=[] is empty: give at least one word (two or more for maps that "
-                                      "compare concepts; add 'background')")
+        raise validation.InvalidInput(f"{name}=[] selects no concept: give at least two concepts, e.g. ['circle', "
+                                      f"'background'], not an empty list")
     found = []
     for c in concepts:
         if not isinstance(c, str):
@@ -91,12 +95,51 @@ def check_words(concepts) -> list[str]:
         if word in found:
             raise validation.InvalidInput(f"concept {c!r} is given twice: give each concept once")
         found.append(word)
+    if len(found) < 2:
+        hint = "the concept to find beside 'background'" if found == ["background"] else "'background'"
+        raise validation.InvalidInput(f"{name}={concepts!r} gives one concept: concept maps are a softmax over the "
+                                      f"concepts, so one concept's map is 1.0 everywhere; give at least two concepts "
+                                      f"(e.g. add {hint})")
     return found
+
+
+# Word-boundary marks of the tokenizers' pieces: T5's sentencepiece "▁" (a word start) and CLIP's "</w>" (a word
+# end). A piece that is nothing but one of them holds no character of the word.
+_WORD_MARKS = ("▁", "</w>")
+
+
+def concept_token(probe, concept: str, max_sequence_length: int) -> Token:
+    """The token that stands for a concept: the first token of the word, encoded alone as a prompt, in T5 where the
+    pipeline has T5, else in CLIP. Warns when the tokenizer splits the word (the concept is then its first piece
+    only, as the same piece in other words) and refuses a token that holds nothing of the word: the tokenizer's
+    unknown or end-of-text token, or a bare word mark."""
+    tokens = [t for t in probe.tokens(concept, max_sequence_length).tokens if t.word == concept]
+    if not tokens:
+        raise validation.InvalidInput(f"concept {concept!r} gives no token in this model's tokenizers")
+    encoder = "t5" if any(t.encoder == "t5" for t in tokens) else tokens[0].encoder
+    pieces = [t for t in tokens if t.encoder == encoder]
+    chosen = pieces[0]
+    segment = next(s for s in probe.family.text_segments(max_sequence_length) if s.encoder == encoder)
+    special = getattr(probe.pipeline, segment.tokenizer).all_special_tokens
+    text = chosen.piece
+    for mark in _WORD_MARKS:
+        text = text.replace(mark, "")
+    if chosen.piece in special or not text:
+        raise validation.InvalidInput(f"the {encoder} tokenizer does not know the concept {concept!r}: its concept "
+                                      f"token would be {chosen.piece!r}, which is no piece of the word; choose a word "
+                                      f"it knows (probe.tokens(word) shows its pieces)")
+    if len(pieces) > 1:
+        warnings.warn(f"the {encoder} tokenizer splits the concept {concept!r} into "
+                      f"{', '.join(repr(t.piece) for t in pieces)}: its concept token is the first, {chosen.piece!r}, "
+                      f"which other words share; choose a word the tokenizer keeps whole (probe.tokens(word) shows "
+                      f"its pieces)", UserWarning, stacklevel=2)
+    return chosen
 
 
 def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> torch.Tensor:
     """(concept, joint_attention_dim): each concept encoded alone by the pipeline's `encode_prompt`, the row of
-    the word's first token (T5 where the pipeline has it, else CLIP)."""
+    its `concept_token`. Every concept's token is checked before any text encoder runs."""
+    tokens = [concept_token(probe, c, max_sequence_length) for c in concepts]
     pipe = probe.pipeline
     options = {"prompt": concepts, "prompt_2": None, "device": pipe._execution_device,
                "max_sequence_length": max_sequence_length}
@@ -104,14 +147,7 @@ def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> tor
         options.update(prompt_3=None, do_classifier_free_guidance=False)
     with torch.no_grad():
         embeds = pipe.encode_prompt(**options)[0]
-    rows = []
-    for i, concept in enumerate(concepts):
-        tokens = [t for t in probe.tokens(concept, max_sequence_length).tokens if t.word == concept]
-        if not tokens:
-            raise validation.InvalidInput(f"concept {concept!r} gives no token in this model's tokenizers")
-        chosen = [t for t in tokens if t.encoder == "t5"] or tokens
-        rows.append(embeds[i, chosen[0].position])
-    return torch.stack(rows)
+    return torch.stack([embeds[i, token.position] for i, token in enumerate(tokens)])
 
 
 class ConceptSlot:

@@ -120,7 +120,7 @@ class AttentionMaps:
 
     def concept_columns(self, concepts, prompt: int = 0) -> list[int]:
         """Indices into the concept dimension of a prompt's concept maps."""
-        names = [concepts] if isinstance(concepts, str) else list(concepts)
+        names = validation.concept_list("concepts", concepts)
         prompt = validation.integer("prompt", prompt, minimum=0)
         if not self.concepts:
             raise ValueError("no concept maps here: record with concepts=[...]")
@@ -128,8 +128,6 @@ class AttentionMaps:
             raise IndexError(f"prompt index {prompt} out of range: {len(self.concepts)} prompts")
         found = []
         for name in names:
-            if not isinstance(name, str):
-                raise validation.InvalidInput(f"concept {name!r} is not allowed: give a concept word (str)")
             word = normalise_word(name)
             if word not in self.concepts[prompt]:
                 raise KeyError(f"concept {name!r} was not recorded for prompt {prompt}; its concepts: "
@@ -302,7 +300,8 @@ class AttentionMaps:
     @classmethod
     def load(cls, path: str | Path) -> AttentionMaps:
         """Maps written by `save`; the file is checked (metadata schema, tensor shapes against the token
-        tables and grid, finite values) and every error names it."""
+        tables and grid, finite values, concept maps as probabilities over their prompt's concepts) and every
+        error (`validation.InvalidInput`) names it."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -314,14 +313,14 @@ class AttentionMaps:
                 names = [k for k in (*KINDS, *CONCEPT_KINDS, "attn2_entropy") if k in f.keys()]
                 tensors = {k: f.get_tensor(k) for k in names}
         except Exception as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+            raise validation.InvalidInput(f"{path} is not a readable safetensors file ({error})") from None
         if "mmdit_probe" not in metadata:
-            raise ValueError(f"{path} holds no attention maps: its metadata has no 'mmdit_probe' entry (files written "
-                             f"by AttentionMaps.save have one)")
+            raise validation.InvalidInput(f"{path} holds no attention maps: its metadata has no 'mmdit_probe' entry "
+                                          f"(files written by AttentionMaps.save have one)")
         try:
             meta = json.loads(metadata["mmdit_probe"])
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: the maps metadata is not valid JSON ({error})") from None
+            raise validation.InvalidInput(f"{path}: the maps metadata is not valid JSON ({error})") from None
         try:
             _check_meta(meta)
             tables = [TokenTable(t["prompt"], [Token(*row) for row in t["tokens"]], t["text_length"])
@@ -334,7 +333,7 @@ class AttentionMaps:
                        concept_tensors={k: tensors[k] for k in CONCEPT_KINDS if k in tensors})
             maps._check_tensors()
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} is not a valid maps file: {error}") from None
+            raise validation.InvalidInput(f"{path} is not a valid maps file: {error}") from None
         return maps
 
     def _check_tensors(self) -> None:
@@ -352,6 +351,11 @@ class AttentionMaps:
                                  f"{'heads, ' if self.heads == 'all' else ''}grid, positions) says {expected}")
             if not m.is_floating_point() or not torch.isfinite(m).all():
                 raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
+        if self.concepts and not self.concept_kinds:
+            raise ValueError("its metadata names concepts but holds no concept maps")
+        if self.concept_kinds and not self.concepts:
+            raise ValueError(f"it holds concept maps ({', '.join(self.concept_kinds)}) but its metadata names no "
+                             f"concepts")
         for kind in self.concept_kinds:
             m = self.concept_tensors[kind]
             expected = (len(self.steps), len(self.blocks), rows, image, max(map(len, self.concepts), default=0))
@@ -360,6 +364,7 @@ class AttentionMaps:
                                  f"concepts) says {expected}")
             if not m.is_floating_point() or not torch.isfinite(m).all():
                 raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
+            self._check_probabilities(kind, m.float())
         if self.attn2_entropy is not None:
             expected = (len(self.steps), len(self.attn2_blocks), rows, image)
             if tuple(self.attn2_entropy.shape) != expected:
@@ -369,6 +374,23 @@ class AttentionMaps:
         length = max(t.text_length for t in self.tables)
         if any(not 0 <= p < length for p in self.positions):
             raise ValueError(f"positions {self.positions} do not fit the token tables ({length} text positions)")
+
+    def _check_probabilities(self, kind: str, m: torch.Tensor) -> None:
+        """Concept maps are a softmax over each prompt's own concepts: every value in [0, 1], each image token's
+        values summing to one over the prompt's concepts, zero in a shorter list's spare slots."""
+        what = (f"{kind} concept maps must be probabilities (a softmax over each prompt's concepts: values in [0, 1] "
+                f"that sum to one per image token)")
+        if m.min() < 0 or m.max() > 1:
+            raise ValueError(f"{what}, but they run from {float(m.min()):g} to {float(m.max()):g}")
+        n = len(self.tables)
+        for row in range(m.shape[2]):
+            prompt = row % n  # rows="both": the unconditional prompts, then the conditional ones
+            own = len(self.concepts[prompt])
+            total = m[:, :, row, :, :own].sum(dim=-1)
+            # Maps are stored in a compact dtype (bfloat16 keeps about 3 significant digits): sums round off.
+            if (total - 1).abs().max() > 0.02 or m[:, :, row, :, own:].any():
+                raise ValueError(f"{what}, but prompt {prompt}'s sum to {float(total.min()):g} to "
+                                 f"{float(total.max()):g} over its {own} concepts")
 
     def __repr__(self) -> str:
         shape = {k: tuple(self.tensor(k).shape) for k in self.kinds + self.concept_kinds}
@@ -412,3 +434,23 @@ def _check_meta(meta) -> None:
                 raise ValueError(f"a token row must be [position, encoder, piece, word, word index]; got {row!r}")
         if not isinstance(t.get("tokens"), list):
             raise ValueError("a token table needs a list of tokens")
+    _check_concept_meta(concepts, len(tables))
+
+
+def _check_concept_meta(concepts: list[list[str]], n_prompts: int) -> None:
+    """Concept lists as the recorder writes them: none, or one per prompt, each of two or more distinct
+    normalised words (`maps.concept` reads the first column of a word, and a softmax over one concept is 1.0)."""
+    if concepts and len(concepts) != n_prompts:
+        raise ValueError(f"metadata 'concepts' holds {len(concepts)} concept lists for {n_prompts} prompt(s): it needs "
+                         f"one list per prompt")
+    for prompt, words in enumerate(concepts):
+        for word in words:
+            if normalise_word(word) != word or " " in word:
+                raise ValueError(f"metadata concept {word!r} of prompt {prompt} is not a concept word as recorded "
+                                 f"(one lowercase word without punctuation)")
+            if words.count(word) > 1:
+                raise ValueError(f"metadata 'concepts' names the concept {word!r} twice for prompt {prompt}: each "
+                                 f"column of the concept maps is one concept")
+        if len(words) < 2:
+            raise ValueError(f"metadata 'concepts': prompt {prompt} has fewer than two concepts ({words}): concept "
+                             f"maps are a softmax over two or more concepts")

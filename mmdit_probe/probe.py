@@ -62,7 +62,14 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         index = local / "model_index.json"
         if not index.exists():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
-        config = json.loads(index.read_text())
+        try:
+            config = json.loads(index.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise validation.InvalidInput(f"{index} is not valid JSON ({error}): save the pipeline again "
+                                          f"(save_pretrained) or fix the file") from None
+        if not isinstance(config, dict) or "_class_name" not in config:
+            raise validation.InvalidInput(f"{index} names no pipeline class (\"_class_name\"): save the pipeline "
+                                          f"again (save_pretrained) or fix the file")
         family_name_for_class(config["_class_name"])  # refuse before loading any weights
         # A component saved as absent (e.g. SD3 without T5) must be passed as None to load.
         for name, spec in config.items():
@@ -231,7 +238,8 @@ class Probe:
             "guidance": None if guidance is None else validation.number("guidance", guidance, low=0.0),
         }
         for name, value in (("height", height), ("width", width)):
-            checked[name] = None if value is None else validation.image_size(name, value, self.family.token_pixels)
+            checked[name] = None if value is None else validation.image_side(name, value, self.family.token_pixels,
+                                                                              self.family.max_image_side)
         for key, instead in self._OWN_ARGUMENTS.items():
             if key in kwargs:
                 raise validation.InvalidInput(f"pass {instead} rather than {key}=")
@@ -314,10 +322,11 @@ class Probe:
         """Generate from one shared initial noise, optionally recording attention maps.
 
         `record=True` records T2I and I2T maps of every block and step (head mean, conditional half,
-        real text positions); a dict passes options to `AttentionRecorder` (blocks, steps, kinds,
-        heads, rows, positions, dtype). `concepts` (words, e.g. ["circle", "background"], or one list
-        per prompt) also records concept maps (`mmdit_probe.concepts`; read them with
-        `maps.concept("circle")`); the images are bit for bit the ones without concepts.
+        real text positions); a dict (``{}`` too) records with those `AttentionRecorder` options (blocks,
+        steps, kinds, heads, rows, positions, dtype, concepts). `concepts` (two or more words, e.g.
+        ["circle", "background"], or one list per prompt; given here or in `record`, not both) also
+        records concept maps (`mmdit_probe.concepts`; read them with `maps.concept("circle")`); the
+        images are bit for bit the ones without concepts.
 
         >>> out = probe.generate("on the left a large red circle on a white background", record=True)
         >>> out.images[0], out.maps.word("red", blocks="top")
@@ -328,10 +337,17 @@ class Probe:
         inputs = self.inputs(prompts, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                              **kwargs)
         recorder = None
-        if concepts is not None and not record:
+        # A dict, even an empty one, asks for a recording with those options; concepts come in one place only.
+        if not isinstance(record, (bool, dict)):
+            raise validation.InvalidInput(f"record={record!r} is not allowed: give True, False or a dict of "
+                                          f"AttentionRecorder options")
+        options = dict(record) if isinstance(record, dict) else {}
+        if concepts is not None and record is False:
             raise validation.InvalidInput("concepts= records concept maps: pass record=True (or a dict of options)")
-        if record:
-            options = dict(record) if isinstance(record, dict) else {}
+        if concepts is not None and "concepts" in options:
+            raise validation.InvalidInput("concepts given twice, as concepts= and as record['concepts']: give them "
+                                          "once (concepts=...)")
+        if record is not False:
             if concepts is not None:
                 options["concepts"] = concepts
             recorder = AttentionRecorder(self, inputs, **options)

@@ -12,6 +12,10 @@ and optionally ``labels.json`` ({"NAME": "dog", ...}: each image's target concep
 
     python -m mmdit_probe.segmentation FOLDER --model sd3-medium --concepts background --out scores.json
 
+Every input (the folder, the labels, the concepts of each image, the options) is checked before the
+model loads; bad input exits with code 2, a failure while running with 1, each as one line (--debug
+shows the traceback), as `mmdit-probe` does.
+
 >>> segment_folder(probe, "data/voc", concepts=["background"], labels="labels.json")["miou"]
 """
 
@@ -27,9 +31,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import validation
-from .concepts import CONCEPT_KINDS
-from .image_maps import image_maps
+from .concepts import CONCEPT_KINDS, check_words
+from .image_maps import METHODS, check_sigma, image_maps
 from .maps import upsample
+from .tokens import normalise_word
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -90,24 +95,68 @@ def read_folder(folder: str | Path) -> list[tuple[str, Path, Path]]:
     return found
 
 
+def check_folder(folder: str | Path, concepts: list[str], labels: str | Path | dict | None = None, *,
+                 kind: str = "concept", method: str = "noise", sigma: float | None = None) -> list[tuple]:
+    """Every input of `segment_folder` checked, before any model runs: (name, image path, mask path, the image's
+    concepts with its target first) of each image."""
+    validation.choice("kind", kind, CONCEPT_KINDS)
+    validation.choice("method", method, METHODS)
+    check_sigma(method, sigma)  # as `image_maps` checks it, but before the model loads
+    concepts = validation.concept_list("concepts", concepts)
+    entries = read_folder(folder)
+    labels = _labels(labels)
+    if labels is None:
+        own = check_words(concepts)
+        return [(name, image, mask, own) for name, image, mask in entries]
+    checked = []
+    for name, image, mask in entries:
+        if name not in labels:
+            raise validation.InvalidInput(f"labels have no concept for the image {name!r}: add it, or leave labels "
+                                          f"out to find concepts[0] in every image")
+        target = labels[name]
+        if not isinstance(target, str):
+            raise validation.InvalidInput(f"the label of the image {name!r} is {target!r}: give a concept (str)")
+        # A concept spelled as the label in another case is the label's concept, not a second one.
+        own = [target, *[c for c in concepts if normalise_word(c) != normalise_word(target)]]
+        try:
+            check_words(own)
+        except validation.InvalidInput as error:
+            raise validation.InvalidInput(f"image {name!r} (label {target!r}): {error}") from None
+        checked.append((name, image, mask, own))
+    return checked
+
+
+def _labels(labels: str | Path | dict | None) -> dict | None:
+    """Labels as a dict {image name: concept}, read from a labels.json if given its path."""
+    if isinstance(labels, (str, Path)):
+        path = Path(labels)
+        if not path.is_file():
+            raise validation.InvalidInput(f"labels file {path} does not exist: give a labels.json "
+                                          f"({{\"NAME\": \"dog\", ...}}) or leave labels out")
+        try:
+            labels = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise validation.InvalidInput(f"labels file {path} is not valid JSON ({error}): give one object "
+                                          f"{{\"NAME\": \"dog\", ...}}") from None
+        if not isinstance(labels, dict):
+            raise validation.InvalidInput(f"labels file {path} holds a {type(labels).__name__}: give one object "
+                                          f"{{\"NAME\": \"dog\", ...}}")
+    if labels is not None and not isinstance(labels, dict):
+        raise validation.InvalidInput("labels must be a dict {image name: concept} or a labels.json path")
+    return labels
+
+
 def segment_folder(probe, folder: str | Path, *, concepts: list[str], labels: str | Path | dict | None = None,
-                   prompt: str = "", kind: str = "concept", blocks=None, method: str = "noise", sigma: float = 0.5,
-                   seed: int = 0, **generation) -> dict:
+                   prompt: str = "", kind: str = "concept", blocks=None, method: str = "noise",
+                   sigma: float | None = None, seed: int = 0, **generation) -> dict:
     """Scores of a folder (see the module docstring). Without labels the target is `concepts[0]`; with labels
     (a dict or a labels.json) each image's target is its label, put before `concepts` (e.g. ["background"]).
     kind: "concept" (output space) or "concept_xattn"; blocks as in `maps.concept` (default all);
     method, sigma: as in `image_maps` (default ConceptAttention's: one forward on the noised image)."""
-    validation.choice("kind", kind, CONCEPT_KINDS)
-    entries = read_folder(folder)
-    if isinstance(labels, (str, Path)):
-        labels = json.loads(Path(labels).read_text())
-    if labels is not None and not isinstance(labels, dict):
-        raise validation.InvalidInput("labels must be a dict {image name: concept} or a labels.json path")
+    checked = check_folder(folder, concepts, labels, kind=kind, method=method, sigma=sigma)
+    sigma = check_sigma(method, sigma)
     soft, masks, per_image = [], [], []
-    for name, image_path, mask_path in tqdm(entries, desc="segment"):
-        if labels is not None and name not in labels:
-            raise KeyError(f"labels has no concept for the image {name!r}")
-        own = [labels[name], *[c for c in concepts if c != labels[name]]] if labels is not None else list(concepts)
+    for name, image_path, mask_path, own in tqdm(checked, desc="segment"):
         mask = np.asarray(Image.open(mask_path).convert("L")) > 0
         image = Image.open(image_path).convert("RGB")
         maps = image_maps(probe, image, prompt, own, method=method, sigma=sigma, seed=seed, **generation)
@@ -120,9 +169,10 @@ def segment_folder(probe, folder: str | Path, *, concepts: list[str], labels: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .probe import load
+    from .cli import ArgumentParser, run_command
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m mmdit_probe.segmentation", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--model", default="toy")
     parser.add_argument("--concepts", nargs="+", default=["background"],
@@ -130,16 +180,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", type=Path, help="default: FOLDER/labels.json when it exists")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--kind", default="concept", choices=CONCEPT_KINDS)
-    parser.add_argument("--method", default="noise", choices=("noise", "inversion"))
-    parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--method", default="noise", choices=METHODS)
+    parser.add_argument("--sigma", type=float, help="noise level of --method noise, in (0, 1] (default 0.5)")
     parser.add_argument("--out", type=Path, default=Path("segmentation.json"))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    probe = load(args.model)
-    probe.pipeline.set_progress_bar_config(disable=True)
+    run_command(parser.prog, lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .cli import checking
+    from .probe import load
+
     labels = args.labels or (args.folder / "labels.json" if (args.folder / "labels.json").is_file() else None)
-    result = segment_folder(probe, args.folder, concepts=args.concepts, labels=labels, prompt=args.prompt,
-                            kind=args.kind, method=args.method, sigma=args.sigma)
+    options = {"concepts": args.concepts, "labels": labels, "kind": args.kind, "method": args.method,
+               "sigma": args.sigma}
+    torch.set_num_threads(2)
+    with checking():  # the output, the folder, every option and the model's loading: bad input, exit code 2
+        if args.out.is_dir():
+            raise validation.InvalidInput(f"--out {args.out} is a folder: give a file, e.g. {args.out}/scores.json")
+        for parent in args.out.parents:
+            if parent.exists() and not parent.is_dir():
+                raise validation.InvalidInput(f"--out {args.out}: {parent} is a file, not a folder; choose another "
+                                              f"--out")
+        check_folder(args.folder, **options)
+        probe = load(args.model)
+    probe.pipeline.set_progress_bar_config(disable=True)
+    result = segment_folder(probe, args.folder, prompt=args.prompt, **options)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("pixel_accuracy", "miou", "map", "images")}, indent=2))
 

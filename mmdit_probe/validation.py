@@ -177,3 +177,121 @@ def known_keywords(name: str, given: Iterable[str], allowed: Iterable[str]) -> N
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(allowed)}"
             raise InvalidInput(f"{name} got an unknown keyword {key!r}{hint}")
+
+
+# Shared by every entry point (issue 25): counts, top-k and thresholds each have one checker.
+
+
+def count(name: str, value: Any, what: str = "") -> int:
+    """How many of something to take (prompts, blocks, concepts): a whole number >= 1, never 0 meaning "all"."""
+    return integer(name, value, minimum=1, default_hint=what)
+
+
+def top_k(name: str, value: Any, available: int, what: str = "blocks") -> int:
+    """How many of `available` ranked items to keep: a whole number in [1, available]."""
+    value = count(name, value)
+    if value > available:
+        raise InvalidInput(f"{name}={value} is not allowed: there are only {available} {what}; give a whole number "
+                           f"from 1 to {available}")
+    return value
+
+
+def threshold(name: str, value: Any, what: str = " (maps are max-normalised to [0, 1])") -> float:
+    """A threshold on max-normalised maps or masks: a number in [0, 1]."""
+    return fraction(name, value, what=what)
+
+
+# Images, editors and patching
+
+
+def image_side(name: str, value: Any, multiple: int, largest: int | None) -> int:
+    """An image side the transformer can take: `image_size`, and at most `largest` pixels where its positional table
+    ends there (a family adapter's `max_image_side`, e.g. SD3's `pos_embed_max_size`; None: no limit)."""
+    value = image_size(name, value, multiple)
+    if largest is not None and value > largest:
+        raise InvalidInput(f"{name}={value} is not allowed: this transformer's positional table covers at most "
+                           f"{largest} pixels a side; use {largest} or less")
+    return value
+
+
+# PIL modes whose conversion to RGB keeps the picture: 1- and 8-bit bands with a colour conversion PIL knows. PIL
+# clips 16-bit, 32-bit and float values ("I;16", "I", "F") to 0-255 (a float image in [0, 1] turns black) and copies
+# "LAB" bands unconverted; the right scaling is the caller's to say, so those modes are refused.
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV")
+
+
+def real_image(value: Any, name: str = "image"):
+    """A real image as a PIL image, checked before any conversion or resizing (so an empty image is never stretched
+    into a black one): a PIL image in one of `IMAGE_MODES`, or a uint8 array (height, width), (height, width, 3) or
+    (height, width, 4); at least one pixel."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8:
+            raise InvalidInput(f"{name} arrays must be uint8 (0-255); got {value.dtype}: scale the values to 0-255 "
+                               f"and convert with .astype(np.uint8)")
+        if not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+            first = value.ndim == 3 and value.shape[0] in (3, 4)
+            raise InvalidInput(f"{name} array of shape {value.shape} is not allowed: give (height, width), "
+                               f"(height, width, 3) or (height, width, 4)"
+                               + ("; it looks channels-first: use array.transpose(1, 2, 0)" if first else ""))
+        if 0 in value.shape[:2]:
+            raise InvalidInput(f"{name} is empty ({value.shape[1]}x{value.shape[0]} pixels): give an image with pixels")
+        value = Image.fromarray(value)
+    elif not isinstance(value, Image.Image):
+        raise InvalidInput(f"{name} of type {type(value).__name__} is not allowed: expected a PIL image or a uint8 "
+                           f"array (height, width, 3)")
+    if value.mode not in IMAGE_MODES:
+        raise InvalidInput(f"{name} has mode {value.mode!r}, whose values a conversion to RGB would clip or garble: "
+                           f"convert it to 8-bit RGB yourself (scale its values to 0-255), or give a uint8 array")
+    if 0 in value.size:
+        raise InvalidInput(f"{name} is empty ({value.size[0]}x{value.size[1]} pixels): give an image with pixels")
+    return value
+
+
+REGION_THRESHOLD = 0.5  # a soft region mask selects the tokens where it is at least this
+
+
+def region_mask(name: str, value: Any):
+    """A token-grid region as a boolean tensor: a boolean array or tensor, or numbers in [0, 1] of which those
+    >= `REGION_THRESHOLD` select a token. NaN and values outside [0, 1] are refused (``mask.bool()`` would select
+    them, so a mask that is NaN outside its region would select every token)."""
+    import torch
+
+    try:
+        mask = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidInput(f"{name} of type {type(value).__name__} is not allowed: give a boolean array or tensor, "
+                           f"or numbers in [0, 1]") from error
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise InvalidInput(f"{name} holds complex numbers: give a boolean mask, or real numbers in [0, 1]")
+    mask = mask.double()
+    if torch.isnan(mask).any():
+        raise InvalidInput(f"{name} holds NaN: give a boolean mask, or numbers in [0, 1] (>= {REGION_THRESHOLD} "
+                           f"selects a token)")
+    if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+        low, high = float(mask.min()), float(mask.max())
+        raise InvalidInput(f"{name} holds values outside [0, 1] (from {low:g} to {high:g}): give a boolean mask, or "
+                           f"numbers in [0, 1] of which >= {REGION_THRESHOLD} select a token (for a 0/255 or signed "
+                           f"mask, pass mask > 0)")
+    return mask >= REGION_THRESHOLD
+
+
+# Concepts and map files
+
+
+def concept_list(name: str, value: Any) -> list[str]:
+    """One concept (str) or a non-empty list of them, as a selection of recorded concepts (`maps.concept`)."""
+    found = [value] if isinstance(value, str) else value
+    if isinstance(found, (bytes, dict)) or not isinstance(found, Iterable):
+        raise InvalidInput(f"{name}={value!r} is not allowed: give a concept (str) or a list of concepts")
+    found = list(found)
+    if not found:
+        raise InvalidInput(f"{name}=[] selects no concept: give at least one concept recorded for the prompt")
+    for c in found:
+        if not isinstance(c, str):
+            raise InvalidInput(f"{name} must hold concepts (str); got {c!r} ({type(c).__name__})")
+    return found

@@ -7,6 +7,7 @@ from conftest import tiny_inputs
 from PIL import Image
 
 from mmdit_probe.editing.inversion import METHODS, invert_latents
+from mmdit_probe.validation import InvalidInput
 
 PROMPT = "a red cat on a mat"
 
@@ -48,7 +49,7 @@ def test_bad_images_and_prompts_are_refused_or_fixed(tiny_dirs):
     probe = mmdit_probe.load(tiny_dirs["sd3"])
     with pytest.raises(ValueError, match="needs the prompt"):
         probe.invert(Image.new("RGB", (64, 64)), "", **generation("sd3"))
-    with pytest.raises(TypeError, match="expected a PIL image"):
+    with pytest.raises(InvalidInput, match="expected a PIL image"):
         probe.invert("photo.png", PROMPT, **generation("sd3"))
     with pytest.raises(ValueError, match="unknown inversion method"):
         probe.invert(Image.new("RGB", (64, 64)), PROMPT, method="ddim", **generation("sd3"))

@@ -21,6 +21,7 @@ from mmdit_probe.sweep import (
     ConfigMismatch,
     FolderMasks,
     PromptItem,
+    ToyMasks,
     read_record,
     record_masks,
     sweep,
@@ -29,6 +30,7 @@ from mmdit_probe.sweep import (
 )
 from mmdit_probe.toy.judge import word_masks_from_image
 from mmdit_probe.toy.world import caption, sample_split_scene
+from mmdit_probe.validation import InvalidInput
 
 STEPS = 4
 KEY = ["prompt_id", "word_index", "kind", "block", "step", "metric", "grid"]
@@ -343,3 +345,164 @@ def test_grounded_sam_masks_run_end_to_end(toy, tiny_grounded_sam, tmp_path):
     assert {m.shape for m in record_masks(meta, tensors).values()} == {(32, 32)}
     assert pq.read_table(result.table).num_rows == 2 * 6 * STEPS * len(METRICS) * 2
     assert result.config.masks.startswith("grounded-sam:")
+
+
+# -- bad input and failing prompts (issue 25) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"num_steps": 0}, "num_steps=0 is not allowed"),
+    ({"num_steps": -1}, "num_steps=-1 is not allowed"),
+    ({"resolution": 0}, "resolution=0 is not allowed"),
+    ({"resolution": 30}, "multiples of 4 pixels"),
+    ({"resolution": 64}, "at most 32 pixels"),
+    ({"guidance": -2}, "guidance=-2"),
+    ({"guidance": float("nan")}, "guidance=nan"),
+    ({"threshold": 5}, "threshold=5"),
+    ({"threshold": -1}, "threshold=-1"),
+    ({"threshold": float("nan")}, "threshold=nan"),
+    ({"max_prompts": -1}, "max_prompts=-1"),
+    ({"max_prompts": 0}, "max_prompts=0"),
+    ({"prompts": "toy", "n": 0}, "n=0"),
+    ({"prompts": "toy", "n": -3}, "n=-3"),
+    ({"prompts": []}, "prompts=[] is empty"),
+    ({"prompts": [PromptItem("a", 5, 0)]}, "prompt 'a': prompt=5"),
+    ({"prompts": [PromptItem("a b", "a red circle", 0)]}, "letters, digits"),
+    ({"prompts": [PromptItem("a", "a red circle", 1.5)]}, "seed=1.5"),
+    ({"prompts": [PromptItem("a", "a red circle", 0)]}, "toy masks need Shapes-world prompts"),
+    ({"blocks": [9]}, "blocks=[9] is not allowed: the model has blocks 0..5"),
+    ({"blocks": [1, 1]}, "names [1] more than once"),
+    ({"record_steps": [5]}, "record_steps=[5] is not allowed: there are 4 steps (0..3)"),
+    ({"record_steps": [-1]}, "record_steps=[-1]"),
+    ({"kinds": ["t2i", "x2y"]}, "kinds must be"),
+    ({"grids": []}, "grids must be"),
+    ({"words": "circle"}, "words='circle'"),
+    ({"words": [3]}, "words must be"),
+    ({"maps_dtype": "int8"}, "maps_dtype='int8'"),
+    ({"seed": 0.5}, "seed=0.5"),
+])
+def test_bad_options_are_refused_before_anything_is_written(toy, tmp_path, options, match):
+    """Every option is checked (against the model too) before OUT exists, so the corrected rerun just runs."""
+    options = {"prompts": toy_prompts(2), "num_steps": STEPS, **options}
+    prompts = options.pop("prompts")
+    with pytest.raises(InvalidInput) as error:
+        sweep(toy, prompts, tmp_path / "out", progress=False, **options)
+    assert match in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrected_rerun_is_not_refused_as_other_options(toy, tmp_path):
+    with pytest.raises(InvalidInput, match="blocks"):
+        sweep(toy, toy_prompts(1), tmp_path, num_steps=2, blocks=[0, 9], progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert sweep(toy, toy_prompts(1), tmp_path, num_steps=2, blocks=[0, 5], grids=["tokens"], progress=False).complete
+
+
+def test_prompt_file_errors_name_the_file_and_line(tmp_path):
+    from mmdit_probe.sweep import load_prompts
+
+    files = {
+        "empty.txt": ("# nothing here\n\n", "empty.txt holds no prompts"),
+        "garbled.jsonl": ('{"prompt": "a red circle"}\n\n{"prompt": "a blue\n',
+                          "garbled.jsonl, line 3: not valid JSON"),
+        "list.jsonl": ('["a red circle"]\n', "list.jsonl, line 1: give a JSON object"),
+        "number.jsonl": ('{"prompt": 5}\n', "number.jsonl, line 1: prompt=5 (int) is not allowed"),
+        "no_prompt.jsonl": ('{"text": "a red circle"}\n', 'no_prompt.jsonl, line 1: no "prompt"'),
+        "seed.jsonl": ('{"prompt": "a", "seed": "7"}\n', "seed.jsonl, line 1: seed='7' (str) is not allowed"),
+        "types.jsonl": ('{"prompt": "a", "word_types": ["cat"]}\n', "types.jsonl, line 1: word_types="),
+        "ids.jsonl": ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n',
+                      "ids.jsonl, line 2: the id 'x' is already used on line 1"),
+        "bad_id.jsonl": ('{"prompt": "a", "id": "../x"}\n', "bad_id.jsonl, line 1: the id '../x' names a file"),
+    }
+    for name, (text, match) in {"missing.txt": (None, "missing.txt does not exist"), **files}.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(InvalidInput) as error:
+            load_prompts(tmp_path / name)
+        assert match in str(error.value) and str(tmp_path) in str(error.value), str(error.value)
+    with pytest.raises(InvalidInput, match="is a folder"):
+        load_prompts(tmp_path)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 a red circle")
+    with pytest.raises(InvalidInput, match="binary.txt is not a UTF-8 text file"):
+        load_prompts(tmp_path / "binary.txt")
+
+
+class _SomeMasks(ToyMasks):
+    """The toy ground truth, but no mask at all for the prompts in `unmasked` and an error for those in `broken`
+    (as Grounding-DINO finds nothing for words it cannot see, or a mask folder lacks a file)."""
+
+    def __init__(self, unmasked=(), broken=()):
+        self.unmasked, self.broken = set(unmasked), set(broken)
+
+    def __call__(self, item, image, words):
+        if item.id in self.broken:
+            raise RuntimeError(f"detector crashed on {item.id}")
+        return {} if item.id in self.unmasked else super().__call__(item, image, words)
+
+
+def test_a_prompt_whose_words_all_have_no_mask_is_recorded_unscored(toy, full_run, tmp_path):
+    _, reference = full_run
+    result = sweep(toy, toy_prompts(2), tmp_path, masks=_SomeMasks(unmasked={"toy00001"}), num_steps=STEPS,
+                   progress=False)
+    assert result.complete and result.failed == {}
+    meta, _ = read_record(tmp_path / "records" / "toy00001.safetensors")
+    assert meta["words"] == [] and [w for _, w in meta["unmasked"]][:4] == ["right", "large", "blue", "circle"]
+    table = pq.read_table(result.table)
+    unscored = table.filter(pc.invert(table["scored"]))
+    assert unscored.column("prompt_id").unique().to_pylist() == ["toy00001"]
+    assert unscored.num_rows == len(meta["unmasked"]) and unscored.column("value").null_count == unscored.num_rows
+    scored = table.filter(table["scored"])
+    assert scored.equals(reference.filter(pc.equal(reference["prompt_id"], "toy00000")))
+    report = sweep_report(tmp_path, figures=False)  # the unscored rows stay out of every mean
+    assert report["prompts"] == 1
+
+
+def test_a_failing_prompt_is_recorded_the_sweep_goes_on_and_a_rerun_retries_it(toy, full_run, tmp_path):
+    _, reference = full_run
+    first = sweep(toy, toy_prompts(3), tmp_path, masks=_SomeMasks(broken={"toy00001"}), num_steps=STEPS,
+                  progress=False)
+    assert (first.done, first.total, first.complete) == (2, 3, False)
+    assert first.failed == {"toy00001": "RuntimeError: detector crashed on toy00001"}
+    meta, _ = read_record(tmp_path / "records" / "toy00001.safetensors")
+    assert meta["failed"] == "RuntimeError: detector crashed on toy00001" and "Traceback" in meta["traceback"]
+    assert pq.read_table(first.table).column("prompt_id").unique().to_pylist() == ["toy00000", "toy00002"]
+    kept = {n: (tmp_path / "records" / f"{n}.safetensors").stat().st_mtime_ns for n in ("toy00000", "toy00002")}
+    second = sweep(toy, toy_prompts(3), tmp_path, masks=_SomeMasks(), num_steps=STEPS, progress=False)
+    assert second.complete and second.failed == {}
+    assert all((tmp_path / "records" / f"{n}.safetensors").stat().st_mtime_ns == t for n, t in kept.items())
+    done = pq.read_table(second.table)
+    assert done.equals(reference.filter(pc.is_in(reference["prompt_id"], pa.array(["toy00000", "toy00001",
+                                                                                      "toy00002"]))))
+    with pytest.raises(RuntimeError, match="detector crashed"):  # keep_going=False: the first failure stops it
+        sweep(toy, toy_prompts(3), tmp_path / "strict", masks=_SomeMasks(broken={"toy00000"}), num_steps=STEPS,
+              keep_going=False, progress=False)
+
+
+def test_the_cli_says_how_many_prompts_failed_and_exits_1(tmp_path, capsys, monkeypatch):
+    from mmdit_probe.cli import main
+
+    monkeypatch.setattr("mmdit_probe.sweep.masks.mask_source", lambda spec: _SomeMasks(broken={"toy00000"}))
+    argv = ["sweep", "toy", "--prompts", "toy", "--num-prompts", "2", "--steps", "2", "--grids", "tokens",
+            "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1
+    assert "1 of 2 prompts done, 1 failed" in out
+    assert err.strip().splitlines()[-1].startswith("mmdit-probe sweep: error: PromptsFailed: 1 of 2 prompts failed: "
+                                                   "toy00000 (RuntimeError: detector crashed on toy00000)")
+    with pytest.raises(RuntimeError, match="detector crashed on toy00000"):  # --debug: the prompt's own traceback
+        main([*argv[:-1], str(tmp_path / "debug"), "--debug"])
+
+
+def test_report_top_k_and_ranking_options_are_checked(full_run):
+    result, _ = full_run
+    for top_k, match in ((-1, "top_k=-1"), (0, "top_k=0"), (99, "there are only 6 blocks"), (2.5, "top_k=2.5")):
+        with pytest.raises(InvalidInput, match=match):
+            sweep_report(result.out, top_k=top_k, figures=False)
+    for options, match in (({"metric": "auc"}, "metric='auc'"), ({"kind": "concept"}, "kind='concept'"),
+                           ({"grid": "voxels"}, "grid='voxels'")):
+        with pytest.raises(InvalidInput, match=match):
+            sweep_report(result.out, figures=False, **options)
+    assert sweep_report(result.out, top_k=6, figures=False)["top_layers"] == [
+        r["block"] for r in sweep_report(result.out, top_k=6, figures=False)["ranking"]]

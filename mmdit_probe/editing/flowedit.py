@@ -20,15 +20,19 @@ import torch
 from PIL import Image
 
 from .. import validation
-from .inversion import _encode, as_image, decode, sampler_velocity
+from .inversion import _encode, as_image, check_own_sampler, decode, sampler_velocity
 
 
 @torch.no_grad()
 def flowedit(probe, image, source: str, target: str, *, skip: float = 0.33, source_guidance: float | None = None,
              target_guidance: float | None = None, seed: int = 0, **generation: Any) -> Image.Image:
-    """Edit a real image from `source` to `target` without inversion; returns the edited image."""
-    if not isinstance(source, str) or not isinstance(target, str) or not source.strip() or not target.strip():
-        raise validation.InvalidInput("FlowEdit needs both a source and a target prompt")
+    """Edit a real image from `source` to `target` without inversion; returns the edited image (PIL).
+
+    generation: steps, guidance, height, width, max_sequence_length. FlowEdit calls the transformer itself, so
+    the pipeline's step callbacks and output options are refused rather than ignored.
+    """
+    validation.edit_prompts(source, target)
+    check_own_sampler(generation, also=("output_type", "latents"))
     skip = validation.fraction("skip", skip, " (the share of the steps FlowEdit skips)")
     for name, value in (("source_guidance", source_guidance), ("target_guidance", target_guidance)):
         if value is not None:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from .. import validation
+from ..attention import check_one_call_per_step
 
 METHODS = ("euler", "heun", "fixed-point", "rf-solver", "fireflow")
 # Methods with their own sampler: they integrate the ODE with `solve` in both directions.
@@ -51,14 +52,9 @@ class Inversion:
 
 
 def as_image(image, size: tuple[int, int], quiet: bool = False) -> Image.Image:
-    """An RGB PIL image of `size` (width, height); other modes are converted, other sizes resized, with a warning
-    (unless `quiet`)."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image arrays must be uint8 (height, width, 3); got {image.dtype}")
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
+    """An RGB PIL image of `size` (width, height) from a real image, checked first (`validation.real_image`); other
+    modes are converted, other sizes resized, with a warning (unless `quiet`)."""
+    image = validation.real_image(image)
     if image.mode != "RGB":
         if not quiet:
             warnings.warn(f"converting a {image.mode} image to RGB", stacklevel=3)
@@ -67,9 +63,23 @@ def as_image(image, size: tuple[int, int], quiet: bool = False) -> Image.Image:
         if not quiet:
             warnings.warn(f"resizing the image from {image.size} to {size} (the model's resolution)", stacklevel=3)
         image = image.resize(size, Image.BICUBIC)
-    if min(image.size) == 0:
-        raise validation.InvalidInput(f"the image is empty ({image.size[0]}x{image.size[1]} pixels)")
     return image
+
+
+# Pipeline arguments that the paths integrating the ODE themselves (through `sampler_velocity`: inversion, the
+# solvers' edits, FlowEdit, image maps by noising) cannot honour: they call the transformer, not the pipeline's
+# sampling loop, so step callbacks never run and the pipeline's own outputs are never made.
+PIPELINE_ONLY = ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "return_dict")
+
+
+def check_own_sampler(generation: dict, also: tuple[str, ...] = ()) -> None:
+    """Refuse generation keywords that a path through `sampler_velocity` would ignore: `PIPELINE_ONLY`, the
+    path's own `also`, and options adding transformer calls per step (the captured velocity is one call)."""
+    for key in (*PIPELINE_ONLY, *also):
+        if key in generation:
+            raise validation.InvalidInput(f"{key}= would be ignored: this integrates the ODE with the transformer "
+                                          f"itself, not through the pipeline's sampling loop; leave {key} out")
+    check_one_call_per_step(generation)
 
 
 def _transformer_call(probe, inputs: dict) -> dict:
@@ -152,6 +162,7 @@ def invert_latents(probe, latents: torch.Tensor, prompt: str, *, method: str = "
     """Run the sampler's ODE backwards from clean latents (in the sampler's layout) to the noise."""
     iterations = check_inversion(method, iterations)
     _check_prompt(prompt)
+    check_own_sampler(generation, also=("output_type",))
     if not isinstance(latents, torch.Tensor) or not torch.isfinite(latents).all():
         raise validation.InvalidInput("latents must be a tensor of finite values (the clean latents to invert)")
     velocity, sigmas = sampler_velocity(probe, probe.inputs(prompt, seed=0, **generation))
@@ -221,6 +232,7 @@ def invert(probe, image, prompt: str, *, method: str = "fixed-point", iterations
     iterations = check_inversion(method, iterations)
     validation.boolean("check", check)
     _check_prompt(prompt)
+    check_own_sampler(generation, also=("output_type", "latents"))
     inputs = probe.inputs(prompt, seed=0, **generation)
     image = as_image(image, (inputs["width"], inputs["height"]))
     clean = _encode(probe, image, inputs["height"], inputs["width"])

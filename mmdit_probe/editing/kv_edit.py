@@ -43,7 +43,7 @@ from .. import validation
 from ..attention import AttentionRecorder, check_one_call_per_step
 from ..patching import patch
 from .qk_injection import EditResult, blend_mask, edited_words
-from .stable_flow import GENERATION_KEYS, source_and_target
+from .stable_flow import GENERATION_KEYS, inversion_options, source_and_target
 
 
 def token_mask(probe, mask, height: int, width: int) -> torch.Tensor:
@@ -104,14 +104,16 @@ def _encoded(probe, image, height: int, width: int) -> torch.Tensor:
 
 
 def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int = 0, theta: float | None = None,
-            mask_blocks: list[int] | None = None, inversion: str = "fixed-point", iterations: int = 3,
+            mask_blocks: list[int] | None = None, inversion: str | None = None, iterations: int | None = None,
             **generation: Any) -> EditResult:
     """Regenerate the masked foreground of `source` as `target`, keeping the background (module docstring).
 
     mask: where to edit, nonzero = foreground: a token-grid mask (`probe.grid()`) or a pixel mask
-        (height, width); None: from the edited words' T2I maps (`theta`, `mask_blocks`; default the preset's).
+        (height, width); None: from the edited words' T2I maps (`theta`, `mask_blocks`; default the preset's;
+        refused with a given mask, which they would not change).
     image: a real image (PIL or uint8 array) described by `source`, inverted first (`inversion`,
-        `iterations` as in `probe.invert`); None edits the generation of `source` from `seed`.
+        `iterations` as in `probe.invert`, default fixed-point, 3; refused without `image`); None edits the
+        generation of `source` from `seed`.
     generation: steps, guidance, height, width, output_type and other pipeline arguments.
     ``result.masks[0]`` is the token mask used; ``result.params`` holds every setting.
     """
@@ -119,10 +121,12 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
     for name in ("latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs"):
         if name in generation:
             raise validation.InvalidInput(f"kv_edit sets {name} itself: do not pass it")
-    if image is not None:
-        from .inversion import check_inversion
-
-        check_inversion(inversion, iterations)
+    inversion, iterations = inversion_options(image, inversion, iterations)
+    if mask is not None:
+        for name, value in (("theta", theta), ("mask_blocks", mask_blocks)):
+            if value is not None:
+                raise validation.InvalidInput(f"{name}= makes the mask from the edited words' maps, so it is unused "
+                                              f"with mask=: leave it out, or leave mask out")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
     check_one_call_per_step(inputs)
     height, width = inputs["height"], inputs["width"]
@@ -180,5 +184,5 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
               "theta": theta if mask is None else None,
               "source_words": words[0], "target_words": words[1], "foreground_tokens": int(fg.sum()),
               "steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"],
-              "inversion": inversion if image is not None else None}
+              "inversion": inversion}
     return EditResult(output.images[0], output.images[1], [fg.numpy()], None, params, inputs)

@@ -138,9 +138,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
           source_words: list[str] | None = None, target_words: list[str] | None = None,
           latents: torch.Tensor | None = None, **generation: Any) -> _Plan:
     """Check every argument of `edit` and decide steps, blocks and words; runs no model."""
-    for name, prompt in (("source", source), ("target", target)):
-        if not isinstance(prompt, str):
-            raise validation.InvalidInput(f"{name}={prompt!r} is not allowed: give the {name} prompt (str)")
+    validation.edit_prompts(source, target)
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise validation.InvalidInput(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     preset, family = probe.preset, probe.family

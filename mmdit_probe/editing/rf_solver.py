@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .. import validation
-from .inversion import _encode, as_image, decode, invert_latents, sampler_velocity, solve
+from .inversion import _encode, as_image, check_own_sampler, decode, invert_latents, sampler_velocity, solve
 from .qk_injection import EditResult
 from .stable_flow import source_and_target
 
@@ -127,11 +127,16 @@ def share_values(probe, source: str, target: str, defaults: ValueSharing, *, ima
 
     image: a real image to edit (inverted with the source prompt and the same solver, at
     `inversion_guidance`, default the published 1); else `latents` (one prompt's initial latent), else
-    the noise of `seed`. generation: steps, guidance, height, width, max_sequence_length.
+    the noise of `seed`. generation: steps, guidance, height, width, max_sequence_length; the solvers call the
+    transformer themselves, so the pipeline's step callbacks are refused rather than never called.
     output_type: "pil" (default) or "latent".
     """
     if image is not None and latents is not None:
         raise validation.InvalidInput("give either image= (to invert) or latents=, not both")
+    if image is None and inversion_guidance is not None:
+        raise validation.InvalidInput("inversion_guidance= is for image= (the guidance of a real image's inversion): "
+                                      "leave it out, or give the image")
+    check_own_sampler(generation)
     output_type = validation.choice("output_type", output_type, ("pil", "latent"))
     inversion_guidance = validation.number("inversion_guidance", defaults.inversion_guidance if inversion_guidance
                                            is None else inversion_guidance, low=0.0)

@@ -73,6 +73,21 @@ def check_layers(probe, layers: Iterable[int] | None) -> list[int]:
     return sorted(set(chosen))
 
 
+def inversion_options(image, inversion: str | None, iterations: int | None) -> tuple[str | None, int | None]:
+    """A real-image edit's checked inversion method and iterations (default fixed-point, 3); refused without
+    `image`, where nothing is inverted."""
+    if image is None:
+        for name, value in (("inversion", inversion), ("iterations", iterations)):
+            if value is not None:
+                raise validation.InvalidInput(f"{name}= is for image= (how a real image is inverted): leave it out, "
+                                              f"or give the image")
+        return None, None
+    from .inversion import check_inversion
+
+    inversion = "fixed-point" if inversion is None else inversion
+    return inversion, check_inversion(inversion, 3 if iterations is None else iterations)
+
+
 def source_and_target(x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """The target's rows take the source's (prompts [source, target]; each guidance half from its own half)."""
     return replace_rows(x, rows(2, x, 0, "both"), rows(2, x, 1, "both"), positions=positions)
@@ -88,21 +103,20 @@ def initial_latents(probe, image, source: str, inversion: str, iterations: int,
 
 
 def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None = None, seed: int = 0,
-                image=None, inversion: str = "fixed-point", iterations: int = 3, **generation: Any) -> EditResult:
+                image=None, inversion: str | None = None, iterations: int | None = None,
+                **generation: Any) -> EditResult:
     """Edit `source` into `target` by Stable Flow's vital-layer key/value injection (module docstring).
 
     layers: blocks to inject in (default: the preset's published vital layers); a `VitalLayers` result
         works as is; ``[]`` injects nowhere (the plain generation of both prompts).
     image: a real image (PIL or uint8 array) described by `source`: it is inverted first (`inversion`,
-        `iterations` as in `probe.invert`) and the edit starts from that noise.
+        `iterations` as in `probe.invert`, default fixed-point, 3; refused without `image`) and the edit starts
+        from that noise.
     generation: steps, guidance, height, width, output_type and other pipeline arguments.
     """
     validation.edit_prompts(source, target)
     chosen = check_layers(probe, layers)
-    if image is not None:
-        from .inversion import check_inversion
-
-        check_inversion(inversion, iterations)
+    inversion, iterations = inversion_options(image, inversion, iterations)
     if "latents" in generation:
         raise validation.InvalidInput("stable_flow draws its own initial noise (seed=) or inverts image=: do not "
                                       "pass latents=")
@@ -119,5 +133,5 @@ def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None
         output = probe.model.output.save()
     params = {"method": "stable-flow", "source": source, "target": target, "seed": int(seed), "layers": chosen,
               "steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"],
-              "inversion": inversion if image is not None else None}
+              "inversion": inversion}
     return EditResult(output.images[0], output.images[1], [], None, params, inputs)

@@ -96,8 +96,8 @@ class VitalLayers:
 
     def top(self, k: int) -> list[int]:
         """The k most vital blocks, in ranking order."""
-        k = validation.integer("k", k, minimum=1)
-        return self.ranking[:k]
+        ranking = self.ranking
+        return ranking[:validation.top_k("k", k, len(ranking))]
 
     @property
     def vital(self) -> list[int]:
@@ -179,6 +179,9 @@ def _check(probe, prompts, measures, dino, keep, rank_by, generation) -> tuple[l
     if "dino" in measures and dino is None:
         raise validation.InvalidInput("measure 'dino' needs dino= (a Dinov2Model or a local DINOv2 checkpoint "
                                       "directory); or use measures=['pixel']")
+    if dino is not None and "dino" not in measures:
+        raise validation.InvalidInput(f"dino= is for the 'dino' measure, which measures={measures!r} leaves out: add "
+                                      f"'dino' to measures, or leave dino out")
     rank_by = validation.choice("rank_by", rank_by or measures[0], measures)
     blocks = probe.family.num_blocks
     keep = max(1, round(blocks * PUBLISHED_SHARE)) if keep is None else validation.integer("keep", keep, minimum=1)
@@ -204,6 +207,7 @@ def vital_layers(probe, prompts: str | list[str], *, measures: str | Sequence[st
     keep: how many top blocks are vital (default: 9/57 of the blocks, Stable Flow's share in FLUX.1-dev).
     generation: steps, guidance, height, width and other pipeline arguments, as for `probe.generate`.
     """
+    validation.boolean("progress", progress)
     prompts, measures, keep, rank_by = _check(probe, prompts, measures, dino, keep, rank_by, generation)
     if "judge" in measures:
         from ..toy.world import IMAGE_SIZE

@@ -81,6 +81,11 @@ class Family:
         """Image tokens per column and row for an image of this size."""
         return height // self.token_pixels, width // self.token_pixels
 
+    @property
+    def max_image_side(self) -> int | None:
+        """The largest image side in pixels the transformer's positions cover; None: any (Flux's RoPE has no table)."""
+        return None
+
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """A (rows, cols) token-grid mask, broadcastable to one prompt's latents of this shape."""
         raise NotImplementedError

@@ -102,6 +102,13 @@ class SD3Family(Family):
         """The side in pixels of the square an image token covers (VAE factor x patch size)."""
         return self.pipeline.vae_scale_factor * self.transformer.config.patch_size
 
+    @property
+    def max_image_side(self) -> int | None:
+        """SD3 crops its positional embedding from a table of `pos_embed_max_size` patches a side and diffusers refuses
+        larger latents mid-run: at most that many tokens a side (None where a model has no table)."""
+        table = getattr(self.transformer.config, "pos_embed_max_size", None)
+        return None if table is None else table * self.token_pixels
+
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         # Latents are (channels, height, width); each token covers a patch of latent pixels.
         patch = self.transformer.config.patch_size

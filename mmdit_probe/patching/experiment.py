@@ -338,13 +338,14 @@ class _Planner:
 
     def position_entry(self, value: Any) -> tuple[str, tuple[int, ...]]:
         if isinstance(value, (torch.Tensor, np.ndarray)):
-            mask = torch.as_tensor(value)
-            if mask.ndim != 2 or tuple(mask.shape) != tuple(self.grid):
+            if value.ndim != 2 or tuple(value.shape) != tuple(self.grid):
                 raise InvalidInput(f"an image-region mask must have the token grid's shape {tuple(self.grid)} "
-                                   f"(rows, cols); got {tuple(mask.shape)}")
-            tokens = tuple(int(i) for i in torch.nonzero(mask.flatten().bool()).flatten())
+                                   f"(rows, cols); got {tuple(value.shape)}")
+            mask = validation.region_mask("an image-region mask", value)
+            tokens = tuple(int(i) for i in torch.nonzero(mask.flatten()).flatten())
             if not tokens:
-                raise InvalidInput("an image-region mask selects no token: give a mask with at least one True")
+                raise InvalidInput(f"an image-region mask selects no token: give a mask with at least one True (or "
+                                   f"value >= {validation.REGION_THRESHOLD})")
             return "img", tokens
         self.check_aligned()
         length = self.tables[0].text_length
@@ -416,8 +417,9 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
         single-stream blocks follow the double-stream ones).
     steps: step indices, ranges, a dict of named ranges, or "windows" (early / middle / late thirds);
         default: every step (one cell per step when swept).
-    positions: words of the prompts, text positions, ranges, or (rows, cols) boolean token-grid masks
-        for image hooks; a dict names them. Default: every token (swept: each word of the clean prompt).
+    positions: words of the prompts, text positions, ranges, or (rows, cols) token-grid masks for image
+        hooks (boolean, or numbers in [0, 1] of which >= 0.5 select a token; NaN refused); a dict names them.
+        Default: every token (swept: each word of the clean prompt).
     half: "cond", "uncond" or "both" rows of a classifier-free-guidance batch (default "both"; swept:
         all three).
     direction: "noising" (the clean run takes the corrupt run's values) or "denoising" (the reverse).

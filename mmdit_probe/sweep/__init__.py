@@ -12,8 +12,8 @@ from .._lazy import lazy
 _LAZY = {
     **dict.fromkeys(["FolderMasks", "GroundedSam", "ToyMasks", "mask_source"], ".masks"),
     "sweep_report": ".report",
-    **dict.fromkeys(["ConfigMismatch", "PromptItem", "SweepConfig", "SweepResult", "load_prompts", "read_record",
-                     "record_masks", "sweep", "toy_prompts"], ".run"),
+    **dict.fromkeys(["ConfigMismatch", "PreparedSweep", "PromptItem", "SweepConfig", "SweepResult", "load_prompts",
+                     "prepare_sweep", "read_record", "record_masks", "sweep", "toy_prompts"], ".run"),
 }
 __all__ = list(_LAZY)
 

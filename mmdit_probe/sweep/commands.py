@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import _fraction, _positive
+
+
+class PromptsFailed(RuntimeError):
+    """Some prompts of a sweep failed while running (each recorded, the others done): exit code 1."""
+
 
 def _quiet() -> None:
     """One progress bar and nothing else: the CLI's quiet libraries, and no FutureWarnings either."""
@@ -22,35 +28,58 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """What the options' command-line names say best, checked before torch is imported; the sweep checks the
+    rest (and these again) against the model and the prompts before it writes anything."""
+    from .. import validation
+
+    validation.count("--num-prompts", args.num_prompts)
+    if args.max_prompts is not None:
+        validation.count("--max-prompts", args.max_prompts, " (or leave it out for all)")
+    if args.guidance is not None:
+        validation.number("--guidance", args.guidance, low=0.0)
+    if args.masks is None and args.prompts != "toy":
+        raise validation.InvalidInput("give --masks DIR (a folder of <prompt id>/<word>.png) or --masks grounded-sam "
+                                      "for prompts other than the Shapes world's (--prompts toy)")
+
+
 def _sweep(args: argparse.Namespace) -> None:
+    _check(args)
     from accelerate import PartialState
 
+    from ..cli import checking
     from .masks import mask_source
-    from .run import sweep
+    from .run import prepare_sweep
 
     _quiet()
-    if args.masks is None and args.prompts != "toy":
-        raise SystemExit("give --masks DIR (a folder of <prompt id>/<word>.png) or --masks grounded-sam "
-                         "for prompts other than the Shapes world's (--prompts toy)")
     options = {"detector": args.detector, "segmenter": args.segmenter} if args.masks == "grounded-sam" else {}
-    result = sweep(args.model, args.prompts, args.out, masks=mask_source(args.masks or "toy", **options),
-                   blocks=args.blocks, record_steps=args.record_steps, kinds=args.kinds,
-                   words=args.words[0] if args.words in (["content"], ["all"]) else args.words,
-                   resolution=args.resolution, num_steps=args.steps, guidance=args.guidance, seed=args.seed,
-                   n=args.num_prompts, threshold=args.threshold, grids=args.grids, smoothing=args.smooth,
-                   windows=args.windows, max_prompts=args.max_prompts)
+    with checking():  # a model or mask source that cannot be loaded is a bad argument, like a bad option
+        prepared = prepare_sweep(
+            args.model, args.prompts, args.out, masks=mask_source(args.masks or "toy", **options),
+            blocks=args.blocks, record_steps=args.record_steps, kinds=args.kinds,
+            words=args.words[0] if args.words in (["content"], ["all"]) else args.words,
+            resolution=args.resolution, num_steps=args.steps, guidance=args.guidance, seed=args.seed,
+            n=args.num_prompts, threshold=args.threshold, grids=args.grids, smoothing=args.smooth,
+            windows=args.windows, max_prompts=args.max_prompts, keep_going=not args.debug)
+    result = prepared.run()
     state = PartialState()
     if state.is_main_process:
+        failed = f", {len(result.failed)} failed" if result.failed else ""
         more = "" if result.complete else "; rerun the same command to go on"
-        print(f"{result.done} of {result.total} prompts done{more}; scores: {result.table}")
+        print(f"{result.done} of {result.total} prompts done{failed}{more}; scores: {result.table}")
     state.destroy_process_group()
+    if result.failed:  # the main process's exit code says the sweep is not whole
+        first, reason = next(iter(result.failed.items()))
+        raise PromptsFailed(f"{len(result.failed)} of {result.total} prompts failed: {first} ({reason})"
+                            f"{' and others' if len(result.failed) > 1 else ''}; their records in {args.out}/records "
+                            f"hold the tracebacks; rerun the same command to retry them")
 
 
 def _report(args: argparse.Namespace) -> None:
     from .report import sweep_report
 
     _quiet()
-    report = sweep_report(args.dir, top_k=args.top_k, metric=args.metric, grid=args.grid)
+    report = sweep_report(args.dir, top_k=args.top_k, metric=args.metric, grid=args.grid)  # checks every option
     ranked = report["ranked_by"]
     scores = {name: report["top_k_vs_all"][ranked["kind"]][name][ranked["grid"]][ranked["metric"]]
               for name in ("top", "all")}
@@ -80,10 +109,10 @@ def add_commands(commands) -> None:
     sweep.add_argument("--kinds", nargs="+", default=["t2i", "i2t"], choices=["t2i", "i2t"])
     sweep.add_argument("--words", nargs="+", default=["content"],
                        help="'content' (default: all but a, the, on, ...), 'all', or the words to score")
-    sweep.add_argument("--resolution", type=int, help="image size in pixels (default: the preset's)")
-    sweep.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    sweep.add_argument("--resolution", type=_positive, help="image size in pixels (default: the preset's)")
+    sweep.add_argument("--steps", type=_positive, help="denoising steps (default: the preset's)")
     sweep.add_argument("--guidance", type=float, help="guidance scale (default: the preset's)")
-    sweep.add_argument("--threshold", type=float, default=0.5, help="θ for IoU of the max-normalised map")
+    sweep.add_argument("--threshold", type=_fraction, default=0.5, help="θ for IoU of the max-normalised map, 0-1")
     sweep.add_argument("--grids", nargs="+", default=["pixels", "tokens"], choices=["pixels", "tokens"],
                        help="score on the image's pixels and/or the token grid (pixels cost most on big images)")
     sweep.add_argument("--windows", nargs="+", default=[], choices=["early", "middle", "late", "all"],

@@ -21,8 +21,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import validation
 from ..maps import AttentionMaps, normalise, smooth
 from ..metrics import HIGHER_IS_BETTER, METRICS, score_map, token_mask
+from ..validation import InvalidInput
 from .run import read_record, record_masks
 
 
@@ -36,17 +38,22 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
     """The report of a finished sweep in `out` (see the module docstring); also written to out/report.json,
     the chosen blocks to out/top_layers.json."""
     out = Path(out)
-    config = json.loads((out / "config.json").read_text())
+    config = _config(out)
+    blocks, steps = config["blocks"], config["record_steps"]
+    # Every option is checked before anything is read or written.
+    top_k = validation.top_k("top_k", top_k, len(blocks), what="blocks in the sweep")
+    validation.choice("metric", metric, METRICS)
+    validation.choice("grid", grid, config["grids"])
+    validation.choice("kind", kind, config["kinds"])
+    validation.boolean("figures", figures)
     if not (out / "scores.parquet").exists():
-        raise FileNotFoundError(f"{out} has no scores.parquet: run `mmdit-probe sweep ... --out {out}` first")
+        raise InvalidInput(f"{out} has no scores.parquet: run `mmdit-probe sweep ... --out {out}` first")
     table = pq.read_table(out / "scores.parquet")
+    # Rows of single steps, and of step windows; a word without a mask has neither (its `window` is null).
     windows = table.filter(pc.not_equal(table["window"], "step"))
     table = table.filter(pc.equal(table["window"], "step"))
     if table.num_rows == 0:
-        raise ValueError(f"{out}/scores.parquet has no rows: no prompt had a word with a mask")
-    if metric not in METRICS or grid not in config["grids"] or kind not in config["kinds"]:
-        raise ValueError(f"rank by one of the metrics {METRICS}, grids {config['grids']} and kinds {config['kinds']}")
-    blocks, steps = config["blocks"], config["record_steps"]
+        raise ValueError(f"{out}/scores.parquet has no scores: no prompt had a word with a mask")
     types = ["all", *sorted(set(table.column("word_type").to_pylist()))]
 
     per_type = _means(table, ["kind", "grid", "metric", "word_type", "block", "step"])
@@ -91,12 +98,27 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
     return report
 
 
+def _config(out: Path) -> dict:
+    """The configuration of the sweep in `out` (bad input if `out` holds none)."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise InvalidInput(f"{out} is not a sweep's output folder (no config.json): give the --out of "
+                           f"`mmdit-probe sweep`")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = error
+    if not isinstance(config, dict) or not {"blocks", "record_steps", "grids", "kinds"} <= set(config):
+        raise InvalidInput(f"{path} is not a sweep's configuration ({config!r:.80})")
+    return config
+
+
 def _top_k_vs_all(out: Path, config: dict, top_layers: list[int]) -> dict:
     """Mean scores of maps averaged over the top blocks vs over all blocks (all recorded steps)."""
     results: dict[tuple, list[float]] = defaultdict(list)
     for path in sorted((out / "records").glob("*.safetensors")):
         meta, tensors = read_record(path)
-        if not meta["words"]:
+        if not meta["words"]:  # no word with a mask, or a failed prompt
             continue
         maps, masks = AttentionMaps.load(path), record_masks(meta, tensors)
         for index, _, _ in meta["words"]:

@@ -7,12 +7,16 @@
 Every prompt gives one record, ``OUT/records/<prompt id>.safetensors``, written to a temporary name
 and renamed, so it is either whole or absent: the word maps (loadable with `AttentionMaps.load`),
 the image, the masks and the scores, with a checksum. A rerun with the same OUT skips finished
-prompts, redoes missing, partial or corrupt ones, and refuses a changed configuration. The same
+prompts, redoes missing, partial, corrupt or failed ones, and refuses a changed configuration. Every
+option is checked (against the model too) before anything is written, so a refused command leaves
+no folder behind. A prompt that fails while running (a mask source that breaks, a missing mask
+file) gets a record saying why, with the traceback; the others go on. The same
 call runs alone or under ``torchrun --nproc_per_node N`` / ``accelerate launch --num_processes N``:
 accelerate's `PartialState` hands each process its share of the unfinished prompts; processes
 share nothing but the output folder. The main process then merges the records into one Parquet
 table, one row per prompt x word x kind x block x step x metric x grid ("pixels": the map upsampled
-to the mask, as `metrics.score_map` does; "tokens": the mask pooled to the token grid). With
+to the mask, as `metrics.score_map` does; "tokens": the mask pooled to the token grid); a word the
+mask source found no mask for gets one row with `scored` false and no kind, block, step or value. With
 `windows`, each named step range (`toy.evaluate.step_slices`: early, middle, late thirds, all) adds
 rows that score the map averaged over the window's recorded steps: `window` names it, `step` is -1.
 """
@@ -23,7 +27,9 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+import traceback
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..files import written_atomically
 from ..maps import KINDS, normalise, smooth
 from ..metrics import METRICS, score_maps, token_mask
@@ -76,29 +83,95 @@ def toy_prompts(n: int = 100, seed: int = 0) -> list[PromptItem]:
 def load_prompts(path: str | Path, seed: int = 0) -> list[PromptItem]:
     """Prompts from a file: ``.jsonl`` (one object a line: "prompt", optional "id", "seed" and
     "word_types", e.g. {"cat": "animal"}) or plain text (one prompt a line; blank lines and lines
-    starting with # are skipped). Missing ids are p00000, p00001, ...; missing seeds `seed + line`."""
-    path = Path(path)
+    starting with # are skipped). Missing ids are p00000, p00001, ...; missing seeds `seed + i` for
+    the i-th prompt. A bad line is refused (`InvalidInput`) with the file's name and the line's number."""
+    path, seed = Path(path), validation.integer("seed", seed)
     if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist (give a .txt or .jsonl file, or 'toy')")
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    if path.suffix == ".jsonl":
-        entries = [json.loads(line) for line in lines if line]
-    else:
-        entries = [{"prompt": line} for line in lines if line and not line.startswith("#")]
-    items = [PromptItem(str(e.get("id", f"p{i:05d}")), e["prompt"], int(e.get("seed", seed + i)),
-                        word_types=e.get("word_types", {})) for i, e in enumerate(entries)]
-    check_ids(items)
+        raise InvalidInput(f"prompt file {path} does not exist (give a .txt or .jsonl file, or 'toy')")
+    if path.is_dir():
+        raise InvalidInput(f"prompt file {path} is a folder: give a .txt or .jsonl file, or 'toy'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"prompt file {path} is not a UTF-8 text file: give one prompt a line (.txt) or one JSON "
+                           f"object a line (.jsonl)") from None
+    items: list[PromptItem] = []
+    line_of: dict[str, int] = {}  # id -> the line that gave it
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+            continue
+        where, i = f"{path}, line {number}", len(items)
+        try:
+            entry = _json_line(line) if path.suffix == ".jsonl" else {"prompt": line}
+            item = _checked_item(PromptItem(str(entry.get("id", f"p{i:05d}")), entry["prompt"],
+                                            entry.get("seed", seed + i), word_types=entry.get("word_types", {})))
+        except InvalidInput as error:
+            raise InvalidInput(f"{where}: {error}") from None
+        if item.id in line_of:
+            raise InvalidInput(f"{where}: the id {item.id!r} is already used on line {line_of[item.id]}: give each "
+                               f"prompt its own id")
+        line_of[item.id] = number
+        items.append(item)
+    if not items:
+        raise InvalidInput(f"prompt file {path} holds no prompts: give one prompt a line (.txt) or one JSON object "
+                           f"a line (.jsonl)")
     return items
 
 
-def check_ids(items: list[PromptItem]) -> None:
-    bad = [it.id for it in items if not _ID.match(it.id)]
-    if bad:
-        raise ValueError(f"prompt ids name files, so use letters, digits, '.', '_', '-' only: {bad[:5]}")
-    seen: set[str] = set()
-    doubled = [it.id for it in items if it.id in seen or seen.add(it.id)]
-    if doubled:
-        raise ValueError(f"prompt ids must be unique; repeated: {sorted(set(doubled))[:5]}")
+def _json_line(line: str) -> dict:
+    """One line of a .jsonl prompt file: an object with a "prompt"."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"not valid JSON ({error}); give one object a line") from None
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"give a JSON object such as {{\"prompt\": \"a cat\"}}; got {line[:60]}")
+    if "prompt" not in entry:
+        raise InvalidInput(f"no \"prompt\" in {sorted(entry)}: every line needs one")
+    return entry
+
+
+def _checked_item(item: PromptItem) -> PromptItem:
+    """A prompt's fields checked: an id that can name a file, the prompt's text, a whole-number seed (made a
+    Python int: the configuration's hash is of JSON) and word types {word: type}."""
+    if not isinstance(item.id, str) or not _ID.match(item.id):
+        raise InvalidInput(f"the id {item.id!r} names a file, so use letters, digits, '.', '_', '-' only (starting "
+                           f"with a letter or digit)")
+    if not isinstance(item.prompt, str):
+        raise InvalidInput(f"prompt={item.prompt!r} ({type(item.prompt).__name__}) is not allowed: give the prompt's "
+                           f"text (str)")
+    seed = validation.integer("seed", item.seed)
+    types = item.word_types
+    if not isinstance(types, dict) or not all(isinstance(x, str) for pair in types.items() for x in pair):
+        raise InvalidInput(f"word_types={types!r} is not allowed: give {{word: type}} as strings, e.g. "
+                           f"{{\"cat\": \"animal\"}}")
+    return replace(item, seed=seed)
+
+
+def _prompt_items(prompts, n: int, seed: int) -> list[PromptItem]:
+    """The sweep's prompts, each checked, with distinct ids."""
+    if isinstance(prompts, str) and prompts == "toy":
+        return toy_prompts(n, seed)
+    if isinstance(prompts, (str, Path)):
+        return load_prompts(prompts, seed)
+    if isinstance(prompts, (bytes, dict)) or not isinstance(prompts, Iterable):
+        raise InvalidInput(f"prompts={prompts!r} is not allowed: give 'toy', a prompt file or a list of PromptItems")
+    items = list(prompts)
+    if not items:
+        raise InvalidInput("prompts=[] is empty: give at least one prompt")
+    checked, seen = [], set()
+    for item in items:
+        if not isinstance(item, PromptItem):
+            raise InvalidInput(f"prompts must be PromptItems (or 'toy', or a prompt file); got {item!r}")
+        try:
+            checked.append(_checked_item(item))
+        except InvalidInput as error:
+            raise InvalidInput(f"prompt {item.id!r}: {error}") from None
+        if item.id in seen:
+            raise InvalidInput(f"prompt ids name the records, so they must be unique; {item.id!r} is repeated")
+        seen.add(item.id)
+    return checked
 
 
 @dataclass
@@ -143,6 +216,7 @@ class SweepResult:
     done: int
     total: int
     config: SweepConfig
+    failed: dict[str, str] | None = None  # prompt id -> why it failed (None on processes other than the main one)
 
     @property
     def complete(self) -> bool:
@@ -153,12 +227,81 @@ class ConfigMismatch(InvalidInput):
     """A rerun into an output folder made with different options (a usage error: exit code 2 in the CLI)."""
 
 
-def sweep(model, prompts: list[PromptItem] | str, out: str | Path, *, masks=None, blocks=None, record_steps=None,
-          kinds=KINDS, words: str | list[str] = "content", resolution: int | None = None,
-          num_steps: int | None = None, guidance: float | None = None, seed: int = 0, n: int = 100,
-          threshold: float = 0.5, smoothing: bool = False, grids=GRIDS, maps_dtype: str = "float16",
-          windows=(), max_prompts: int | None = None, progress: bool = True) -> SweepResult:
-    """Run (or resume) a sweep into `out`; see the module docstring.
+def sweep(model, prompts: list[PromptItem] | str | Path, out: str | Path, **options) -> SweepResult:
+    """Run (or resume) a sweep into `out`; see the module docstring and `prepare_sweep` for the options,
+    all of which are checked before anything is written."""
+    return prepare_sweep(model, prompts, out, **options).run()
+
+
+@dataclass
+class PreparedSweep:
+    """A sweep whose options are all checked and whose model is loaded; nothing is written until `run`."""
+
+    probe: Any
+    prompts: list[PromptItem]
+    out: Path
+    config: SweepConfig
+    masks: Any
+    max_prompts: int | None
+    keep_going: bool
+    progress: bool
+    state: Any  # accelerate's PartialState: this process's place among the sweep's processes
+
+    def run(self) -> SweepResult:
+        """Write the configuration, run this process's share of the unfinished prompts, merge the records."""
+        state, config, prompts = self.state, self.config, self.prompts
+        records = self.out / "records"
+        started = time.time()
+        if state.is_main_process:
+            records.mkdir(parents=True, exist_ok=True)
+            _write_or_check_config(self.out, config)
+            _write_atomically(self.out / "prompts.jsonl", "".join(
+                json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
+        state.wait_for_everyone()
+        _write_or_check_config(self.out, config)  # every process: it may have been started with other options
+        todo = [p for p in prompts if not valid_record(records / f"{p.id}.safetensors", config)]
+        done_before = len(prompts) - len(todo)
+        # Nobody writes a record before everyone has listed what is left, so every process splits the same list.
+        state.wait_for_everyone()
+        todo = todo[:self.max_prompts] if self.max_prompts is not None else todo
+
+        bar = tqdm(total=len(prompts), initial=done_before, desc="sweep", unit="prompt",
+                   disable=not (self.progress and state.is_main_process))
+        with state.split_between_processes(todo) as mine:
+            for item in mine:
+                try:
+                    maps, extra, meta = run_prompt(self.probe, item, config, self.masks)
+                except Exception as error:  # one prompt's data never stops the sweep; its record says why
+                    if not self.keep_going:
+                        raise
+                    maps, extra, meta = _failed(item, config, error)
+                meta["process"] = state.process_index  # which process made it; not part of the results
+                _write_record(records / f"{item.id}.safetensors", maps, extra, meta)
+                bar.n = done_before + _written_since(records, started)
+                bar.refresh()
+        if state.is_main_process:
+            # The others' records appear as files; counting them is all the coordination needed.
+            while (written := _written_since(records, started)) < len(todo):
+                bar.n = done_before + written
+                bar.refresh()
+                time.sleep(0.5)
+            bar.n = done_before + len(todo)
+            bar.close()
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return SweepResult(self.out, None, done_before + len(todo), len(prompts), config)
+        table, done, failed = merge(self.out, prompts, config)
+        return SweepResult(self.out, table, done, len(prompts), config, failed)
+
+
+def prepare_sweep(model, prompts: list[PromptItem] | str | Path, out: str | Path, *, masks=None, blocks=None,
+                  record_steps=None, kinds=KINDS, words: str | list[str] = "content", resolution: int | None = None,
+                  num_steps: int | None = None, guidance: float | None = None, seed: int = 0, n: int = 100,
+                  threshold: float = 0.5, smoothing: bool = False, grids=GRIDS, maps_dtype: str = "float16",
+                  windows=(), max_prompts: int | None = None, keep_going: bool = True,
+                  progress: bool = True) -> PreparedSweep:
+    """Check every option of a sweep, load the model and return the sweep, ready to `run`; writes nothing.
+    Bad input raises `InvalidInput`: options that need no model before it loads, the others against it.
 
     model: a preset name, hub id or local directory (loaded on this process's device), or a `Probe`.
     prompts: "toy" (`n` held-out Shapes-world captions), a prompt file (`load_prompts`), or PromptItems.
@@ -168,101 +311,122 @@ def sweep(model, prompts: list[PromptItem] | str, out: str | Path, *, masks=None
     windows: step ranges ("early", "middle", "late", "all": thirds of `num_steps`, as `toy.evaluate`)
         whose maps are averaged, then scored, as extra rows.
     resolution, num_steps, guidance: generation settings (default: the preset's).
+    threshold: θ in [0, 1] for the IoU of the max-normalised map.
     max_prompts: stop after this many unfinished prompts (all processes together); rerun to go on.
+    keep_going: record a prompt that fails and go on with the others (default), or raise its error.
     """
     from accelerate import PartialState
 
     from ..probe import Probe, load
     from .masks import ToyMasks
 
+    # What needs no model first, so that a typo costs no model load.
+    seed = validation.integer("seed", seed)
+    n = validation.count("n", n, " (how many toy prompts)")
+    threshold = validation.threshold("threshold", threshold)
+    guidance = None if guidance is None else validation.number("guidance", guidance, low=0.0)
+    max_prompts = None if max_prompts is None else validation.count("max_prompts", max_prompts, " (or None for all)")
+    for name, flag in (("smoothing", smoothing), ("keep_going", keep_going), ("progress", progress)):
+        validation.boolean(name, flag)
+    kinds, grids = _subset("kinds", kinds, KINDS), _subset("grids", grids, GRIDS)
+    windows = _subset("windows", windows, WINDOWS, empty=True)
+    words = _check_words(words)
+    dtype = getattr(torch, maps_dtype, None) if isinstance(maps_dtype, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInput(f"maps_dtype={maps_dtype!r} is not allowed: give a floating-point torch dtype's name "
+                           f"('float16', 'bfloat16' or 'float32')")
+    if blocks is not None:
+        blocks = validation.index_list("blocks", blocks, what="block indices")
+    if record_steps is not None:
+        record_steps = validation.index_list("record_steps", record_steps, what="step indices")
+    source_name = "items" if not isinstance(prompts, (str, Path)) else "toy" if prompts == "toy" else Path(prompts).name
+    items = _prompt_items(prompts, n, seed)
+    out = _check_out(out)
+    masks = ToyMasks() if masks is None else masks
+    if not callable(masks) or not callable(getattr(masks, "describe", None)):
+        raise InvalidInput(f"masks={masks!r} is not a mask source: give ToyMasks(), FolderMasks(DIR) or GroundedSam() "
+                           f"(mmdit_probe.sweep.masks)")
+    if isinstance(masks, ToyMasks) and any(item.scene is None for item in items):
+        raise InvalidInput("toy masks need Shapes-world prompts (prompts='toy'); for your own prompts give "
+                           "masks=FolderMasks(DIR) or GroundedSam() (--masks DIR or --masks grounded-sam)")
+
     state = PartialState(cpu=not torch.cuda.is_available())
     probe = model if isinstance(model, Probe) else load(model, device=state.device)
     probe.pipeline.set_progress_bar_config(disable=True)
-    source_name = prompts if isinstance(prompts, str) else "items"
-    if isinstance(prompts, str):
-        prompts = toy_prompts(n, seed) if prompts == "toy" else load_prompts(prompts, seed)
-    check_ids(prompts)
-    masks = masks if masks is not None else ToyMasks()
-    preset = probe.preset
+    preset, num_blocks = probe.preset, probe.family.num_blocks
+    outside = [b for b in blocks or () if not 0 <= b < num_blocks]
+    if outside:
+        raise InvalidInput(f"blocks={outside} is not allowed: the model has blocks 0..{num_blocks - 1}")
+    num_steps = preset.steps if num_steps is None else validation.positive_int("num_steps", num_steps)
+    outside = [s for s in record_steps or () if not 0 <= s < num_steps]
+    if outside:
+        raise InvalidInput(f"record_steps={outside} is not allowed: there are {num_steps} steps (0..{num_steps - 1})")
     config = SweepConfig(
         model=model if isinstance(model, str) else preset.name,
-        prompts=Path(source_name).name if source_name != "toy" else "toy",
-        prompts_sha256=hashlib.sha256(json.dumps([[p.id, p.prompt, p.seed] for p in prompts]).encode()).hexdigest(),
-        n_prompts=len(prompts), masks=masks.describe(),
-        blocks=sorted(int(b) for b in (range(probe.family.num_blocks) if blocks is None else blocks)),
-        record_steps=[], kinds=[k for k in KINDS if k in kinds],
+        prompts=source_name,
+        prompts_sha256=hashlib.sha256(json.dumps([[p.id, p.prompt, p.seed] for p in items]).encode()).hexdigest(),
+        n_prompts=len(items), masks=masks.describe(),
+        blocks=sorted(range(num_blocks) if blocks is None else blocks),
+        record_steps=sorted(range(num_steps) if record_steps is None else record_steps), kinds=kinds,
         words=words if isinstance(words, str) else sorted(normalise_word(w) for w in words),
-        resolution=int(resolution or preset.resolution), num_steps=int(num_steps or preset.steps),
-        guidance=float(preset.guidance if guidance is None else guidance), threshold=float(threshold),
-        smoothing=bool(smoothing), grids=[g for g in GRIDS if g in grids], maps_dtype=maps_dtype,
-        windows=[w for w in WINDOWS if w in windows])
-    config.record_steps = sorted(int(s) for s in (range(config.num_steps) if record_steps is None else record_steps))
-    _check_options(config, kinds, grids, windows)
-
-    out = Path(out)
-    records = out / "records"
-    started = time.time()
-    if state.is_main_process:
-        records.mkdir(parents=True, exist_ok=True)
-        _write_or_check_config(out, config)
-        _write_atomically(out / "prompts.jsonl", "".join(
-            json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
-    state.wait_for_everyone()
-    _write_or_check_config(out, config)  # every process: it may have been started with other options
-    todo = [p for p in prompts if not valid_record(records / f"{p.id}.safetensors", config)]
-    done_before = len(prompts) - len(todo)
-    # Nobody writes a record before everyone has listed what is left, so every process splits the same list.
-    state.wait_for_everyone()
-    todo = todo[:max_prompts] if max_prompts is not None else todo
-
-    bar = tqdm(total=len(prompts), initial=done_before, desc="sweep", unit="prompt",
-               disable=not (progress and state.is_main_process))
-    with state.split_between_processes(todo) as mine:
-        for item in mine:
-            maps, extra, meta = run_prompt(probe, item, config, masks)
-            meta["process"] = state.process_index  # which process made it; not part of the results
-            _write_record(records / f"{item.id}.safetensors", maps, extra, meta)
-            bar.n = done_before + _written_since(records, started)
-            bar.refresh()
-    if state.is_main_process:
-        # The others' records appear as files; counting them is all the coordination needed.
-        while (written := _written_since(records, started)) < len(todo):
-            bar.n = done_before + written
-            bar.refresh()
-            time.sleep(0.5)
-        bar.n = done_before + len(todo)
-        bar.close()
-    state.wait_for_everyone()
-    table, done = None, done_before + len(todo)
-    if state.is_main_process:
-        table, done = merge(out, prompts, config)
-    return SweepResult(out, table, done, len(prompts), config)
-
-
-def _check_options(config: SweepConfig, kinds, grids, windows) -> None:
-    if not config.kinds or set(kinds) - set(KINDS):
-        raise ValueError(f"kinds must be a non-empty subset of {KINDS}; got {list(kinds)}")
-    if not config.grids or set(grids) - set(GRIDS):
-        raise ValueError(f"grids must be a non-empty subset of {GRIDS}; got {list(grids)}")
-    bad = [s for s in config.record_steps if not 0 <= s < config.num_steps]
-    if bad:
-        raise ValueError(f"record steps {bad} are outside 0..{config.num_steps - 1} ({config.num_steps} steps)")
-    if set(windows) - set(WINDOWS):
-        raise ValueError(f"windows must be among {WINDOWS}; got {list(windows)}")
+        resolution=preset.resolution if resolution is None else validation.image_side(
+            "resolution", resolution, probe.family.token_pixels, probe.family.max_image_side), num_steps=num_steps,
+        guidance=float(preset.guidance if guidance is None else guidance), threshold=threshold,
+        smoothing=smoothing, grids=grids, maps_dtype=maps_dtype, windows=windows)
     empty = [w for w, chosen in config.window_steps().items() if not chosen]
     if empty:
-        raise ValueError(f"windows {empty} hold none of the recorded steps {config.record_steps} "
-                         f"(of {config.num_steps}); record steps in them or leave them out")
-    if not hasattr(torch, config.maps_dtype):
-        raise ValueError(f"maps_dtype {config.maps_dtype!r} is not a torch dtype (try float16 or bfloat16)")
+        raise InvalidInput(f"windows {empty} hold none of the recorded steps {config.record_steps} "
+                           f"(of {config.num_steps}); record steps in them or leave them out")
+    _check_config(out, config)
+    return PreparedSweep(probe, items, out, config, masks, max_prompts, keep_going, progress, state)
 
 
-def _write_or_check_config(out: Path, config: SweepConfig) -> None:
+def _subset(name: str, values, allowed: tuple[str, ...], *, empty: bool = False) -> list[str]:
+    """Names among `allowed` (one name or several), in `allowed`'s order."""
+    chosen = [values] if isinstance(values, str) else list(values) if isinstance(values, Iterable) else None
+    if chosen is None or any(v not in allowed for v in chosen) or not (chosen or empty):
+        wanted = "among" if empty else "a non-empty subset of"
+        raise InvalidInput(f"{name} must be {wanted} {allowed}; got {values!r}")
+    return [a for a in allowed if a in chosen]
+
+
+def _check_words(words) -> str | list[str]:
+    """"content", "all", or a non-empty list of words (not word indices: each prompt has its own)."""
+    if isinstance(words, str):
+        if words not in ("content", "all"):
+            raise InvalidInput(f"words={words!r} is not allowed: give 'content', 'all' or a list of words, "
+                               f"e.g. [{words!r}]")
+        return words
+    words = validation.word_list("words", words)
+    numbers = [w for w in words if not isinstance(w, str)]
+    if numbers:
+        raise InvalidInput(f"words must be words (str), not word indices (each prompt has its own); got {numbers}")
+    return words
+
+
+def _check_out(out) -> Path:
+    """The output folder: absent or a folder, with no file on its way."""
+    if not isinstance(out, (str, Path)):
+        raise InvalidInput(f"out={out!r} is not allowed: give a folder (str or Path)")
+    out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise InvalidInput(f"out {out}: {parent} is a file, not a folder; choose another folder")
+    return out
+
+
+def _check_config(out: Path, config: SweepConfig) -> None:
+    """A rerun into `out` must have the options its config.json was made with."""
     path = out / "config.json"
     if not path.exists():
-        _write_atomically(path, json.dumps(asdict(config), indent=2).encode())
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        old = error
+    if not isinstance(old, dict):
+        raise InvalidInput(f"{path} is not a sweep's configuration ({old!r:.80}): give a new --out, or delete {out} "
+                           f"to start over")
     new = asdict(config)
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
@@ -272,9 +436,25 @@ def _write_or_check_config(out: Path, config: SweepConfig) -> None:
             + f". Rerun with the original options to resume it, or give a new --out (or delete {out}) to start over.")
 
 
+def _write_or_check_config(out: Path, config: SweepConfig) -> None:
+    if (out / "config.json").exists():
+        _check_config(out, config)
+    else:
+        _write_atomically(out / "config.json", json.dumps(asdict(config), indent=2).encode())
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     with written_atomically(path) as temporary:
         temporary.write_bytes(data)
+
+
+def _failed(item: PromptItem, config: SweepConfig, error: Exception) -> tuple[None, dict[str, torch.Tensor], dict]:
+    """A failed prompt's record, as `run_prompt` returns one: no maps, no scores, and why, with the traceback.
+    It is never a valid record, so the next run retries the prompt."""
+    meta = {"id": item.id, "prompt": item.prompt, "seed": item.seed, "config": config.sha256, "words": [],
+            "unmasked": [], "shape": [], "failed": f"{type(error).__name__}: {error}",
+            "traceback": "".join(traceback.format_exception(error))}
+    return None, {"scores": torch.zeros(0, dtype=torch.float64)}, meta
 
 
 def _written_since(records: Path, started: float) -> int:
@@ -288,8 +468,6 @@ def _choose_words(table, words: str | list[str]) -> list[tuple[int, str]]:
         return present
     if words == "content":
         return [(i, w) for i, w in present if w not in FUNCTION_WORDS]
-    if isinstance(words, str):
-        raise ValueError(f"words={words!r}: use 'content', 'all' or a list of words")
     return [(i, w) for i, w in present if w in set(words)]
 
 
@@ -347,7 +525,8 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): an empty tensor (a prompt with no scored word) may have stride 0, which `view` refuses
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -383,38 +562,57 @@ def record_masks(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[int, np.n
 
 
 def valid_record(path: Path, config: SweepConfig) -> bool:
-    """Whether a record is whole, uncorrupted, and made with this configuration."""
+    """Whether a record is whole, uncorrupted, made with this configuration, and not of a failed prompt."""
     if not path.exists():
         return False
     try:
         meta, _ = read_record(path)
     except Exception:  # truncated, garbled or half-written: any failure to read means redo
         return False
-    return meta.get("config") == config.sha256
+    return meta.get("config") == config.sha256 and "failed" not in meta
 
 
-def merge(out: str | Path, prompts: list[PromptItem], config: SweepConfig) -> tuple[Path, int]:
-    """Merge the finished records, in prompt order, into OUT/scores.parquet; returns (path, records merged)."""
+SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
+                    ("word_index", pa.int32()), ("word", pa.string()), ("word_type", pa.string()),
+                    ("kind", pa.string()), ("block", pa.int32()), ("step", pa.int32()), ("window", pa.string()),
+                    ("metric", pa.string()), ("grid", pa.string()), ("value", pa.float64()), ("scored", pa.bool_())])
+
+
+def merge(out: str | Path, prompts: list[PromptItem], config: SweepConfig) -> tuple[Path, int, dict[str, str]]:
+    """Merge the finished records, in prompt order, into OUT/scores.parquet; returns (path, records merged,
+    {prompt id: why it failed} of the failed ones)."""
     out = Path(out)
-    tables, done = [], 0
+    tables, done, failed = [], 0, {}
     for item in prompts:
         path = out / "records" / f"{item.id}.safetensors"
         try:
             meta, tensors = read_record(path)
         except Exception:  # missing or corrupt: left for the next run
             continue
+        if "failed" in meta:
+            failed[item.id] = meta["failed"]
+            continue
         done += 1
         if meta["words"]:
             tables.append(_rows(meta, tensors["scores"].numpy(), config))
-    schema = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
-                        ("word_index", pa.int32()), ("word", pa.string()), ("word_type", pa.string()),
-                        ("kind", pa.string()), ("block", pa.int32()), ("step", pa.int32()), ("window", pa.string()),
-                        ("metric", pa.string()), ("grid", pa.string()), ("value", pa.float64())])
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
+        if meta["unmasked"]:
+            tables.append(_unscored_rows(meta, item))
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     path = out / "scores.parquet"
     with written_atomically(path) as temporary:
         pq.write_table(table, temporary)
-    return path, done
+    return path, done, failed
+
+
+def _unscored_rows(meta: dict, item: PromptItem) -> pa.Table:
+    """One row per word the mask source found no mask for: `scored` false, no kind, block, step or value
+    (so a filter on `window`, or a mean that skips nulls, leaves them out)."""
+    words, n = meta["unmasked"], len(meta["unmasked"])
+    return pa.table({"prompt_id": [meta["id"]] * n, "prompt": [meta["prompt"]] * n, "seed": [meta["seed"]] * n,
+                     "word_index": [i for i, _ in words], "word": [w for _, w in words],
+                     "word_type": [item.word_types.get(w, "other") for _, w in words],
+                     **{name: [None] * n for name in ("kind", "block", "step", "window", "metric", "grid", "value")},
+                     "scored": [False] * n}, schema=SCHEMA)
 
 
 def _rows(meta: dict, scores: np.ndarray, config: SweepConfig) -> pa.Table:
@@ -438,4 +636,5 @@ def _rows(meta: dict, scores: np.ndarray, config: SweepConfig) -> pa.Table:
         "metric": pa.array(np.array(METRICS)[m], pa.string()),
         "grid": pa.array(np.array(config.grids)[g], pa.string()),
         "value": pa.array(scores.ravel(), pa.float64()),
+        "scored": pa.array(np.ones(n, bool), pa.bool_()),
     })
