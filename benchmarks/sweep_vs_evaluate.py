@@ -115,7 +115,7 @@ def main() -> None:
         result = sweep(probe, toy_prompts(args.n), out, num_steps=probe.preset.steps, words="all",
                        windows=STEP_RANGES, smoothing=False)
         seconds = time.perf_counter() - start
-        table = pq.read_table(result.table)
+        table = pq.read_table(result.table).filter(pc.field("scored"))  # words with a mask only
     report = json.loads(args.report.read_text())
     per_block, per_type = tables(table)
     results = {"prompts": args.n, "steps": probe.preset.steps, "sweep_seconds": round(seconds, 1),

@@ -62,7 +62,8 @@ def refused(calls, match, call, *args, **kwargs):
 REAL_IMAGE_PATHS = {
     "invert": lambda p, image: p.invert(image, SOURCE, **GENERATION),
     "image_maps noise": lambda p, image: p.image_maps(image, SOURCE, ["cat", "mat"], **GENERATION),
-    "image_maps inversion": lambda p, image: p.image_maps(image, SOURCE, ["cat", "mat"], method="inversion", **GENERATION),
+    "image_maps inversion": lambda p, image: p.image_maps(image, SOURCE, ["cat", "mat"], method="inversion",
+                                                          **GENERATION),
     "edit_image": lambda p, image: p.edit_image(image, SOURCE, TARGET, **GENERATION),
     "stable_flow": lambda p, image: stable_flow(p, SOURCE, TARGET, layers=[0], image=image, **GENERATION),
     "kv_edit": lambda p, image: kv_edit(p, SOURCE, TARGET, mask=np.zeros((4, 4)), image=image, **GENERATION),
