@@ -20,3 +20,10 @@ def lazy(package: str, names: dict[str, str]):
         return sorted([*vars(sys.modules[package]), *names])
 
     return __getattr__, __dir__
+
+
+def resolve(target: str):
+    """The object `target` names as "package.module:name", its module imported now: how a feature offered by
+    name (the toy's prompts, masks and measures) is found without an import that `lint-imports` would see."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)

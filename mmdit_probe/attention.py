@@ -24,39 +24,18 @@ from typing import Any
 import torch
 
 from . import validation
-from .concepts import ConceptStream
-from .maps import KINDS, AttentionMaps
+from .concepts import ConceptStream, check_concepts
+from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS, ROWS
+from .families import Family
+from .kernels import attention_entropy
+from .maps import AttentionMaps
+from .names import RECORDED_TAPS, tap
 from .tokens import normalise_word
+from .validation import one_call_per_step as check_one_call_per_step  # noqa: F401
 
-ROWS = ("cond", "uncond", "both")
-
-
-def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
-    """Entropy of each query's softmax attention, lse - sum_j p_j s_j, in query chunks: (batch, heads, tokens)."""
-    scale = q.shape[-1] ** -0.5
-    chunk = max(1, budget // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
-    parts = []
-    for start in range(0, q.shape[2], chunk):
-        logits = q[:, :, start:start + chunk] @ k.transpose(-1, -2) * scale
-        normaliser = lse[:, :, start:start + chunk]
-        parts.append(normaliser - (torch.exp(logits - normaliser.unsqueeze(-1)) * logits).sum(-1))
-    return torch.cat(parts, dim=2)
-
-
-def check_one_call_per_step(inputs: dict[str, Any]) -> None:
-    """Recording and patching count transformer calls as denoising steps; refuse options that add calls."""
-    if inputs.get("skip_guidance_layers"):
-        raise validation.InvalidInput("skip_guidance_layers runs the transformer twice per step; record or patch "
-                                      "without it")
-    if inputs.get("true_cfg_scale", 1.0) > 1 and inputs.get("negative_prompt") is not None:
-        raise validation.InvalidInput("Flux true CFG runs the transformer twice per step; record or patch "
-                                      "without it")
-
-
-def _doubles_batch(family, inputs: dict[str, Any]) -> bool:
-    """Whether the pipeline runs classifier-free guidance as a doubled batch ([uncond | cond]): SD3 with
-    guidance > 1 (Flux never doubles; its true CFG is refused by `check_one_call_per_step`)."""
-    return family.name == "sd3" and inputs.get("guidance_scale", 1.0) > 1
+# Moved: attention_entropy to .kernels, check_one_call_per_step to validation.one_call_per_step, _doubles_batch to
+# Family.doubles_batch; these aliases stay one release.
+_doubles_batch = Family.doubles_batch
 
 
 class AttentionRecorder:
@@ -81,7 +60,7 @@ class AttentionRecorder:
                  rows: str = "cond", positions: str | list[int] | list[str] = "real",
                  dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False,
                  concepts: Iterable[str] | Iterable[Iterable[str]] | None = None) -> None:
-        check_one_call_per_step(inputs)
+        validation.one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
         self.prompts = list(inputs["prompt"])
@@ -89,7 +68,7 @@ class AttentionRecorder:
         length = inputs.get("max_sequence_length", probe.preset.max_sequence_length)
         # Every option is checked here, before the generation runs (validation names what to do).
         if blocks is not None:
-            blocks = validation.index_list("blocks", blocks, what="block indices")
+            blocks = family.check_blocks("blocks", blocks)
         if steps is not None:
             steps = validation.index_list("steps", steps, what="step indices")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -97,7 +76,7 @@ class AttentionRecorder:
             raise validation.InvalidInput(f"kinds must be a non-empty subset of {KINDS}, each once; got {kinds}")
         validation.choice("heads", heads, ("mean", "all"))
         validation.choice("rows", rows, ROWS)
-        if rows != "cond" and not _doubles_batch(family, inputs):
+        if rows != "cond" and not family.doubles_batch(inputs):
             raise validation.InvalidInput(f"rows={rows!r} needs classifier-free guidance, but this run has none "
                                           f"(guidance <= 1 or a guidance-distilled model): record rows='cond'")
         if not isinstance(positions, str):
@@ -107,7 +86,7 @@ class AttentionRecorder:
         validation.boolean("attn2", attn2)
         self.tables = [probe.tokens(p, length) for p in self.prompts]
         self.grid = family.grid(inputs["height"], inputs["width"])
-        self.blocks = sorted(family.check_block(b) for b in (range(family.num_blocks) if blocks is None else blocks))
+        self.blocks = sorted(range(family.num_blocks) if blocks is None else blocks)
         self.steps = set(range(self.n_steps) if steps is None else steps)
         for s in self.steps:
             if not 0 <= s < self.n_steps:
@@ -116,6 +95,16 @@ class AttentionRecorder:
         self.heads, self.rows, self.dtype = heads, rows, dtype
         self.positions = self._positions(positions, family.text_length(length))
         self._index = torch.tensor(self.positions)
+        self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
+        if attn2 and not self.attn2_blocks:
+            raise ValueError("attn2=True, but none of the chosen blocks has an image-only attn2 (SD3.5-M has, "
+                             "in blocks 0-12)")
+        self.attn2_blocks = self.attn2_blocks if attn2 else []
+        self._concept_lists = None if concepts is None else check_concepts(concepts, len(self.prompts))
+        # The blocks of every kind recorded (concept maps: the concept stream's, which are the recorder's).
+        self._kind_blocks = {**dict.fromkeys(kinds, self.blocks),
+                             **dict.fromkeys(CONCEPT_KINDS if concepts is not None else (), self.blocks),
+                             **({"attn2_entropy": self.attn2_blocks} if self.attn2_blocks else {})}
         self._check_memory(family, max_gb)
         # Maps go straight into one host buffer per kind, (step, block, ...), with copies that do not
         # wait for the GPU (pinned memory): nothing inside the block loop synchronises.
@@ -125,11 +114,6 @@ class AttentionRecorder:
         self._device: torch.device | None = None
         self._current: tuple[int, dict[str, dict[int, torch.Tensor]]] = (-1, {})  # this step's maps, on device
         self._index_on: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
-        if attn2 and not self.attn2_blocks:
-            raise ValueError("attn2=True, but none of the chosen blocks has an image-only attn2 (SD3.5-M has, "
-                             "in blocks 0-12)")
-        self.attn2_blocks = self.attn2_blocks if attn2 else []
         attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
                                                                    for b in self.attn2_blocks]
         self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
@@ -142,10 +126,13 @@ class AttentionRecorder:
             processor.record_lse = True
 
     def estimated_bytes(self, heads: int) -> int:
+        """Host memory of the maps: every recorded kind's (step, block, row, [head,] image token, last) buffer."""
+        last = {"text": (heads if self.heads == "all" else 1) * len(self.positions), "attn2": 1,
+                "concept": max(map(len, self._concept_lists or ()), default=0)}
+        per_token = sum(len(blocks) * last[MAP_KINDS[kind]] for kind, blocks in self._kind_blocks.items())
         rows = len(self.prompts) * (2 if self.rows == "both" else 1)
-        per_map = rows * (heads if self.heads == "all" else 1) * self.grid[0] * self.grid[1] * len(self.positions)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return len(self.steps) * len(self.blocks) * len(self.kinds) * per_map * itemsize
+        return len(self.steps) * rows * self.grid[0] * self.grid[1] * per_token * itemsize
 
     def _check_memory(self, family, max_gb: float) -> None:
         heads = self.probe.pipeline.transformer.get_submodule(family.attention(self.blocks[0]).path).heads
@@ -210,7 +197,7 @@ class AttentionRecorder:
                 self._current = (step, {})
             self._current[1].setdefault(name, {})[block] = m
 
-    TAPS = ("q_img", "k_img", "q_txt", "k_txt", "lse_img", "lse_txt")  # in execution order
+    TAPS = RECORDED_TAPS
 
     def record(self, step: int) -> None:
         """Read the taps of the chosen blocks for this step. Call once per step inside the trace."""
@@ -222,8 +209,7 @@ class AttentionRecorder:
         patching them) are passed as `known` (q_img=..., k_img=...) and are not read again."""
         if step not in self.steps or block not in self.blocks:
             return
-        taps = {name: known[name] if name in known else self.probe.hook(f"blocks.{block}.attn.hook_{name}").output
-                for name in self.TAPS}
+        taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in self.TAPS}
         rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
         q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in self.TAPS)
         scale = q_img.shape[-1] ** -0.5
@@ -239,7 +225,7 @@ class AttentionRecorder:
                 m = m.mean(dim=1)
             self._keep(kind, step, block, self.blocks, m.to(self.dtype))
         if block in self.attn2_blocks:
-            q, k, lse = (self.probe.hook(f"blocks.{block}.attn2.hook_{n}").output[rows].float()
+            q, k, lse = (self.probe.hook(tap(block, n, "attn2")).output[rows].float()
                          for n in ("q_img", "k_img", "lse_img"))
             self._keep("attn2_entropy", step, block, self.attn2_blocks,
                        attention_entropy(q, k, lse).mean(dim=1).to(self.dtype))
@@ -278,13 +264,11 @@ class AttentionRecorder:
             torch.cuda.synchronize(self._device)  # the non-blocking copies have landed
         self._current = (-1, {})
         steps = sorted({s for name in self.kinds if name in self._filled for s, _ in self._filled[name]})
-        tensors = {kind: self._gathered(kind, self.blocks, steps) for kind in self.kinds if kind in self._host}
-        entropy = self._gathered("attn2_entropy", self.attn2_blocks, steps) if self.attn2_blocks else None
-        concept_maps = self.concepts.tensors(steps) if self.concepts is not None else {}
-        return AttentionMaps(
-            t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=steps, blocks=self.blocks,
-            positions=self.positions, tables=self.tables, grid=self.grid, rows=self.rows,
-            heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
-            attn2_blocks=self.attn2_blocks, attn2_entropy=entropy,
-            concepts=self.concepts.concepts if self.concepts is not None else [], concept_tensors=concept_maps,
-        )
+        tensors = {kind: self._gathered(kind, blocks, steps) for kind, blocks in self._kind_blocks.items()
+                   if kind in self._host}
+        if self.concepts is not None:
+            tensors.update(self.concepts.tensors(steps))
+        return AttentionMaps.from_tensors(
+            tensors, steps=steps, blocks=self.blocks, positions=self.positions, tables=self.tables, grid=self.grid,
+            rows=self.rows, heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
+            attn2_blocks=self.attn2_blocks, concepts=self.concepts.concepts if self.concepts is not None else [])

@@ -12,7 +12,7 @@
 Every command checks its arguments (and the words against the prompt) before the model runs, writes
 into a temporary folder and moves the finished files into place, and refuses to replace existing
 files unless given --overwrite. Errors are one line: exit code 2 for a bad argument, 1 for a failure
-while running; --debug shows the traceback. `run_command` and `ArgumentParser` give every entry point
+while running; --debug shows the traceback. `mmdit_probe.entry_points` gives every entry point
 (`python -m mmdit_probe.segmentation` too) these same rules.
 """
 
@@ -23,11 +23,14 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
+from ._notices import quiet as _quiet  # moved to mmdit_probe._notices; this alias stays one release
+from .constants import VARIANTS
+from .entry_points import ArgumentParser, checking, run_command
+from .entry_points import fraction as _fraction
+from .entry_points import positive as _positive
 from .validation import InvalidInput
 
 # Light imports only at the top: `--help` and argument errors never import torch.
@@ -35,39 +38,6 @@ from .validation import InvalidInput
 MAPS_FILES = ("image.png", "maps.safetensors", "t2i_vs_i2t.png", "t2i_by_block.png", "i2t_by_block.png",
               "t2i_by_step.png")
 EDIT_FILES = ("source.png", "edited.png", "params.json")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `prog: error: message`, with exit code 2 like any other bad input."""
-
-    def error(self, message: str):
-        _fail(self.prog, message, 2)
-
-
-def run_command(prog: str, command: Callable[[], None], *, debug: bool = False) -> None:
-    """Run an entry point's command with the one mapping of errors to exit codes: bad input (`InvalidInput`)
-    exits 2 and any other failure 1, each as one line `prog: error: ...` on stderr; `debug` re-raises instead."""
-    try:
-        command()
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except Exception as error:
-        if debug:
-            raise
-        _fail(prog, error, 2 if isinstance(error, InvalidInput) else 1)
-
-
-@contextlib.contextmanager
-def checking():
-    """Errors raised while checking arguments (loading the model included) are bad input: `InvalidInput`.
-    A model that cannot be loaded, a word not in the prompt, are the user's to fix, whatever their type."""
-    try:
-        yield
-    except InvalidInput:
-        raise
-    except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        raise InvalidInput(message) from error
 
 
 def _existing(folder: Path, names, masks: bool) -> list[str]:
@@ -115,15 +85,6 @@ def _move_into(staging: Path, folder: Path) -> None:
             _move_into(item, folder / item.name)
         else:
             os.replace(item, folder / item.name)
-
-
-def _quiet() -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
 
 
 def _load(model: str):
@@ -224,27 +185,6 @@ def _write_edit(probe, source: str, target: str, folder: Path, **options) -> int
     return len(result.masks)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 1 (or leave it out for "
-                                         f"the preset's default)")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is not allowed: give a number in [0, 1]")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     top = ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
     top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -274,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit", help="output directory (default: out/edit)")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
-    edit.add_argument("--variant", default="qiki", choices=["qiki", "qk", "qi", "ki", "qikt", "kivi", "none"],
+    edit.add_argument("--variant", default="qiki", choices=list(VARIANTS),
                       help="which activations the target takes from the source (default qiki)")
     edit.add_argument("--tau", type=_fraction, help="fraction of steps with q/k injection, 0-1 (default: preset)")
     edit.add_argument("--eta", type=_fraction, help="fraction of steps with local blending, 0-1 (default: preset)")
@@ -295,15 +235,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)  # argparse's errors: one line and exit code 2 (`ArgumentParser`)
     run_command(f"mmdit-probe {args.command}", lambda: args.run(args), debug=args.debug)
-
-
-def _fail(prog: str, error: BaseException | str, code: int) -> None:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    message = " ".join(str(message).split()) or type(error).__name__
-    kind = "" if code == 2 else f"{type(error).__name__}: "
-    hint = "" if code == 2 else " (run with --debug for the traceback)"
-    print(f"{prog}: error: {kind}{message}{hint}", file=sys.stderr)
-    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from . import validation
+from .constants import CONCEPT_KINDS
 from .tokens import Token, normalise_word
-
-CONCEPT_KINDS = ("concept", "concept_xattn")
 
 
 def check_concepts(concepts, n_prompts: int) -> list[list[str]]:

@@ -20,10 +20,11 @@ import torch
 from . import validation
 from .attention import AttentionRecorder
 from .concepts import check_concepts
-from .editing.inversion import _encode, as_image, check_own_sampler, sampler_velocity
+from .constants import IMAGE_MAP_METHODS as METHODS
 from .maps import AttentionMaps
-
-METHODS = ("noise", "inversion")
+from .names import tap
+from .sampling.images import as_image, encode
+from .sampling.velocity import check_own_sampler, sampler_velocity
 
 
 def check_sigma(method: str, sigma: float | None) -> float | None:
@@ -51,8 +52,8 @@ def image_maps(probe, image, prompt: str, concepts, *, method: str = "noise", si
     width, max_sequence_length, as for `Probe.generate`.
     """
     validation.choice("method", method, METHODS)
-    if not isinstance(prompt, str):
-        raise validation.InvalidInput(f"prompt={prompt!r} is not allowed: give the image's caption (str), or ''")
+    validation.prompt("prompt", prompt, message="{name}={value!r} is not allowed: give the image's caption (str), "
+                      "or ''")
     check_concepts(concepts, 1)  # before the inversion or the text encoders run
     record = dict(record or {})
     for key in ("concepts", "steps"):
@@ -72,11 +73,11 @@ def image_maps(probe, image, prompt: str, concepts, *, method: str = "noise", si
     velocity, _ = sampler_velocity(probe, inputs)  # the pipeline's own transformer call, captured
     recorder = AttentionRecorder(probe, inputs, steps=[0], concepts=concepts, **record)
     taps: dict = {}
-    handles = [probe.module(f"blocks.{b}.attn.hook_{name}").register_forward_hook(
+    handles = [probe.module(tap(b, name)).register_forward_hook(
         lambda m, i, out, key=(b, name): taps.__setitem__(key, out))
         for b in recorder.blocks for name in AttentionRecorder.TAPS]
     try:
-        clean = _encode(probe, image, height, width)
+        clean = encode(probe, image, height, width)
         x = (1 - sigma) * clean + sigma * inputs["latents"].to(clean)
         with torch.no_grad():
             velocity(x, sigma)

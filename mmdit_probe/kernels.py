@@ -110,3 +110,15 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         if _trusted[key]:
             return out, lse
     return F.scaled_dot_product_attention(q, k, v), chunked_logsumexp(q, k)
+
+
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
+    """Entropy of each query's softmax attention, lse - sum_j p_j s_j, in query chunks: (batch, heads, tokens)."""
+    scale = q.shape[-1] ** -0.5
+    chunk = max(1, budget // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
+    parts = []
+    for start in range(0, q.shape[2], chunk):
+        logits = q[:, :, start:start + chunk] @ k.transpose(-1, -2) * scale
+        normaliser = lse[:, :, start:start + chunk]
+        parts.append(normaliser - (torch.exp(logits - normaliser.unsqueeze(-1)) * logits).sum(-1))
+    return torch.cat(parts, dim=2)

@@ -26,11 +26,9 @@ from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
 from . import validation
-from .concepts import CONCEPT_KINDS
+from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS  # noqa: F401  (KINDS: maps.KINDS stays one release)
 from .files import written_atomically
 from .tokens import Token, TokenTable, normalise_word
-
-KINDS = ("t2i", "i2t")
 
 
 def smooth(m: torch.Tensor, kernel: int = 7, sigma: float = 1.0) -> torch.Tensor:
@@ -97,21 +95,36 @@ class AttentionMaps:
     # image token, concept), softmax over the concepts
     concept_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], **fields) -> AttentionMaps:
+        """Maps from {kind: tensor} (any kinds of `MAP_KINDS`) and the other fields: concept kinds go in
+        `concept_tensors`, every other kind is the field of its name."""
+        kinds = {k: tensors.get(k) for k, last in MAP_KINDS.items() if last != "concept"}
+        concepts = {k: tensors[k] for k, last in MAP_KINDS.items() if last == "concept" and k in tensors}
+        return cls(**kinds, concept_tensors=concepts, **fields)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every recorded map tensor by kind, in the order of `MAP_KINDS`."""
+        held = {**self.concept_tensors, **{k: getattr(self, k) for k, last in MAP_KINDS.items() if last != "concept"}}
+        return {k: held[k] for k in MAP_KINDS if held.get(k) is not None}
+
     @property
     def prompts(self) -> list[str]:
         return [t.prompt for t in self.tables]
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return tuple(k for k in KINDS if getattr(self, k) is not None)
+        """The attention map kinds recorded ("t2i", "i2t")."""
+        return tuple(k for k in self.tensors if MAP_KINDS[k] == "text")
 
     @property
     def concept_kinds(self) -> tuple[str, ...]:
         """The concept map kinds recorded ("concept", "concept_xattn"), if concept tokens ran."""
-        return tuple(k for k in CONCEPT_KINDS if k in self.concept_tensors)
+        return tuple(k for k in self.tensors if MAP_KINDS[k] == "concept")
 
     def tensor(self, kind: str = "t2i") -> torch.Tensor:
-        m = getattr(self, kind) if kind in KINDS else self.concept_tensors.get(kind)
+        m = self.tensors.get(kind)
         if m is None:
             raise ValueError(f"no {kind!r} maps here; recorded kinds: {self.kinds + self.concept_kinds}"
                              + ("" if kind not in CONCEPT_KINDS else
@@ -208,6 +221,9 @@ class AttentionMaps:
                head: int | None = None, half: str = "cond") -> torch.Tensor:
         """Maps of the chosen words before any averaging: (step, block, image token), word positions averaged.
         For concept kinds, `words` are concepts."""
+        if MAP_KINDS.get(kind) == "attn2":
+            raise ValueError(f"{kind} maps have no word dimension: read maps.{kind} (step, attn2 block, row, image "
+                             f"token)")
         m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
         if kind in CONCEPT_KINDS:
             if head is not None:
@@ -277,9 +293,7 @@ class AttentionMaps:
                         "tokens": [[k.position, k.encoder, k.piece, k.word, k.word_index] for k in t.tokens]}
                        for t in self.tables],
         }
-        tensors = {k: self.tensor(k).contiguous() for k in self.kinds + self.concept_kinds}
-        if self.attn2_entropy is not None:
-            tensors["attn2_entropy"] = self.attn2_entropy.contiguous()
+        tensors = {k: m.contiguous() for k, m in self.tensors.items()}
         for name, value in (extra_tensors or {}).items():
             if name in tensors or not isinstance(value, torch.Tensor):
                 raise validation.InvalidInput(f"extra_tensors[{name!r}] must be a tensor under a name other than "
@@ -310,7 +324,7 @@ class AttentionMaps:
         try:
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-                names = [k for k in (*KINDS, *CONCEPT_KINDS, "attn2_entropy") if k in f.keys()]
+                names = [k for k in MAP_KINDS if k in f.keys()]
                 tensors = {k: f.get_tensor(k) for k in names}
         except Exception as error:
             raise validation.InvalidInput(f"{path} is not a readable safetensors file ({error})") from None
@@ -325,12 +339,10 @@ class AttentionMaps:
             _check_meta(meta)
             tables = [TokenTable(t["prompt"], [Token(*row) for row in t["tokens"]], t["text_length"])
                       for t in meta["tables"]]
-            maps = cls(t2i=tensors.get("t2i"), i2t=tensors.get("i2t"), steps=meta["steps"], blocks=meta["blocks"],
-                       positions=meta["positions"], tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"],
-                       heads=meta["heads"], top_layers=tuple(meta["top_layers"]),
-                       attn2_blocks=meta.get("attn2_blocks", []), attn2_entropy=tensors.get("attn2_entropy"),
-                       concepts=meta.get("concepts", []),
-                       concept_tensors={k: tensors[k] for k in CONCEPT_KINDS if k in tensors})
+            maps = cls.from_tensors(tensors, steps=meta["steps"], blocks=meta["blocks"], positions=meta["positions"],
+                                    tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"], heads=meta["heads"],
+                                    top_layers=tuple(meta["top_layers"]), attn2_blocks=meta.get("attn2_blocks", []),
+                                    concepts=meta.get("concepts", []))
             maps._check_tensors()
         except (KeyError, TypeError, ValueError) as error:
             raise validation.InvalidInput(f"{path} is not a valid maps file: {error}") from None
@@ -340,40 +352,36 @@ class AttentionMaps:
         """Tensor shapes against the metadata (steps, blocks, rows, grid, positions) and finite values."""
         if not self.kinds:
             raise ValueError("it holds neither t2i nor i2t maps")
-        rows = len(self.tables) * (2 if self.rows == "both" else 1)
-        image = self.grid[0] * self.grid[1]
-        for kind in self.kinds:
-            m = getattr(self, kind)
-            heads = (m.shape[3],) if self.heads == "all" and m.ndim == 6 else ()
-            expected = (len(self.steps), len(self.blocks), rows, *heads, image, len(self.positions))
-            if tuple(m.shape) != expected:
-                raise ValueError(f"{kind} has shape {tuple(m.shape)}, but its metadata (steps, blocks, rows, "
-                                 f"{'heads, ' if self.heads == 'all' else ''}grid, positions) says {expected}")
-            if not m.is_floating_point() or not torch.isfinite(m).all():
-                raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
         if self.concepts and not self.concept_kinds:
             raise ValueError("its metadata names concepts but holds no concept maps")
         if self.concept_kinds and not self.concepts:
             raise ValueError(f"it holds concept maps ({', '.join(self.concept_kinds)}) but its metadata names no "
                              f"concepts")
-        for kind in self.concept_kinds:
-            m = self.concept_tensors[kind]
-            expected = (len(self.steps), len(self.blocks), rows, image, max(map(len, self.concepts), default=0))
+        for kind, m in self.tensors.items():
+            expected, says = self._shape(kind, m)
             if tuple(m.shape) != expected:
-                raise ValueError(f"{kind} has shape {tuple(m.shape)}, but its metadata (steps, blocks, rows, grid, "
-                                 f"concepts) says {expected}")
+                raise ValueError(f"{kind} has shape {tuple(m.shape)}, but its metadata ({says}) says {expected}")
             if not m.is_floating_point() or not torch.isfinite(m).all():
                 raise ValueError(f"{kind} holds NaN, infinite or non-float values (a damaged file)")
-            self._check_probabilities(kind, m.float())
-        if self.attn2_entropy is not None:
-            expected = (len(self.steps), len(self.attn2_blocks), rows, image)
-            if tuple(self.attn2_entropy.shape) != expected:
-                raise ValueError(f"attn2_entropy has shape {tuple(self.attn2_entropy.shape)}, expected {expected}")
-            if not torch.isfinite(self.attn2_entropy).all():
-                raise ValueError("attn2_entropy holds NaN or infinite values (a damaged file)")
+            if MAP_KINDS[kind] == "concept":
+                self._check_probabilities(kind, m.float())
         length = max(t.text_length for t in self.tables)
         if any(not 0 <= p < length for p in self.positions):
             raise ValueError(f"positions {self.positions} do not fit the token tables ({length} text positions)")
+
+    def _shape(self, kind: str, m: torch.Tensor) -> tuple[tuple[int, ...], str]:
+        """The shape the metadata gives a kind's tensor, and the entries it comes from."""
+        rows = len(self.tables) * (2 if self.rows == "both" else 1)
+        image = self.grid[0] * self.grid[1]
+        last = MAP_KINDS[kind]
+        if last == "text":
+            heads = (m.shape[3],) if self.heads == "all" and m.ndim == 6 else ()
+            return ((len(self.steps), len(self.blocks), rows, *heads, image, len(self.positions)),
+                    f"steps, blocks, rows, {'heads, ' if self.heads == 'all' else ''}grid, positions")
+        if last == "concept":
+            return ((len(self.steps), len(self.blocks), rows, image, max(map(len, self.concepts), default=0)),
+                    "steps, blocks, rows, grid, concepts")
+        return (len(self.steps), len(self.attn2_blocks), rows, image), "steps, attn2_blocks, rows, grid"
 
     def _check_probabilities(self, kind: str, m: torch.Tensor) -> None:
         """Concept maps are a softmax over each prompt's own concepts: every value in [0, 1], each image token's
@@ -393,7 +401,7 @@ class AttentionMaps:
                                  f"{float(total.max()):g} over its {own} concepts")
 
     def __repr__(self) -> str:
-        shape = {k: tuple(self.tensor(k).shape) for k in self.kinds + self.concept_kinds}
+        shape = {k: tuple(m.shape) for k, m in self.tensors.items()}
         return (f"AttentionMaps({len(self.tables)} prompt(s), steps {self.steps[0]}..{self.steps[-1]} "
                 f"({len(self.steps)}), blocks {self.blocks}, grid {self.grid}, {len(self.positions)} text positions, "
                 f"rows={self.rows!r}, heads={self.heads!r}, shapes {shape})")

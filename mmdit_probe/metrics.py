@@ -20,10 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .constants import HIGHER_IS_BETTER, METRICS
 from .maps import AttentionMaps, normalise, smooth
-
-METRICS = ("soft_iou", "iou", "bce", "mse")
-HIGHER_IS_BETTER = {"soft_iou": True, "iou": True, "bce": False, "mse": False}
 
 
 def _as_mask(mask) -> torch.Tensor:

@@ -13,22 +13,32 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline
 from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from . import validation
+from ._lazy import lazy
 from .attention import AttentionRecorder
-from .editing import EditResult, Inversion, VitalLayers, edit, invert, vital_layers
-from .editing.qk_injection import check_edit
+from .constants import GENERATION_KEYS, OUTPUT_TYPES, SOLVERS, T5_MAX_TOKENS
 from .families import Family, family_for, family_name_for_class
 from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
 from .presets import preset as find_named_preset
-from .taps import ACTIVATIONS, QKV, STREAMS
 from .tokens import TokenTable, tokenize
+
+if TYPE_CHECKING:
+    from .editing import EditResult, VitalLayers
+    from .sampling.inversion import Inversion
+
+# The probe is a facade over the editors and inversion, which load with the method that uses them. These names, once
+# imported here, stay importable from mmdit_probe.probe for one release.
+_EDITING, _INVERSION = "mmdit_probe.editing", "mmdit_probe.sampling.inversion"
+__getattr__, __dir__ = lazy(__name__, {
+    "EditResult": _EDITING, "VitalLayers": _EDITING, "edit": _EDITING, "vital_layers": _EDITING,
+    "check_edit": f"{_EDITING}.qk_injection", "Inversion": _INVERSION, "invert": _INVERSION})
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
 
@@ -157,7 +167,7 @@ def _top_layers(chosen: Sequence[int] | str | Path, family: Family) -> tuple[int
         if not path.is_file():
             raise FileNotFoundError(f"top_layers={str(chosen)!r}: give block indices or a sweep's top_layers.json")
         chosen = json.loads(path.read_text())["top_layers"]
-    return tuple(family.check_block(b) for b in validation.index_list("top_layers", chosen, what="block indices"))
+    return tuple(family.check_blocks("top_layers", chosen))
 
 
 class Probe:
@@ -183,24 +193,11 @@ class Probe:
     @property
     def hook_names(self) -> list[str]:
         """Every hook point's stable name, in execution order (nnsight reads must follow it)."""
-        names = []
-        for a in self.family.attentions:
-            streams = STREAMS if a.has_text else ("img",)
-            names += [f"blocks.{a.block}.{a.name}.hook_{act}_{s}" for s in streams for act in QKV]
-            names += [f"blocks.{a.block}.{a.name}.hook_out_{s}" for s in streams]
-        return names
+        return self.family.tap_names()
 
     def module_path(self, name: str) -> str:
         """The module path (inside the pipeline) of a hook point, e.g. for nnsight or torch hooks."""
-        parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "blocks" or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"hook names look like 'blocks.7.attn.hook_q_img'; got {name!r}")
-        attention = self.family.attention(int(parts[1]), parts[2])
-        streams = STREAMS if attention.has_text else ("img",)
-        valid = [f"hook_{act}_{s}" for act in (*ACTIVATIONS, "lse") for s in streams]
-        if parts[3] not in valid:
-            raise ValueError(f"{parts[2]} of block {parts[1]} has no {parts[3]!r}; it has {', '.join(valid)}")
-        return f"transformer.{attention.path}.processor.{parts[3]}"
+        return f"transformer.{self.family.tap_path(name)}"
 
     def hook(self, name: str):
         """The nnsight envoy of a hook point: read `.output`, or assign to it, inside a trace."""
@@ -216,8 +213,7 @@ class Probe:
     # -- inputs -------------------------------------------------------------
     def tokens(self, prompt: str, max_sequence_length: int | None = None) -> TokenTable:
         """The token table of a prompt: position, encoder, piece and word of every real token."""
-        if not isinstance(prompt, str):
-            raise validation.InvalidInput(f"prompt={prompt!r} is not allowed: give the prompt (str)")
+        validation.prompt("prompt", prompt, message="{name}={value!r} is not allowed: give the prompt (str)")
         length = (self.preset.max_sequence_length if max_sequence_length is None
                   else validation.positive_int("max_sequence_length", max_sequence_length))
         return tokenize(prompt, self.family.text_segments(length), self.pipeline)
@@ -252,10 +248,10 @@ class Probe:
         if kwargs.get("max_sequence_length") is not None:
             kwargs["max_sequence_length"] = validation.integer("max_sequence_length", kwargs["max_sequence_length"],
                                                                minimum=1)
-            if kwargs["max_sequence_length"] > 512:
+            if kwargs["max_sequence_length"] > T5_MAX_TOKENS:
                 raise validation.InvalidInput(f"max_sequence_length={kwargs['max_sequence_length']} is not allowed: "
-                                              f"T5 takes at most 512 tokens")
-        if kwargs.get("output_type", "pil") not in ("pil", "latent", "np", "pt"):
+                                              f"T5 takes at most {T5_MAX_TOKENS} tokens")
+        if kwargs.get("output_type", "pil") not in OUTPUT_TYPES:
             raise validation.InvalidInput(f"output_type={kwargs['output_type']!r} is not allowed: choose 'pil', "
                                           f"'latent', 'np' or 'pt'")
         self._warn_unknown_characters(checked["prompts"], kwargs.get("max_sequence_length"))
@@ -338,9 +334,6 @@ class Probe:
                              **kwargs)
         recorder = None
         # A dict, even an empty one, asks for a recording with those options; concepts come in one place only.
-        if not isinstance(record, (bool, dict)):
-            raise validation.InvalidInput(f"record={record!r} is not allowed: give True, False or a dict of "
-                                          f"AttentionRecorder options")
         options = dict(record) if isinstance(record, dict) else {}
         if concepts is not None and record is False:
             raise validation.InvalidInput("concepts= records concept maps: pass record=True (or a dict of options)")
@@ -371,6 +364,8 @@ class Probe:
         >>> result = probe.edit("in the center a red circle on a white background",
         ...                     "in the center a blue circle on a white background", seed=0)
         """
+        from .editing import edit
+
         return edit(self, source, target, **options)
 
     def vital_layers(self, prompts: str | list[str], **options: Any) -> VitalLayers:
@@ -380,6 +375,8 @@ class Probe:
 
         >>> found = probe.vital_layers(["on the left a large red circle on a white background"], measures=["pixel"])
         """
+        from .editing import vital_layers
+
         return vital_layers(self, prompts, **options)
 
     def fuse_qkv_projections(self) -> None:
@@ -400,11 +397,13 @@ class Probe:
             self.family.install_taps()
 
     def invert(self, image, prompt: str, **options: Any) -> Inversion:
-        """The initial latent that regenerates a real image (see `mmdit_probe.editing.inversion.invert`).
+        """The initial latent that regenerates a real image (see `mmdit_probe.sampling.inversion.invert`).
 
         >>> inverted = probe.invert(image, "in the center a red circle on a white background")
         >>> inverted.error        # mean absolute pixel error of the regenerated image
         """
+        from .sampling.inversion import invert
+
         return invert(self, image, prompt, **options)
 
     def image_maps(self, image, prompt: str, concepts, **options: Any) -> AttentionMaps:
@@ -429,7 +428,8 @@ class Probe:
         """
         if "latents" in options:
             raise validation.InvalidInput("edit_image inverts the image to get the latents: do not pass latents=")
-        from .editing.inversion import SOLVERS, check_inversion
+        from .editing.qk_injection import check_edit
+        from .sampling.inversion import check_inversion
 
         check_inversion(method, iterations)
         if method in SOLVERS:  # the editor samples with the pipeline's Euler: their inversion would not match it
@@ -438,14 +438,13 @@ class Probe:
                 f"sampler: edit with mmdit_probe.editing.{method.replace('-', '_')}_edit(probe, source, target, "
                 f"image=image), or choose one of euler, heun, fixed-point here")
         check_edit(self, source, target, **options)  # refuse bad edit options before inverting
-        generation = {k: options[k] for k in ("steps", "guidance", "height", "width", "max_sequence_length")
-                      if k in options}
+        generation = {k: options[k] for k in GENERATION_KEYS if k in options}
         inverted = self.invert(image, source, method=method, iterations=iterations, check=False, **generation)
         result = self.edit(source, target, latents=inverted.latents, **options)
         result.params["inversion"] = method
         result.params["inversion_iterations"] = iterations if method == "fixed-point" else None
         if hasattr(result.source_image, "size") and options.get("output_type", "pil") == "pil":
-            from .editing.inversion import as_image, pixel_error
+            from .sampling.images import as_image, pixel_error
 
             original = as_image(image, result.source_image.size, quiet=True)
             result.params["inversion_error"] = pixel_error(result.source_image, original)

@@ -31,7 +31,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import validation
-from .concepts import CONCEPT_KINDS, check_words
+from .concepts import check_words
+from .constants import CONCEPT_KINDS
+from .entry_points import ArgumentParser, checking, run_command
 from .image_maps import METHODS, check_sigma, image_maps
 from .maps import upsample
 from .tokens import normalise_word
@@ -169,8 +171,6 @@ def segment_folder(probe, folder: str | Path, *, concepts: list[str], labels: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import ArgumentParser, run_command
-
     parser = ArgumentParser(prog="python -m mmdit_probe.segmentation", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -189,7 +189,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .cli import checking
     from .probe import load
 
     labels = args.labels or (args.folder / "labels.json" if (args.folder / "labels.json").is_file() else None)

@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QKV = ("q", "k", "v")
-STREAMS = ("img", "txt")
-ACTIVATIONS = (*QKV, "out")
+# QKV, ACTIVATIONS and tap_name moved to .names; these aliases stay one release.
+from .names import ACTIVATIONS, QKV, STREAMS, TAPPED, leaf, tap_name  # noqa: F401
 
 
 class HookPoint(nn.Module):
@@ -40,9 +39,9 @@ class TapProcessor(nn.Module):
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__()
         self.streams = streams
-        for activation in (*ACTIVATIONS, "lse"):
+        for activation in TAPPED:
             for stream in self.streams:
-                self.add_module(f"hook_{activation}_{stream}", HookPoint())
+                self.add_module(leaf(activation, stream), HookPoint())
         # Set by attention recording: attention then also yields each query's log-sum-exp.
         self.record_lse = False
         # Set by a concept stream (`mmdit_probe.concepts`): `concepts` keeps this call's image q/k/v and
@@ -51,7 +50,7 @@ class TapProcessor(nn.Module):
         self.concept_mode = False
 
     def hook(self, activation: str, stream: str) -> HookPoint:
-        return getattr(self, f"hook_{activation}_{stream}")
+        return getattr(self, leaf(activation, stream))
 
     def tap_qkv(self, stream: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return self.hook("q", stream)(q), self.hook("k", stream)(k), self.hook("v", stream)(v)
@@ -65,11 +64,3 @@ def project_qkv(attn, x: torch.Tensor, stream: str) -> tuple[torch.Tensor, torch
         return attn.to_q(x), attn.to_k(x), attn.to_v(x)
     return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
 
-
-def tap_name(block: int, activation: str, stream: str = "img", attention: str = "attn") -> str:
-    """The stable name of a hook point, e.g. ``tap_name(7, "q") == "blocks.7.attn.hook_q_img"``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
-    if stream not in STREAMS:
-        raise ValueError(f"unknown stream {stream!r}; choose from {STREAMS}")
-    return f"blocks.{block}.{attention}.hook_{activation}_{stream}"

@@ -43,7 +43,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .toy.tokenizer import word_merges
+from ._bpe import word_merges
 
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd3": StableDiffusion3Pipeline,

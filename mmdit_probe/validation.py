@@ -22,6 +22,10 @@ class InvalidInput(ValueError):
     """A user-facing parameter refused before anything ran (the CLI answers it with exit code 2)."""
 
 
+class BlockIndexError(InvalidInput, IndexError):
+    """A block index the model does not have: bad input, and an IndexError as block lookups always raised."""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -97,6 +101,23 @@ def index_list(name: str, values: Any, *, what: str = "indices") -> list[int]:
     return ints
 
 
+BLOCKS_MESSAGE = "block index {block!r} out of range: {model} has blocks 0..{last}"
+
+
+def blocks(name: str, values: Any, n_blocks: int, *, model: str = "the model", template: str = BLOCKS_MESSAGE,
+           **fields: Any) -> list[int]:
+    """Distinct block indices (one index is a list of one), each in 0..n_blocks-1, else `BlockIndexError`.
+
+    `template` is formatted with `name`, `block` (the first index out of range), `bad` (all of them), `values`
+    (every index), `last` (n_blocks - 1), `model` and `fields`."""
+    found = index_list(name, values, what="block indices")
+    bad = [b for b in found if not 0 <= b < n_blocks]
+    if bad:
+        raise BlockIndexError(template.format(name=name, block=bad[0], bad=bad, values=found, last=n_blocks - 1,
+                                              model=model, **fields))
+    return found
+
+
 def word_list(name: str, words: Any) -> list[str | int]:
     """One word (or word index), or a non-empty list of them."""
     if isinstance(words, str) or _is_int(words):
@@ -114,6 +135,17 @@ def word_list(name: str, words: Any) -> list[str | int]:
     return [w if isinstance(w, str) else int(w) for w in words]
 
 
+PROMPT_MESSAGE = "{name}={value!r} is not allowed: give a prompt (str)"
+
+
+def prompt(name: str, value: Any, *, empty_ok: bool = True, message: str = PROMPT_MESSAGE) -> str:
+    """One prompt: a str, and with `empty_ok=False` one that is not blank. `message` is formatted with `name`,
+    `value` and `type` (the value's type name)."""
+    if not isinstance(value, str) or not (empty_ok or value.strip()):
+        raise InvalidInput(message.format(name=name, value=value, type=type(value).__name__))
+    return value
+
+
 def prompts(value: Any, name: str = "prompts") -> list[str]:
     """One prompt or a non-empty list of prompts (strings)."""
     found = [value] if isinstance(value, str) else value
@@ -123,16 +155,23 @@ def prompts(value: Any, name: str = "prompts") -> list[str]:
     if not found:
         raise InvalidInput(f"{name}=[] is empty: give at least one prompt")
     for p in found:
-        if not isinstance(p, str):
-            raise InvalidInput(f"{name} must be strings; got {p!r} ({type(p).__name__})")
+        prompt(name, p, message="{name} must be strings; got {value!r} ({type})")
     return found
 
 
 def edit_prompts(source: Any, target: Any) -> None:
     """An editor's two prompts: both non-empty strings."""
-    for name, prompt in (("source", source), ("target", target)):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput(f"{name}={prompt!r} is not allowed: give the {name} prompt (a non-empty str)")
+    for name, value in (("source", source), ("target", target)):
+        prompt(name, value, empty_ok=False,
+               message="{name}={value!r} is not allowed: give the {name} prompt (a non-empty str)")
+
+
+def one_call_per_step(inputs: dict[str, Any]) -> None:
+    """Recording and patching count transformer calls as denoising steps; refuse options that add calls."""
+    if inputs.get("skip_guidance_layers"):
+        raise InvalidInput("skip_guidance_layers runs the transformer twice per step; record or patch without it")
+    if inputs.get("true_cfg_scale", 1.0) > 1 and inputs.get("negative_prompt") is not None:
+        raise InvalidInput("Flux true CFG runs the transformer twice per step; record or patch without it")
 
 
 def image_size(name: str, value: Any, multiple: int) -> int:
@@ -295,3 +334,4 @@ def concept_list(name: str, value: Any) -> list[str]:
         if not isinstance(c, str):
             raise InvalidInput(f"{name} must hold concepts (str); got {c!r} ({type(c).__name__})")
     return found
+

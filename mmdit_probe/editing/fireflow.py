@@ -7,10 +7,10 @@ point, so each step costs one model call (the first step one more):
     v  = the previous step's midpoint velocity (a model call at the very first step),
     v½ = v(x + h/2 v, σ + h/2),   x_next = x + h v½,   and v½ is kept for the next step.
 
-The same step runs both ways (h < 0 sampling, h > 0 inverting): `inversion.invert(method="fireflow")`.
+The same step runs both ways (h < 0 sampling, h > 0 inverting; `sampling.steps.FireFlow`): `invert(method="fireflow")`.
 Near second order at the cost of Euler.
 
-The edit is RF-Solver-Edit's value sharing (`rf_solver.share_values`; the `rf_solver` module docstring
+The edit is RF-Solver-Edit's value sharing (`value_sharing.share_values`; the `rf_solver` module docstring
 lists where ours differs from the published code) with FireFlow's sampler and FireFlow's published
 defaults: 8 steps with the first one sharing, guidance 2 (inversion at 1), V of all 38 FLUX.1
 single-stream blocks. The published code replaces V only where a feature was stored during
@@ -27,23 +27,9 @@ from typing import Any
 
 import torch
 
-from .qk_injection import EditResult
-from .rf_solver import ValueSharing, share_values
-
-
-class FireFlow:
-    """FireFlow steps from σ to σ_next (either direction); one velocity call per step after the first.
-    Stateful: a fresh solver for every trajectory."""
-
-    def __init__(self) -> None:
-        self.velocity: torch.Tensor | None = None  # the last midpoint velocity, reused as the next start
-
-    def __call__(self, velocity, x: torch.Tensor, sigma: float, following: float) -> torch.Tensor:
-        h = following - sigma
-        v = velocity(x, sigma) if self.velocity is None else self.velocity
-        self.velocity = velocity(x + h / 2 * v, sigma + h / 2)
-        return x + h * self.velocity
-
+from ..sampling.steps import FireFlow  # noqa: F401  (moved to sampling.steps; this alias stays one release)
+from .base import EditResult
+from .value_sharing import ValueSharing, share_values
 
 # FireFlow's scripts ("fast editing"): FLUX.1-dev, 8 steps, `--inject 1`, guidance 2, V of single-stream
 # blocks 0-37.

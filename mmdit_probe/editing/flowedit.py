@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from .. import validation
-from .inversion import _encode, as_image, check_own_sampler, decode, sampler_velocity
+from ..sampling.images import as_image, decode, encode
+from ..sampling.velocity import check_own_sampler, sampler_velocity
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def flowedit(probe, image, source: str, target: str, *, skip: float = 0.33, sour
     image = as_image(image, (inputs["width"], inputs["height"]))
     velocity, sigmas = sampler_velocity(probe, inputs)
     guidance = inputs["guidance_scale"]
-    clean = _encode(probe, image, inputs["height"], inputs["width"]).to(velocity.device, velocity.dtype)
+    clean = encode(probe, image, inputs["height"], inputs["width"]).to(velocity.device, velocity.dtype)
     velocity.guidance = torch.tensor(
         [guidance if source_guidance is None else source_guidance, guidance if target_guidance is None
          else target_guidance], device=clean.device, dtype=clean.dtype).view(-1, *([1] * (clean.ndim - 1)))

@@ -39,11 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import validation
-from ..attention import AttentionRecorder, check_one_call_per_step
+from .. import names, validation
+from ..attention import AttentionRecorder
+from ..constants import GENERATION_KEYS
 from ..patching import patch
-from .qk_injection import EditResult, blend_mask, edited_words
-from .stable_flow import GENERATION_KEYS, inversion_options, source_and_target
+from ..sampling.images import as_image, encode
+from ..sampling.inversion import invert_latents
+from .base import EditResult, blend_mask, edited_words, inversion_options, source_and_target, start_from
 
 
 def token_mask(probe, mask, height: int, width: int) -> torch.Tensor:
@@ -98,9 +100,7 @@ def words_mask(probe, inputs: dict[str, Any], source: str, target: str, theta: f
 
 
 def _encoded(probe, image, height: int, width: int) -> torch.Tensor:
-    from .inversion import _encode, as_image
-
-    return _encode(probe, as_image(image, (width, height)), height, width)
+    return encode(probe, as_image(image, (width, height)), height, width)
 
 
 def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int = 0, theta: float | None = None,
@@ -128,15 +128,13 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
                 raise validation.InvalidInput(f"{name}= makes the mask from the edited words' maps, so it is unused "
                                               f"with mask=: leave it out, or leave mask out")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
-    check_one_call_per_step(inputs)
+    validation.one_call_per_step(inputs)
     height, width = inputs["height"], inputs["width"]
     theta = validation.fraction("theta", probe.preset.theta if theta is None else theta, " (the threshold on "
                                 "max-normalised maps)")
     if mask_blocks is not None:
-        mask_blocks = validation.index_list("mask_blocks", mask_blocks, what="block indices")
-        if not all(0 <= b < probe.family.num_blocks for b in mask_blocks):
-            raise validation.InvalidInput(f"mask_blocks={mask_blocks} is out of range: this model has blocks "
-                                          f"0..{probe.family.num_blocks - 1}")
+        mask_blocks = probe.family.check_blocks("mask_blocks", mask_blocks, template="{name}={values} is out of range: "
+                                                "this model has blocks 0..{last}")
     if mask is not None:
         fg = token_mask(probe, mask, height, width)
     words = edited_words(source, target) if mask is None else ([], [])
@@ -146,12 +144,10 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
     if image is not None:
         sizes = {k: generation[k] for k in GENERATION_KEYS if k in generation}
         clean = _encoded(probe, image, height, width)
-        from .inversion import invert_latents
-
         noise = invert_latents(probe, clean, source, method=inversion, iterations=iterations, **sizes)
-        inputs["latents"] = noise.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
+        start_from(inputs, noise, check=False)
     if mask is None:
-        blocks = mask_blocks or [b for b in probe.preset.top_layers if b < probe.family.num_blocks] or None
+        blocks = mask_blocks or probe.family.present(probe.preset.top_layers) or None
         recording = {**inputs, "output_type": "latent", "latents": inputs["latents"].clone()}
         fg = words_mask(probe, recording, source, target, theta, blocks)
 
@@ -177,7 +173,7 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
             for _ in tracer.iter[0:inputs["num_inference_steps"]]:
                 for attention in family.attentions:  # execution order: blocks ascending, attn before attn2
                     for tap in ("k_img", "v_img"):
-                        patch(probe, f"blocks.{attention.block}.{attention.name}.hook_{tap}", keep_rows)
+                        patch(probe, names.tap(attention.block, tap, attention.name), keep_rows)
         output = probe.model.output.save()
     params = {"method": "kv-edit", "source": source, "target": target, "seed": int(seed),
               "mask": "given" if mask is not None else "edited words' T2I maps",

@@ -17,69 +17,26 @@ Source and target prompts run together, from the same initial noise, in one trac
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from .. import validation
-from ..attention import AttentionRecorder, check_one_call_per_step
-from ..maps import AttentionMaps, normalise, smooth
+from .. import names, validation
+from ..attention import AttentionRecorder
+from ..constants import VARIANTS
 from ..patching import patch, replace_rows, rows
-from ..tokens import normalise_word
+from .base import EditResult, blend_mask, edited_words, start_from
 
-# Which activations the target takes from the source, per variant (the paper's ablations).
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "qiki": ("q_img", "k_img"),
-    "qk": ("q_img", "k_img", "q_txt", "k_txt"),
-    "qi": ("q_img",),
-    "ki": ("k_img",),
-    "qikt": ("q_img", "k_img", "k_txt"),
-    "kivi": ("k_img", "v_img"),
-    "none": (),
-}
-_EXECUTION_ORDER = ("q_img", "k_img", "v_img", "q_txt", "k_txt", "v_txt")
+# EditResult, edited_words and blend_mask moved to .base, VARIANTS to constants; these names stay bound here one
+# release (and `edit` calls `blend_mask` by this module's name: tests replace it here).
 
 
-def edited_words(source: str, target: str) -> tuple[list[str], list[str]]:
-    """Words that differ between two prompts: (source side, target side)."""
-    a, b = normalise_word(source).split(), normalise_word(target).split()
-    left, right = [], []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        if op != "equal":
-            left += a[i1:i2]
-            right += b[j1:j2]
-    return left, right
-
-
-@dataclass
-class EditResult:
-    """Source and edited images, the local-blend mask of each blended step (token grid, 0/1),
-    the edited words' T2I maps that made them, and every parameter used."""
-
-    source_image: Any
-    edited_image: Any
-    masks: list[np.ndarray]
-    maps: AttentionMaps | None
-    params: dict[str, Any]
-    inputs: dict[str, Any] = field(repr=False)
-
-
-def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], theta: float) -> torch.Tensor:
-    """Binary mask from (block, image, text) T2I maps: mean over blocks and the word columns,
-    Gaussian-smoothed, max-normalised, thresholded at theta."""
-    m = maps[..., columns].float().mean(dim=(0, -1)).reshape(grid)
-    return (normalise(smooth(m)) >= theta).float()
-
-
-def _blocks(family, chosen: list[int] | None, default: tuple[int, ...] | None) -> list[int]:
+def _blocks(family, name: str, chosen: list[int] | None, default: tuple[int, ...] | None) -> list[int]:
     """Blocks the caller chose (checked), else the preset's that exist in this model, else all."""
     if chosen is not None:
-        return [family.check_block(int(b)) for b in chosen]
-    present = [b for b in (default or ()) if b < family.num_blocks]
-    return present or list(range(family.num_blocks))
+        return family.check_blocks(name, chosen)
+    return family.present(default) or list(range(family.num_blocks))
 
 
 def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], injected: tuple[str, ...],
@@ -91,8 +48,8 @@ def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], i
         recording = recorder is not None and block in recorder.blocks and step in recorder.steps
         needed = ("q_img", "k_img", "q_txt", "k_txt") if recording else ()
         known = {}
-        for name in _EXECUTION_ORDER:
-            name_of = f"blocks.{block}.attn.hook_{name}"
+        for name in names.TAP_ORDER:
+            name_of = names.tap(block, name)
             if name in patched:
                 known[name] = patch(probe, name_of, change)
             elif name in needed:
@@ -152,15 +109,12 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
         inject_blocks = validation.index_list("inject_blocks", inject_blocks, what="block indices")
     if blend_blocks is not None:
         blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
-    inject = _blocks(family, inject_blocks, preset.inject_blocks)
+    inject = _blocks(family, "inject_blocks", inject_blocks, preset.inject_blocks)
     user_callback = generation.pop("callback_on_step_end", None)
     user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
     inputs = probe.inputs([source, target], seed=seed, **generation)
-    check_one_call_per_step(inputs)
-    if latents is not None:
-        shape = tuple(inputs["latents"].shape[1:])
-        validation.latents(latents, ((1, *shape), shape), "one prompt at these sizes (the edit repeats it)")
-        inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
+    validation.one_call_per_step(inputs)
+    start_from(inputs, latents)
     if user_callback is not None:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
@@ -189,7 +143,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     blend_steps: list[int] = []
     if local_blend and (source_words or target_words):
         blend_steps = [s for s in range(n_steps) if s < eta * n_steps]
-    blend = _blocks(family, blend_blocks, preset.top_layers) if blend_steps else []
+    blend = _blocks(family, "blend_blocks", blend_blocks, preset.top_layers) if blend_steps else []
     return _Plan(inputs, variant, tau, eta, theta, inject, inject_steps, blend, blend_steps, source_words,
                  target_words, user_callback, user_tensors)
 

@@ -27,9 +27,12 @@ from typing import Any
 
 import torch
 
-from .. import validation
-from ..patching import patch, replace_rows, rows
-from .qk_injection import EditResult
+from .. import names, validation
+from ..constants import GENERATION_KEYS
+from ..patching import patch
+from .base import EditResult, inversion_options, source_and_target, start_from
+
+# source_and_target and inversion_options moved to .base, GENERATION_KEYS to constants; bound here one release.
 
 # Published vital layers per preset. Stable Flow's for FLUX.1-dev, as code built on it lists them: double
 # blocks 0, 1, 17, 18 and single blocks 25 - 19, 28 - 19, 53 - 19, 54 - 19, 56 - 19 (the 19 double blocks come
@@ -42,8 +45,6 @@ PUBLISHED_LAYERS: dict[str, tuple[int, ...]] = {
 MEASURED_LAYERS: dict[str, tuple[int, ...]] = {
     "toy": (3,),
 }
-
-GENERATION_KEYS = ("steps", "guidance", "height", "width", "max_sequence_length")
 
 
 def default_layers(probe) -> list[int]:
@@ -65,32 +66,8 @@ def check_layers(probe, layers: Iterable[int] | None) -> list[int]:
         layers = list(layers)
         if not layers:
             return []
-    chosen = validation.index_list("layers", layers, what="block indices")
-    for block in chosen:
-        if not 0 <= block < probe.family.num_blocks:
-            raise validation.InvalidInput(f"layers: block {block} is out of range: this {probe.family.name} model has "
-                                          f"blocks 0..{probe.family.num_blocks - 1}")
-    return sorted(set(chosen))
-
-
-def inversion_options(image, inversion: str | None, iterations: int | None) -> tuple[str | None, int | None]:
-    """A real-image edit's checked inversion method and iterations (default fixed-point, 3); refused without
-    `image`, where nothing is inverted."""
-    if image is None:
-        for name, value in (("inversion", inversion), ("iterations", iterations)):
-            if value is not None:
-                raise validation.InvalidInput(f"{name}= is for image= (how a real image is inverted): leave it out, "
-                                              f"or give the image")
-        return None, None
-    from .inversion import check_inversion
-
-    inversion = "fixed-point" if inversion is None else inversion
-    return inversion, check_inversion(inversion, 3 if iterations is None else iterations)
-
-
-def source_and_target(x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """The target's rows take the source's (prompts [source, target]; each guidance half from its own half)."""
-    return replace_rows(x, rows(2, x, 0, "both"), rows(2, x, 1, "both"), positions=positions)
+    return sorted(probe.family.check_blocks("layers", layers, template="{name}: block {block} is out of range: this "
+                                            "{model} model has blocks 0..{last}"))
 
 
 def initial_latents(probe, image, source: str, inversion: str, iterations: int,
@@ -121,15 +98,13 @@ def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None
         raise validation.InvalidInput("stable_flow draws its own initial noise (seed=) or inverts image=: do not "
                                       "pass latents=")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
-    noise = initial_latents(probe, image, source, inversion, iterations, generation)
-    if noise is not None:
-        inputs["latents"] = noise.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
+    start_from(inputs, initial_latents(probe, image, source, inversion, iterations, generation), check=False)
     with probe.model.generate(**inputs) as tracer:
         if chosen:
             for _ in tracer.iter[0:inputs["num_inference_steps"]]:
                 for block in chosen:  # in execution order: blocks ascending, keys before values
-                    patch(probe, f"blocks.{block}.attn.hook_k_img", source_and_target)
-                    patch(probe, f"blocks.{block}.attn.hook_v_img", source_and_target)
+                    patch(probe, names.tap(block, "k_img"), source_and_target)
+                    patch(probe, names.tap(block, "v_img"), source_and_target)
         output = probe.model.output.save()
     params = {"method": "stable-flow", "source": source, "target": target, "seed": int(seed), "layers": chosen,
               "steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"],

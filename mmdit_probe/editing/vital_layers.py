@@ -10,7 +10,7 @@ Measures here, all "higher = more vital", averaged over the prompts:
   checkpoint directory or a loaded model: nothing is downloaded);
 - "pixel": mean absolute pixel difference (0-255);
 - "judge" (Shapes world only): 1 - the share of the full image's objects (colour, shape, size, place) and
-  background that `mmdit_probe.toy.judge` reads back unchanged.
+  background that the toy's judge reads back unchanged (`toy.measures.judge_change`).
 
 Where ours differs: one seed per call (the paper averages seeds and 64 prompts), any sampler settings
 (the paper used 15 steps), and the vital set is the top `keep` blocks of the ranking rather than those
@@ -24,7 +24,6 @@ past a similarity threshold (default `keep`: the share Stable Flow found in FLUX
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,19 +34,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import validation
-from .inversion import pixel_error
+from .._lazy import lazy, resolve
+from ..constants import MEASURES, PUBLISHED_SHARE
+from ..sampling.images import pixel_error
 
-MEASURES = ("dino", "pixel", "judge")
-PUBLISHED_SHARE = 9 / 57  # Stable Flow's vital layers in FLUX.1-dev
+# Measures defined outside the core, each by the "module:name" of its change (reference image, changed image) ->
+# float and of its check of the images' (height, width): found when used, so that the core imports no toy module.
+_MEASURES_BY_NAME = {"judge": ("mmdit_probe.toy.measures:judge_change", "mmdit_probe.toy.measures:check_judge_size")}
 
-
-def _bypass_hook(module, args, kwargs, output):
-    """The block's output replaced by its inputs, in the order every MM-DiT block of diffusers returns them:
-    (encoder_hidden_states, hidden_states) for SD3's JointTransformerBlock (also its last, context-pre-only
-    block, whose text output is unused), FluxTransformerBlock and FluxSingleTransformerBlock (diffusers 0.42)."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-    return text, hidden
+# judge_change moved to mmdit_probe.toy.measures; this alias stays one release.
+__getattr__, __dir__ = lazy(__name__, {"judge_change": "mmdit_probe.toy.measures"})
 
 
 @contextlib.contextmanager
@@ -57,9 +53,7 @@ def bypassed(probe, blocks: Iterable[int]) -> Iterator[None]:
     >>> with bypassed(probe, [3]):
     ...     image = probe.pipeline("a cat").images[0]
     """
-    transformer = probe.pipeline.transformer
-    handles = [transformer.get_submodule(probe.family.block_path(probe.family.check_block(int(b))))
-               .register_forward_hook(_bypass_hook, with_kwargs=True) for b in blocks]
+    handles = [probe.family.bypass(int(b)) for b in blocks]
     try:
         yield
     finally:
@@ -68,11 +62,8 @@ def bypassed(probe, blocks: Iterable[int]) -> Iterator[None]:
 
 
 def block_labels(family) -> list[str]:
-    """A name per block: its global index, and for Flux whether it is double- or single-stream."""
-    if family.name != "flux":
-        return [f"block {b}" for b in range(family.num_blocks)]
-    return [f"{b} double" if b < family.num_double else f"{b} single {b - family.num_double}"
-            for b in range(family.num_blocks)]
+    """A name per block (moved to `Family.block_labels`, which Flux overrides; this stays one release)."""
+    return family.block_labels()
 
 
 @dataclass
@@ -150,26 +141,11 @@ def dino_features(model, images: Sequence, size: int = 224) -> torch.Tensor:
     return model(pixel_values=batch).pooler_output.float()
 
 
-def judge_change(reference, changed) -> float:
-    """1 - the share of the reference's objects (colour, shape, size, place) and background read back unchanged."""
-    from ..toy.judge import read_background, read_objects
-
-    ref, new = np.asarray(reference), np.asarray(changed)
-    left = Counter((r.colour, r.shape, r.size, r.position) for r in read_objects(new))
-    kept = 0
-    wanted = [(r.colour, r.shape, r.size, r.position) for r in read_objects(ref)]
-    for key in wanted:
-        if left[key] > 0:
-            left[key] -= 1
-            kept += 1
-    kept += read_background(ref) == read_background(new)
-    return 1.0 - kept / (len(wanted) + 1)
-
-
 def _check(probe, prompts, measures, dino, keep, rank_by, generation) -> tuple[list[str], list[str], int, str]:
     prompts = validation.prompts(prompts)
-    if not all(p.strip() for p in prompts):
-        raise validation.InvalidInput("prompts must not be empty strings: give prompts that describe images")
+    for p in prompts:
+        validation.prompt("prompts", p, empty_ok=False, message="prompts must not be empty strings: give prompts that "
+                          "describe images")
     if measures is None:
         measures = ["dino"] if dino is not None else ["pixel"]
     measures = [measures] if isinstance(measures, str) else list(measures)
@@ -209,13 +185,10 @@ def vital_layers(probe, prompts: str | list[str], *, measures: str | Sequence[st
     """
     validation.boolean("progress", progress)
     prompts, measures, keep, rank_by = _check(probe, prompts, measures, dino, keep, rank_by, generation)
-    if "judge" in measures:
-        from ..toy.world import IMAGE_SIZE
-
-        size = (generation.get("height", probe.preset.resolution), generation.get("width", probe.preset.resolution))
-        if size != (IMAGE_SIZE, IMAGE_SIZE):
-            raise validation.InvalidInput(f"measure 'judge' reads Shapes-world images of {IMAGE_SIZE}x{IMAGE_SIZE} "
-                                          f"pixels; these are {size[0]}x{size[1]}: use the toy model at its size")
+    named = {m: [resolve(target) for target in _MEASURES_BY_NAME[m]] for m in measures if m in _MEASURES_BY_NAME}
+    size = (generation.get("height", probe.preset.resolution), generation.get("width", probe.preset.resolution))
+    for _, check_size in named.values():
+        check_size(size)
     model = _dino_model(dino) if "dino" in measures else None
     inputs = probe.inputs(prompts, seed=seed, **generation)
     pipeline = probe.pipeline
@@ -235,11 +208,11 @@ def vital_layers(probe, prompts: str | list[str], *, measures: str | Sequence[st
             for i, (ref, new) in enumerate(zip(reference, images)):
                 if "pixel" in measures:
                     per_prompt["pixel"][block, i] = pixel_error(ref, new)
-                if "judge" in measures:
-                    per_prompt["judge"][block, i] = judge_change(ref, new)
+                for m, (change, _) in named.items():
+                    per_prompt[m][block, i] = change(ref, new)
     finally:
         pipeline._progress_bar_config = saved
     scores = {m: v.mean(axis=1) for m, v in per_prompt.items()}
     params = {"seed": int(seed), "steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"],
               "height": inputs["height"], "width": inputs["width"], "measures": measures}
-    return VitalLayers(scores, per_prompt, block_labels(probe.family), rank_by, keep, prompts, params)
+    return VitalLayers(scores, per_prompt, probe.family.block_labels(), rank_by, keep, prompts, params)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Attention, Family, TextSegment
+from .base import Attention, Family, TextSegment, single_streams
 from .flux import FluxFamily
 from .sd3 import SD3Family
 
@@ -28,4 +28,5 @@ def family_for(pipeline) -> Family:
     return FAMILIES[name](pipeline)
 
 
-__all__ = ["Attention", "Family", "TextSegment", "FAMILIES", "family_for", "family_name_for_class", "supported"]
+__all__ = ["Attention", "Family", "TextSegment", "FAMILIES", "family_for", "family_name_for_class", "supported",
+           "single_streams"]

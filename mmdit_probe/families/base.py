@@ -1,12 +1,16 @@
-"""What a model family adapter knows: its blocks, its token layout, and how to install taps."""
+"""What a model family adapter knows: its blocks, its token layout, its hook points, and how to install taps."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import validation
+from ..names import STREAMS, TAP_ORDER, TAPPED, leaf, parse_tap, tap
 from ..taps import TapProcessor
 
 
@@ -31,12 +35,20 @@ class TextSegment:
     length: int
 
 
+def single_streams(family) -> int:
+    """How many of a family's blocks are single-stream (Flux's last ones; none elsewhere). Reads only
+    `num_blocks` and `num_double`, so a stand-in with those attributes serves too."""
+    return family.num_blocks - getattr(family, "num_double", family.num_blocks)
+
+
 class Family:
     """Base adapter. Subclasses differ only in layout facts and their processor classes."""
 
     name: str
     pipeline_classes: tuple[str, ...]
     image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
+    # Classifier-free guidance runs as one doubled batch [uncond | cond] when guidance > 1.
+    batched_guidance = True
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -66,9 +78,59 @@ class Family:
                          f"blocks with attn2: {[a.block for a in self.attentions if a.name == 'attn2']}")
 
     def check_block(self, block: int) -> int:
-        if not isinstance(block, int) or not 0 <= block < self.num_blocks:
-            raise IndexError(f"block index {block!r} out of range: {self.name} has blocks 0..{self.num_blocks - 1}")
-        return block
+        """One block index of this model, else `validation.BlockIndexError`."""
+        return self.check_blocks("block", block)[0]
+
+    def check_blocks(self, name: str, values: Any, **template: Any) -> list[int]:
+        """Distinct block indices of this model (see `validation.blocks`; `template` passes its message)."""
+        return validation.blocks(name, values, self.num_blocks, model=self.name, **template)
+
+    def present(self, blocks: Iterable[int] | None) -> list[int]:
+        """The blocks of a preset's list that this model has (a preset may be for a deeper model)."""
+        return [b for b in (blocks or ()) if b < self.num_blocks]
+
+    def block_labels(self) -> list[str]:
+        """A name per block, for figures and tables."""
+        return [f"block {b}" for b in range(self.num_blocks)]
+
+    def doubles_batch(self, inputs: dict[str, Any]) -> bool:
+        """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""
+        return self.batched_guidance and inputs.get("guidance_scale", 1.0) > 1
+
+    @staticmethod
+    def bypass_output(module, args, kwargs, output):
+        """A forward hook replacing a block's output by its inputs, in the order every MM-DiT block of diffusers
+        returns them: (encoder_hidden_states, hidden_states) for SD3's JointTransformerBlock (also its last,
+        context-pre-only block, whose text output is unused), FluxTransformerBlock and FluxSingleTransformerBlock
+        (diffusers 0.42)."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        return text, hidden
+
+    def bypass(self, block: int):
+        """Make one block hand on its inputs unchanged; returns the hook's handle (`.remove()` undoes it)."""
+        module = self.transformer.get_submodule(self.block_path(self.check_block(block)))
+        return module.register_forward_hook(self.bypass_output, with_kwargs=True)
+
+    # -- hook points -------------------------------------------------------
+    def tap_names(self) -> list[str]:
+        """Every hook point's stable name, in execution order (nnsight reads must follow it); lse taps left out."""
+        names = []
+        for a in self.attentions:
+            streams = STREAMS if a.has_text else ("img",)
+            names += [tap(a.block, short, a.name) for short in TAP_ORDER if short.rpartition("_")[2] in streams]
+        return names
+
+    def tap_path(self, name: str) -> str:
+        """The module path inside the transformer of a hook point, e.g. for nnsight or torch hooks."""
+        parsed = parse_tap(name)
+        attention = self.attention(parsed.block, parsed.attention)
+        streams = STREAMS if attention.has_text else ("img",)
+        valid = [leaf(activation, s) for activation in TAPPED for s in streams]
+        if parsed.leaf not in valid:
+            raise ValueError(f"{parsed.attention} of block {parsed.block} has no {parsed.leaf!r}; it has "
+                             f"{', '.join(valid)}")
+        return f"{attention.path}.processor.{parsed.leaf}"
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         raise NotImplementedError

@@ -110,6 +110,9 @@ class FluxFamily(Family):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     image_first = False
     latent_channels_divisor = 4
+    # Guidance-distilled: guidance is an input, never a doubled batch (true CFG is refused by
+    # `validation.one_call_per_step`).
+    batched_guidance = False
 
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)
@@ -128,6 +131,11 @@ class FluxFamily(Family):
 
     def is_single(self, block: int) -> bool:
         return self.check_block(block) >= self.num_double
+
+    def block_labels(self) -> list[str]:
+        """A name per block: its global index, and whether it is double- or single-stream."""
+        return [f"{b} double" if b < self.num_double else f"{b} single {b - self.num_double}"
+                for b in range(self.num_blocks)]
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]

@@ -20,12 +20,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..names import token_dim  # noqa: F401  (moved to mmdit_probe.names; this alias stays one release)
+
 Index = Sequence[int] | torch.Tensor | None
-
-
-def token_dim(name: str) -> int:
-    """Token dimension of a hook point: 2 for q/k/v (batch, heads, tokens, dim), 1 for outputs."""
-    return 1 if ".hook_out_" in name else 2
 
 
 def rows(n_prompts: int, x: torch.Tensor, prompt: int, half: str = "cond") -> list[int]:

@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import _fraction, _positive
+from .._notices import quiet
+from ..constants import GRIDS, KINDS, METRICS, WINDOWS
+from ..entry_points import fraction as _fraction
+from ..entry_points import positive as _positive
 
 
 class PromptsFailed(RuntimeError):
     """Some prompts of a sweep failed while running (each recorded, the others done): exit code 1."""
-
-
-def _quiet() -> None:
-    """One progress bar and nothing else: the CLI's quiet libraries, and no FutureWarnings either."""
-    import warnings
-
-    from ..cli import _quiet as quiet_libraries
-
-    quiet_libraries()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -47,11 +40,11 @@ def _sweep(args: argparse.Namespace) -> None:
     _check(args)
     from accelerate import PartialState
 
-    from ..cli import checking
+    from ..entry_points import checking
     from .masks import mask_source
     from .run import prepare_sweep
 
-    _quiet()
+    quiet(future_warnings=True)  # one progress bar and nothing else
     options = {"detector": args.detector, "segmenter": args.segmenter} if args.masks == "grounded-sam" else {}
     with checking():  # a model or mask source that cannot be loaded is a bad argument, like a bad option
         prepared = prepare_sweep(
@@ -78,7 +71,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .report import sweep_report
 
-    _quiet()
+    quiet(future_warnings=True)
     report = sweep_report(args.dir, top_k=args.top_k, metric=args.metric, grid=args.grid)  # checks every option
     ranked = report["ranked_by"]
     scores = {name: report["top_k_vs_all"][ranked["kind"]][name][ranked["grid"]][ranked["metric"]]
@@ -106,16 +99,16 @@ def add_commands(commands) -> None:
     sweep.add_argument("--seed", type=int, default=0, help="prompt i's seed is SEED + i unless the file gives one")
     sweep.add_argument("--blocks", type=int, nargs="+", help="blocks to record (default: all)")
     sweep.add_argument("--record-steps", type=int, nargs="+", help="denoising steps to record (default: all)")
-    sweep.add_argument("--kinds", nargs="+", default=["t2i", "i2t"], choices=["t2i", "i2t"])
+    sweep.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     sweep.add_argument("--words", nargs="+", default=["content"],
                        help="'content' (default: all but a, the, on, ...), 'all', or the words to score")
     sweep.add_argument("--resolution", type=_positive, help="image size in pixels (default: the preset's)")
     sweep.add_argument("--steps", type=_positive, help="denoising steps (default: the preset's)")
     sweep.add_argument("--guidance", type=float, help="guidance scale (default: the preset's)")
     sweep.add_argument("--threshold", type=_fraction, default=0.5, help="θ for IoU of the max-normalised map, 0-1")
-    sweep.add_argument("--grids", nargs="+", default=["pixels", "tokens"], choices=["pixels", "tokens"],
+    sweep.add_argument("--grids", nargs="+", default=list(GRIDS), choices=GRIDS,
                        help="score on the image's pixels and/or the token grid (pixels cost most on big images)")
-    sweep.add_argument("--windows", nargs="+", default=[], choices=["early", "middle", "late", "all"],
+    sweep.add_argument("--windows", nargs="+", default=[], choices=WINDOWS,
                        help="also score each block's map averaged over these step ranges (thirds of --steps)")
     sweep.add_argument("--smooth", action="store_true", help="Gaussian-smooth maps before scoring (kernel 7, σ 1)")
     sweep.add_argument("--max-prompts", type=int, help="stop after this many unfinished prompts (rerun to go on)")
@@ -124,8 +117,8 @@ def add_commands(commands) -> None:
     report = commands.add_parser("sweep-report", help="heatmaps, block ranking and top layers of a finished sweep")
     report.add_argument("dir", help="the sweep's output folder")
     report.add_argument("--top-k", type=int, default=5, help="how many blocks to choose (default 5)")
-    report.add_argument("--metric", default="soft_iou", choices=["soft_iou", "iou", "bce", "mse"],
+    report.add_argument("--metric", default="soft_iou", choices=METRICS,
                         help="metric that ranks the blocks (default soft_iou)")
-    report.add_argument("--grid", default="pixels", choices=["pixels", "tokens"],
+    report.add_argument("--grid", default="pixels", choices=GRIDS,
                         help="rank by scores on pixels (default) or on the token grid")
     report.set_defaults(run=_report)

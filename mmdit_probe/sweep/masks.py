@@ -18,22 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._lazy import lazy, resolve
 
-class ToyMasks:
-    """The Shapes world's ground truth: the judge reads each object off the *generated* image
-    (`toy.judge.word_masks_from_image`), so masks follow the layout the model chose."""
-
-    def describe(self) -> str:
-        return "toy"
-
-    def __call__(self, item, image: np.ndarray, words: list[tuple[int, str]]) -> dict[int, np.ndarray]:
-        from ..toy.judge import word_masks_from_image
-
-        if item.scene is None:
-            raise ValueError(f"prompt {item.id!r} is not a Shapes-world scene: toy masks need --prompts toy; "
-                             "for your own prompts give --masks DIR or --masks grounded-sam")
-        found = word_masks_from_image(item.scene, image)
-        return {i: found[i] for i, _ in words if i in found}
+# Mask sources offered by name whose code lives elsewhere: the Shapes world's in mmdit_probe.toy, found at call
+# time, so that the sweep never imports the toy.
+MASK_SOURCES = {"toy": "mmdit_probe.toy.sweep:ToyMasks"}
+__getattr__, __dir__ = lazy(__name__, {"ToyMasks": "mmdit_probe.toy.sweep"})  # moved there; alias stays one release
 
 
 class FolderMasks:
@@ -123,8 +113,8 @@ class GroundedSam:
 
 def mask_source(spec: str, **options):
     """A mask source from its command-line name: "toy", "grounded-sam", or a folder path."""
-    if spec == "toy":
-        return ToyMasks()
+    if spec in MASK_SOURCES:
+        return resolve(MASK_SOURCES[spec])()
     if spec == "grounded-sam":
         return GroundedSam(**options)
     return FolderMasks(spec)

@@ -17,7 +17,7 @@ share nothing but the output folder. The main process then merges the records in
 table, one row per prompt x word x kind x block x step x metric x grid ("pixels": the map upsampled
 to the mask, as `metrics.score_map` does; "tokens": the mask pooled to the token grid); a word the
 mask source found no mask for gets one row with `scored` false and no kind, block, step or value. With
-`windows`, each named step range (`toy.evaluate.step_slices`: early, middle, late thirds, all) adds
+`windows`, each named step range (`sampling.windows.step_windows`: early, middle, late thirds, all) adds
 rows that score the map averaged over the window's recorded steps: `window` names it, `step` is -1.
 """
 
@@ -42,17 +42,22 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .. import validation
+from .._lazy import lazy, resolve
+from ..constants import GRIDS, WINDOWS
 from ..files import written_atomically
 from ..maps import KINDS, normalise, smooth
 from ..metrics import METRICS, score_maps, token_mask
+from ..sampling.windows import step_windows
 from ..tokens import FUNCTION_WORDS, normalise_word
 from ..validation import InvalidInput
 
 RECORD_VERSION = 2  # 2: window slots after the steps in the score array
-GRIDS = ("pixels", "tokens")
-WINDOWS = ("early", "middle", "late", "all")
 SCORING_BYTES = 64 << 20  # of upsampled maps scored at once: faster on a CPU than 16 or 256 MB
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Prompt sets offered by name, each a function (n, seed) -> PromptItems; the Shapes world's lives in
+# mmdit_probe.toy and is found at call time, so that the sweep never imports the toy.
+PROMPT_SOURCES = {"toy": "mmdit_probe.toy.sweep:toy_prompts"}
+__getattr__, __dir__ = lazy(__name__, {"toy_prompts": "mmdit_probe.toy.sweep"})  # moved there; alias stays one release
 
 
 @dataclass
@@ -65,19 +70,6 @@ class PromptItem:
     seed: int
     scene: Any = field(default=None, repr=False)
     word_types: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-def toy_prompts(n: int = 100, seed: int = 0) -> list[PromptItem]:
-    """`n` held-out Shapes-world captions (never seen in training); prompt i gets seed `seed + i`.
-
-    >>> toy_prompts(2)[0].prompt
-    'on the left a small green square and on the right a large red circle on a black background'
-    """
-    from ..toy.world import WORD_TYPE, caption, sample_split_scene
-
-    rng = np.random.default_rng(seed)
-    scenes = [sample_split_scene(rng, held_out=True) for _ in range(n)]
-    return [PromptItem(f"toy{i:05d}", caption(s), seed + i, s, WORD_TYPE) for i, s in enumerate(scenes)]
 
 
 def load_prompts(path: str | Path, seed: int = 0) -> list[PromptItem]:
@@ -151,8 +143,8 @@ def _checked_item(item: PromptItem) -> PromptItem:
 
 def _prompt_items(prompts, n: int, seed: int) -> list[PromptItem]:
     """The sweep's prompts, each checked, with distinct ids."""
-    if isinstance(prompts, str) and prompts == "toy":
-        return toy_prompts(n, seed)
+    if isinstance(prompts, str) and prompts in PROMPT_SOURCES:
+        return resolve(PROMPT_SOURCES[prompts])(n, seed)
     if isinstance(prompts, (str, Path)):
         return load_prompts(prompts, seed)
     if isinstance(prompts, (bytes, dict)) or not isinstance(prompts, Iterable):
@@ -199,9 +191,7 @@ class SweepConfig:
 
     def window_steps(self) -> dict[str, list[int]]:
         """Each window's recorded steps, as indices into `record_steps`."""
-        from ..toy.evaluate import step_slices
-
-        ranges = step_slices(self.num_steps)
+        ranges = step_windows(self.num_steps)
         return {w: [i for i, s in enumerate(self.record_steps) if s in ranges[w]] for w in self.windows}
 
     @property
@@ -318,7 +308,7 @@ def prepare_sweep(model, prompts: list[PromptItem] | str | Path, out: str | Path
     from accelerate import PartialState
 
     from ..probe import Probe, load
-    from .masks import ToyMasks
+    from .masks import mask_source
 
     # What needs no model first, so that a typo costs no model load.
     seed = validation.integer("seed", seed)
@@ -342,11 +332,11 @@ def prepare_sweep(model, prompts: list[PromptItem] | str | Path, out: str | Path
     source_name = "items" if not isinstance(prompts, (str, Path)) else "toy" if prompts == "toy" else Path(prompts).name
     items = _prompt_items(prompts, n, seed)
     out = _check_out(out)
-    masks = ToyMasks() if masks is None else masks
+    masks = mask_source("toy") if masks is None else masks
     if not callable(masks) or not callable(getattr(masks, "describe", None)):
         raise InvalidInput(f"masks={masks!r} is not a mask source: give ToyMasks(), FolderMasks(DIR) or GroundedSam() "
                            f"(mmdit_probe.sweep.masks)")
-    if isinstance(masks, ToyMasks) and any(item.scene is None for item in items):
+    if masks.describe() == "toy" and any(item.scene is None for item in items):
         raise InvalidInput("toy masks need Shapes-world prompts (prompts='toy'); for your own prompts give "
                            "masks=FolderMasks(DIR) or GroundedSam() (--masks DIR or --masks grounded-sam)")
 
@@ -354,9 +344,9 @@ def prepare_sweep(model, prompts: list[PromptItem] | str | Path, out: str | Path
     probe = model if isinstance(model, Probe) else load(model, device=state.device)
     probe.pipeline.set_progress_bar_config(disable=True)
     preset, num_blocks = probe.preset, probe.family.num_blocks
-    outside = [b for b in blocks or () if not 0 <= b < num_blocks]
-    if outside:
-        raise InvalidInput(f"blocks={outside} is not allowed: the model has blocks 0..{num_blocks - 1}")
+    if blocks is not None:
+        probe.family.check_blocks("blocks", blocks, template="{name}={bad} is not allowed: the model has blocks "
+                                                             "0..{last}")
     num_steps = preset.steps if num_steps is None else validation.positive_int("num_steps", num_steps)
     outside = [s for s in record_steps or () if not 0 <= s < num_steps]
     if outside:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..maps import KINDS, normalise, smooth
 from ..metrics import coverage, score_map, token_mask
+from ..sampling.windows import step_windows as step_slices  # moved to sampling.windows; alias stays one release
 from .judge import judge, summarise, word_masks_from_image
 from .world import WORD_TYPE, Scene, caption, sample_split_scene
 
@@ -55,14 +56,6 @@ def map_target(kind: str, maps, prompt: int, word_index: int):
     if WORD_TYPE.get(word) not in CONCEPT_TYPES:
         return None
     return word if word in maps.concepts[prompt] else "background"
-
-
-def step_slices(n_steps: int) -> dict[str, list[int]]:
-    third = n_steps / 3
-    return {"early": [s for s in range(n_steps) if s < third],
-            "middle": [s for s in range(n_steps) if third <= s < 2 * third],
-            "late": [s for s in range(n_steps) if s >= 2 * third],
-            "all": list(range(n_steps))}
 
 
 def evaluate(probe, n: int = 100, seed: int = 0, batch: int = 10, top_k: int = 5, placed: bool = True) -> dict:

@@ -11,37 +11,11 @@ import string
 
 from transformers import CLIPTokenizer
 
+from .._bpe import _bpe, word_merges  # noqa: F401  (moved to mmdit_probe._bpe; this alias stays one release)
 from .world import VOCABULARY
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 _CHARACTERS = string.ascii_lowercase + string.digits + ",.!?;:'-"
-
-
-def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Segment like BPE does: repeatedly merge the best-ranked adjacent pair."""
-    while len(pieces) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
-        if rank == len(ranks):
-            break
-        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
-    return pieces
-
-
-def word_merges(words, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges that make each word a single token; merged pieces are added to `vocab`.
-
-    A merge ranked after all existing ones never changes a word already reduced to one token, so
-    merging each word's first remaining pair, word by word, ends with every word one token.
-    """
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-    return merges
 
 
 def build_tokenizer(model_max_length: int) -> CLIPTokenizer:

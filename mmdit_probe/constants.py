@@ -1,0 +1,49 @@
+"""The package's fixed choices, defined once and torch-free (the CLI builds `--help` from them without torch).
+
+Each module that offers one still binds it under its old name (`maps.KINDS`, `metrics.METRICS`, ...).
+"""
+
+from __future__ import annotations
+
+# -- recorded maps ---------------------------------------------------------------------------------
+# Every kind of map `AttentionMaps` holds, by what its last dimension indexes: a text position (the attention
+# maps), a concept (output space, cross-attention), or nothing (the entropy of SD3.5-M's image-only attention).
+MAP_KINDS = {"t2i": "text", "i2t": "text", "concept": "concept", "concept_xattn": "concept", "attn2_entropy": "attn2"}
+KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "text")
+CONCEPT_KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "concept")
+ROWS = ("cond", "uncond", "both")  # halves of a classifier-free-guidance batch
+IMAGE_MAP_METHODS = ("noise", "inversion")
+
+# -- scoring maps against masks --------------------------------------------------------------------
+METRICS = ("soft_iou", "iou", "bce", "mse")
+HIGHER_IS_BETTER = {"soft_iou": True, "iou": True, "bce": False, "mse": False}
+GRIDS = ("pixels", "tokens")
+WINDOWS = ("early", "middle", "late", "all")
+
+# -- generation ------------------------------------------------------------------------------------
+T5_MAX_TOKENS = 512
+OUTPUT_TYPES = ("pil", "latent", "np", "pt")
+GENERATION_KEYS = ("steps", "guidance", "height", "width", "max_sequence_length")
+
+# -- editing and inversion -------------------------------------------------------------------------
+# Which activations the target takes from the source, per variant (the paper's ablations).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "qiki": ("q_img", "k_img"),
+    "qk": ("q_img", "k_img", "q_txt", "k_txt"),
+    "qi": ("q_img",),
+    "ki": ("k_img",),
+    "qikt": ("q_img", "k_img", "k_txt"),
+    "kivi": ("k_img", "v_img"),
+    "none": (),
+}
+INVERSION_METHODS = ("euler", "heun", "fixed-point", "rf-solver", "fireflow")
+# Methods with their own sampler: they integrate the ODE with `solve` in both directions.
+SOLVERS = ("rf-solver", "fireflow")
+MEASURES = ("dino", "pixel", "judge")  # vital layers
+PUBLISHED_SHARE = 9 / 57  # Stable Flow's vital layers in FLUX.1-dev
+
+# -- activation patching ---------------------------------------------------------------------------
+DIMS = ("hook", "block", "step", "position", "half")
+HALVES = ("cond", "uncond", "both")
+DIRECTIONS = ("noising", "denoising")
+OUTPUTS = {"image": "pt", "latent": "latent"}
