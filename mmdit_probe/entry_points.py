@@ -47,8 +47,8 @@ def checking():
         raise InvalidInput(message) from error
 
 
-
 def positive(text: str) -> int:
+    """argparse type of a count: a whole number >= 1 (0 never means the default)."""
     try:
         value = int(text)
     except ValueError:
@@ -60,6 +60,7 @@ def positive(text: str) -> int:
 
 
 def fraction(text: str) -> float:
+    """argparse type of a share of the steps or a threshold: a number in [0, 1]."""
     try:
         value = float(text)
     except ValueError:
@@ -69,13 +70,11 @@ def fraction(text: str) -> float:
     return value
 
 
-
 def fail(prog: str, error: BaseException | str, code: int) -> None:
+    """Print `prog: error: ...` on one line (a failure while running also names its type) and exit with `code`."""
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     message = " ".join(str(message).split()) or type(error).__name__
     kind = "" if code == 2 else f"{type(error).__name__}: "
     hint = "" if code == 2 else " (run with --debug for the traceback)"
     print(f"{prog}: error: {kind}{message}{hint}", file=sys.stderr)
     raise SystemExit(code)
-
-

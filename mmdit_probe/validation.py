@@ -146,17 +146,25 @@ def prompt(name: str, value: Any, *, empty_ok: bool = True, message: str = PROMP
     return value
 
 
-def prompts(value: Any, name: str = "prompts") -> list[str]:
-    """One prompt or a non-empty list of prompts (strings)."""
+def strings(name: str, value: Any, *, one: str, empty: str, each: str) -> list[str]:
+    """One str or a non-empty list of them. The messages end with `one` (what to give instead of a non-list),
+    `empty` (after "name=[]") and `each` (after "name", for an item that is no str)."""
     found = [value] if isinstance(value, str) else value
     if isinstance(found, (bytes, dict)) or not isinstance(found, Iterable):
-        raise InvalidInput(f"{name}={value!r} is not allowed: give a prompt (str) or a list of prompts")
+        raise InvalidInput(f"{name}={value!r} is not allowed: give {one}")
     found = list(found)
     if not found:
-        raise InvalidInput(f"{name}=[] is empty: give at least one prompt")
-    for p in found:
-        prompt(name, p, message="{name} must be strings; got {value!r} ({type})")
+        raise InvalidInput(f"{name}=[] {empty}")
+    for item in found:
+        if not isinstance(item, str):
+            raise InvalidInput(f"{name} {each}; got {item!r} ({type(item).__name__})")
     return found
+
+
+def prompts(value: Any, name: str = "prompts") -> list[str]:
+    """One prompt or a non-empty list of prompts (strings)."""
+    return strings(name, value, one="a prompt (str) or a list of prompts", empty="is empty: give at least one prompt",
+                   each="must be strings")
 
 
 def edit_prompts(source: Any, target: Any) -> None:
@@ -218,7 +226,7 @@ def known_keywords(name: str, given: Iterable[str], allowed: Iterable[str]) -> N
             raise InvalidInput(f"{name} got an unknown keyword {key!r}{hint}")
 
 
-# Shared by every entry point (issue 25): counts, top-k and thresholds each have one checker.
+# Counts, top-k and thresholds: one checker each, used by every entry point.
 
 
 def count(name: str, value: Any, what: str = "") -> int:
@@ -240,7 +248,7 @@ def threshold(name: str, value: Any, what: str = " (maps are max-normalised to [
     return fraction(name, value, what=what)
 
 
-# Images, editors and patching
+# Images and image-token regions
 
 
 def image_side(name: str, value: Any, multiple: int, largest: int | None) -> int:
@@ -319,19 +327,10 @@ def region_mask(name: str, value: Any):
     return mask >= REGION_THRESHOLD
 
 
-# Concepts and map files
-
 
 def concept_list(name: str, value: Any) -> list[str]:
     """One concept (str) or a non-empty list of them, as a selection of recorded concepts (`maps.concept`)."""
-    found = [value] if isinstance(value, str) else value
-    if isinstance(found, (bytes, dict)) or not isinstance(found, Iterable):
-        raise InvalidInput(f"{name}={value!r} is not allowed: give a concept (str) or a list of concepts")
-    found = list(found)
-    if not found:
-        raise InvalidInput(f"{name}=[] selects no concept: give at least one concept recorded for the prompt")
-    for c in found:
-        if not isinstance(c, str):
-            raise InvalidInput(f"{name} must hold concepts (str); got {c!r} ({type(c).__name__})")
-    return found
+    return strings(name, value, one="a concept (str) or a list of concepts",
+                   empty="selects no concept: give at least one concept recorded for the prompt",
+                   each="must hold concepts (str)")
 

@@ -7,7 +7,7 @@ from .flux import FluxFamily
 from .sd3 import SD3Family
 
 FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily}
-_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+_TRANSFORMERS = {family.transformer_class: name for name, family in FAMILIES.items()}
 
 
 def supported() -> str:

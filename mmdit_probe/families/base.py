@@ -46,6 +46,7 @@ class Family:
 
     name: str
     pipeline_classes: tuple[str, ...]
+    transformer_class: str  # the diffusers transformer that marks a pipeline of this family, whatever its class
     image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
     # Classifier-free guidance runs as one doubled batch [uncond | cond] when guidance > 1.
     batched_guidance = True

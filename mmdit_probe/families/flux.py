@@ -108,6 +108,7 @@ def _set_text_length(block, args, kwargs) -> None:
 class FluxFamily(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    transformer_class = "FluxTransformer2DModel"
     image_first = False
     latent_channels_divisor = 4
     # Guidance-distilled: guidance is an input, never a doubled batch (true CFG is refused by

@@ -15,6 +15,17 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
+def _project(attn, states: torch.Tensor, stream: str) -> tuple[torch.Tensor, ...]:
+    """One stream's q, k, v in heads, q and k after that stream's norms (SD3.5's RMSNorm; SD3 has none)."""
+    q, k, v = (_heads(t, attn.heads) for t in project_qkv(attn, states, stream))
+    norm_q, norm_k = (attn.norm_q, attn.norm_k) if stream == "img" else (attn.norm_added_q, attn.norm_added_k)
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v
+
+
 class SD3TapProcessor(TapProcessor):
     """`JointAttnProcessor2_0` with taps; the same operations in the same order.
 
@@ -29,20 +40,10 @@ class SD3TapProcessor(TapProcessor):
         if self.concept_mode:
             return self._concepts_forward(attn, hidden_states, encoder_hidden_states)
         n_image = hidden_states.shape[1]
-        q, k, v = (_heads(t, attn.heads) for t in project_qkv(attn, hidden_states, "img"))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        q, k, v = self.tap_qkv("img", q, k, v)
+        q, k, v = self.tap_qkv("img", *_project(attn, hidden_states, "img"))
 
         if encoder_hidden_states is not None:
-            tq, tk, tv = (_heads(t, attn.heads) for t in project_qkv(attn, encoder_hidden_states, "txt"))
-            if attn.norm_added_q is not None:
-                tq = attn.norm_added_q(tq)
-            if attn.norm_added_k is not None:
-                tk = attn.norm_added_k(tk)
-            tq, tk, tv = self.tap_qkv("txt", tq, tk, tv)
+            tq, tk, tv = self.tap_qkv("txt", *_project(attn, encoder_hidden_states, "txt"))
             q, k, v = torch.cat([q, tq], dim=2), torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
 
         if self.record_lse:
@@ -69,11 +70,7 @@ class SD3TapProcessor(TapProcessor):
         to the image keys kept from the block's own call and to each other; the dummy image gets zeros. No taps."""
         if encoder_hidden_states is None:  # SD3.5-M attn2: image only, concepts take no part
             return torch.zeros_like(hidden_states)
-        cq, ck, cv = (_heads(t, attn.heads) for t in project_qkv(attn, encoder_hidden_states, "txt"))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
+        cq, ck, cv = _project(attn, encoder_hidden_states, "txt")
         out = self.concepts.attend(cq, ck, cv).to(cq.dtype)
         return torch.zeros_like(hidden_states), out if attn.context_pre_only else attn.to_add_out(out)
 
@@ -81,6 +78,7 @@ class SD3TapProcessor(TapProcessor):
 class SD3Family(Family):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    transformer_class = "SD3Transformer2DModel"
     image_first = True
 
     def _attentions(self) -> list[Attention]:
