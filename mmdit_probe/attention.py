@@ -97,8 +97,8 @@ class AttentionRecorder:
         self._index = torch.tensor(self.positions)
         self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
         if attn2 and not self.attn2_blocks:
-            raise ValueError("attn2=True, but none of the chosen blocks has an image-only attn2 (SD3.5-M has, "
-                             "in blocks 0-12)")
+            raise validation.InvalidInput("attn2=True, but none of the chosen blocks has an image-only attn2 "
+                                          "(SD3.5-M has, in blocks 0-12)")
         self.attn2_blocks = self.attn2_blocks if attn2 else []
         self._concept_lists = None if concepts is None else check_concepts(concepts, len(self.prompts))
         # The blocks of every kind recorded (concept maps: the concept stream's, which are the recorder's).
