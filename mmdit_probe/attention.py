@@ -1,10 +1,12 @@
-"""Record exact T2I and I2T attention maps inside an nnsight generation.
+"""Record exact attention maps of the four regions of joint attention inside an nnsight generation.
 
 T2I: each image query's attention probability on each text key; I2T: each text query's on each
-image key. Both are the true softmax over the *whole* joint key set, from the tapped q and k and
-the row normalisers (log-sum-exp) that the fused kernel returns; the joint N x N matrix is never
-built. Maps are reduced as they are recorded (head mean, conditional half, the prompt's real text
-positions by default) and copied to host memory in a compact dtype, by copies that do not wait for the
+image key; T2T: each text query's on each text key; I2I: chosen image queries' on each image key.
+All are the true softmax over the *whole* joint key set, from the tapped q and k and the row
+normalisers (log-sum-exp) that the fused kernel returns; the joint N x N matrix is never built (I2I
+of every query patch costs N x N values per block and step, hence its size guard). Maps are reduced
+as they are recorded (head mean, conditional half, the prompt's real text positions by default) and
+copied to host memory in a compact dtype, by copies that do not wait for the
 GPU: recording adds no synchronisation inside the block loop.
 
 >>> inputs = probe.inputs(["on the left a red circle"], seed=0)
@@ -18,6 +20,7 @@ GPU: recording adds no synchronisation inside the block loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 
 from . import validation
 from .concepts import ConceptStream, check_concepts
-from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS, ROWS
+from .constants import CONCEPT_KINDS, KINDS, MAP_AXES, MAP_KINDS, REGIONS, ROWS
 from .families import Family
 from .kernels import attention_entropy
 from .maps import AttentionMaps
@@ -43,10 +46,13 @@ class AttentionRecorder:
 
     blocks: global block indices (default: every block, Flux single-stream ones included).
     steps: denoising step indices to keep (default: all).
-    kinds: any of "t2i", "i2t".
+    kinds: any of "t2i", "i2t" (the default, both), "t2t", "i2i" (`constants.REGIONS`).
     heads: "mean" (default) or "all".
     rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
     positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
+    queries: the image query patches of I2I maps (needed with "i2i", refused without): a patch (row, col), a box
+        (slice(r0, r1), slice(c0, c1)), a list of patches, or "all" (refused with InvalidInput naming the memory
+        when their maps alone exceed max_gb: N x N values per step, block and row).
     max_gb: refuse (before running) a recording whose maps would exceed this much memory.
     attn2: also record SD3.5-M's image-only attention (`attn2`) of the chosen blocks that have it,
         as the entropy of each image query's attention (nats, head mean); never mixed into T2I/I2T.
@@ -57,7 +63,7 @@ class AttentionRecorder:
 
     def __init__(self, probe, inputs: dict[str, Any], *, blocks: Iterable[int] | None = None,
                  steps: Iterable[int] | None = None, kinds: Iterable[str] = KINDS, heads: str = "mean",
-                 rows: str = "cond", positions: str | list[int] | list[str] = "real",
+                 rows: str = "cond", positions: str | list[int] | list[str] = "real", queries: Any = None,
                  dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False,
                  concepts: Iterable[str] | Iterable[Iterable[str]] | None = None) -> None:
         validation.one_call_per_step(inputs)
@@ -72,8 +78,12 @@ class AttentionRecorder:
         if steps is not None:
             steps = validation.index_list("steps", steps, what="step indices")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        if not kinds or not set(kinds) <= set(KINDS) or len(set(kinds)) < len(kinds):
-            raise validation.InvalidInput(f"kinds must be a non-empty subset of {KINDS}, each once; got {kinds}")
+        if not kinds or not set(kinds) <= set(REGIONS) or len(set(kinds)) < len(kinds):
+            raise validation.InvalidInput(f"kinds must be a non-empty subset of {tuple(REGIONS)}, each once; got "
+                                          f"{kinds}")
+        if ("i2i" in kinds) != (queries is not None):
+            raise validation.InvalidInput("I2I maps need their query patches: pass kinds with 'i2i' and queries=... "
+                                          "(a patch (row, col), a box, a list of patches or 'all') together")
         validation.choice("heads", heads, ("mean", "all"))
         validation.choice("rows", rows, ROWS)
         if rows != "cond" and not family.doubles_batch(inputs):
@@ -94,7 +104,9 @@ class AttentionRecorder:
         self.kinds = kinds
         self.heads, self.rows, self.dtype = heads, rows, dtype
         self.positions = self._positions(positions, family.text_length(length))
-        self._index = torch.tensor(self.positions)
+        self.queries = [] if queries is None else self._queries(queries)
+        # Which tokens of each stream a stored axis holds, by name (moved to each device once, in `_indices`).
+        self._index = {"text": torch.tensor(self.positions), "query": torch.tensor(self.queries, dtype=torch.long)}
         self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
         if attn2 and not self.attn2_blocks:
             raise validation.InvalidInput("attn2=True, but none of the chosen blocks has an image-only attn2 "
@@ -105,7 +117,7 @@ class AttentionRecorder:
         self._kind_blocks = {**dict.fromkeys(kinds, self.blocks),
                              **dict.fromkeys(CONCEPT_KINDS if concepts is not None else (), self.blocks),
                              **({"attn2_entropy": self.attn2_blocks} if self.attn2_blocks else {})}
-        self._check_memory(family, max_gb)
+        self._check_memory(family, max_gb, all_queries=isinstance(queries, str))
         # Maps go straight into one host buffer per kind, (step, block, ...), with copies that do not
         # wait for the GPU (pinned memory): nothing inside the block loop synchronises.
         self._step_slot = {s: i for i, s in enumerate(sorted(self.steps))}
@@ -113,7 +125,7 @@ class AttentionRecorder:
         self._filled: dict[str, set[tuple[int, int]]] = {}
         self._device: torch.device | None = None
         self._current: tuple[int, dict[str, dict[int, torch.Tensor]]] = (-1, {})  # this step's maps, on device
-        self._index_on: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index_on: dict[tuple[torch.device, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
                                                                    for b in self.attn2_blocks]
         self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
@@ -126,21 +138,70 @@ class AttentionRecorder:
             processor.record_lse = True
 
     def estimated_bytes(self, heads: int) -> int:
-        """Host memory of the maps: every recorded kind's (step, block, row, [head,] image token, last) buffer."""
-        last = {"text": (heads if self.heads == "all" else 1) * len(self.positions), "attn2": 1,
+        """Host memory of the maps: every recorded kind's (step, block, row, [head,] ...) buffer."""
+        return sum(self._kind_bytes(kind, heads) for kind in self._kind_blocks)
+
+    def _kind_bytes(self, kind: str, heads: int) -> int:
+        """Host memory of one kind's buffer: its axes (`constants.MAP_AXES`) at this recording's sizes."""
+        size = {"image": self.grid[0] * self.grid[1], "text": len(self.positions), "query": len(self.queries),
                 "concept": max(map(len, self._concept_lists or ()), default=0)}
-        per_token = sum(len(blocks) * last[MAP_KINDS[kind]] for kind, blocks in self._kind_blocks.items())
+        per_row = math.prod(size[axis] for axis in MAP_AXES[MAP_KINDS[kind]])
+        per_row *= heads if kind in REGIONS and self.heads == "all" else 1
         rows = len(self.prompts) * (2 if self.rows == "both" else 1)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return len(self.steps) * rows * self.grid[0] * self.grid[1] * per_token * itemsize
+        return len(self.steps) * len(self._kind_blocks[kind]) * rows * per_row * itemsize
 
-    def _check_memory(self, family, max_gb: float) -> None:
+    def _check_memory(self, family, max_gb: float, all_queries: bool) -> None:
         heads = self.probe.pipeline.transformer.get_submodule(family.attention(self.blocks[0]).path).heads
+        if all_queries and self._kind_bytes("i2i", heads) / 2**30 > max_gb:
+            tokens = self.grid[0] * self.grid[1]
+            raise validation.InvalidInput(
+                f"queries='all' maps every image query's attention on every image key: {tokens} x {tokens} values "
+                f"per step, block, row{' and head' if self.heads == 'all' else ''}, about "
+                f"{self._kind_bytes('i2i', heads) / 2**30:.3g} GB for {len(self.steps)} step(s) and "
+                f"{len(self.blocks)} block(s) (limit max_gb={max_gb}). Choose queries: a patch (row, col), a box "
+                f"(slice(r0, r1), slice(c0, c1)) or a list of patches; or record fewer steps or blocks; or raise "
+                f"max_gb.")
         need = self.estimated_bytes(heads) / 2**30
         if need > max_gb:
             raise MemoryError(
                 f"recording these maps needs about {need:.1f} GB (limit max_gb={max_gb}). Record fewer blocks or "
-                f"steps, heads='mean', positions=[words], or kinds=['t2i'] — or raise max_gb.")
+                f"steps, heads='mean', positions=[words], fewer I2I queries, or kinds=['t2i'] — or raise max_gb.")
+
+    def _queries(self, queries) -> list[int]:
+        """The I2I query patches as raster indices of the token grid, sorted and distinct."""
+        rows, cols = self.grid
+        forms = ("queries must be 'all', a patch (row, col), a box (slice(r0, r1), slice(c0, c1)) or a list of "
+                 f"patches, on the {rows} x {cols} token grid")
+        if isinstance(queries, str):
+            validation.choice("queries", queries, ("all",))
+            return list(range(rows * cols))
+
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if isinstance(queries, tuple) and len(queries) == 2 and all(isinstance(s, slice) for s in queries):
+            spans = []
+            for s, n, axis in zip(queries, (rows, cols), ("rows", "cols")):
+                start, stop = (0 if s.start is None else s.start), (n if s.stop is None else s.stop)
+                if not (whole(start) and whole(stop) and s.step in (None, 1) and 0 <= start < stop <= n):
+                    raise validation.InvalidInput(f"queries box {axis} {s} must be slice(start, stop) with "
+                                                  f"0 <= start < stop <= {n}: {forms}")
+                spans.append(range(start, stop))
+            return [r * cols + c for r in spans[0] for c in spans[1]]
+        if isinstance(queries, (list, tuple)) and len(queries) == 2 and all(whole(v) for v in queries):
+            queries = [queries]
+        if not isinstance(queries, (list, tuple)) or not queries:
+            raise validation.InvalidInput(f"{forms}; got {queries!r:.200}")
+        chosen = set()
+        for patch in queries:
+            if not (isinstance(patch, (list, tuple)) and len(patch) == 2 and all(whole(v) for v in patch)):
+                raise validation.InvalidInput(f"{forms}; got the patch {patch!r:.100}")
+            if not (0 <= patch[0] < rows and 0 <= patch[1] < cols):
+                raise validation.InvalidInput(f"query patch {tuple(patch)} is outside the {rows} x {cols} token grid "
+                                              f"(rows 0..{rows - 1}, cols 0..{cols - 1})")
+            chosen.add(patch[0] * cols + patch[1])
+        return sorted(chosen)
 
     def _positions(self, positions, text_length: int) -> list[int]:
         if isinstance(positions, str):
@@ -176,12 +237,40 @@ class AttentionRecorder:
             raise ValueError(f"unexpected batch of {batch} rows for {n} prompts")
         return {"cond": torch.arange(n, 2 * n), "uncond": torch.arange(n), "both": torch.arange(2 * n)}[self.rows]
 
-    def _indices(self, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and text-position indices on the taps' device, copied there once (a copy can wait for the GPU)."""
+    def _indices(self, device: torch.device, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Row indices and the axes' token indices on the taps' device, copied there once (a copy can wait for
+        the GPU)."""
         key = (device, batch)
         if key not in self._index_on:
-            self._index_on[key] = (self._row_index(batch).to(device), self._index.to(device))
+            self._index_on[key] = (self._row_index(batch).to(device),
+                                   {axis: index.to(device) for axis, index in self._index.items()})
         return self._index_on[key]
+
+    # Largest float32 logits block (bytes) of one region computed at once; larger ones go in query chunks.
+    CHUNK_BYTES = 2**29
+
+    def _region(self, kind: str, taps: dict[str, torch.Tensor], index: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One region's probabilities exp(q k^T / sqrt d - lse_q) from the taps (`constants.REGIONS`): text tokens
+        are the recorded positions; image tokens are every token on the first stored axis, the chosen query
+        patches on the last. Returns (row, [head,] first axis, last axis)."""
+        q_stream, k_stream, order = REGIONS[kind]
+        # Each stream's tokens on the first and on the last stored axis (None: every token).
+        first, last = {"txt": index["text"], "img": None}, {"txt": index["text"], "img": index["query"]}
+        q_index, k_index = (last, first) if order == "kq" else (first, last)
+        q, lse, k = taps[f"q_{q_stream}"], taps[f"lse_{q_stream}"], taps[f"k_{k_stream}"]
+        if q_index[q_stream] is not None:
+            q, lse = q[:, :, q_index[q_stream]], lse[:, :, q_index[q_stream]]
+        if k_index[k_stream] is not None:
+            k = k[:, :, k_index[k_stream]]
+        scale = q.shape[-1] ** -0.5
+        keys = k.transpose(-1, -2)
+        chunk = max(1, self.CHUNK_BYTES // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
+        parts = []
+        for part, normaliser in zip(q.split(chunk, dim=2), lse.split(chunk, dim=2)):
+            p = torch.exp(part @ keys * scale - normaliser.unsqueeze(-1))
+            parts.append(p.mean(dim=1) if self.heads == "mean" else p)
+        m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        return m.transpose(-1, -2) if order == "kq" else m
 
     def _keep(self, name: str, step: int, block: int, blocks: list[int], m: torch.Tensor) -> None:
         """Copy one map into its host buffer's (step, block) slot without waiting for the device."""
@@ -211,19 +300,9 @@ class AttentionRecorder:
             return
         taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in self.TAPS}
         rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
-        q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in self.TAPS)
-        scale = q_img.shape[-1] ** -0.5
-        maps = {}
-        if "t2i" in self.kinds:
-            logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
-            maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
-        if "i2t" in self.kinds:
-            logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
-            maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)
-        for kind, m in maps.items():
-            if self.heads == "mean":
-                m = m.mean(dim=1)
-            self._keep(kind, step, block, self.blocks, m.to(self.dtype))
+        taps = {name: taps[name][rows].float() for name in self.TAPS}
+        for kind in self.kinds:
+            self._keep(kind, step, block, self.blocks, self._region(kind, taps, index).to(self.dtype))
         if block in self.attn2_blocks:
             q, k, lse = (self.probe.hook(tap(block, n, "attn2")).output[rows].float()
                          for n in ("q_img", "k_img", "lse_img"))
@@ -271,4 +350,5 @@ class AttentionRecorder:
         return AttentionMaps.from_tensors(
             tensors, steps=steps, blocks=self.blocks, positions=self.positions, tables=self.tables, grid=self.grid,
             rows=self.rows, heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
-            attn2_blocks=self.attn2_blocks, concepts=self.concepts.concepts if self.concepts is not None else [])
+            attn2_blocks=self.attn2_blocks, concepts=self.concepts.concepts if self.concepts is not None else [],
+            queries=self.queries)

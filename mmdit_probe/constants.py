@@ -6,10 +6,21 @@ Each module that offers one still binds it under its old name (`maps.KINDS`, `me
 from __future__ import annotations
 
 # -- recorded maps ---------------------------------------------------------------------------------
-# Every kind of map `AttentionMaps` holds, by what its last dimension indexes: a text position (the attention
-# maps), a concept (output space, cross-attention), or nothing (the entropy of SD3.5-M's image-only attention).
-MAP_KINDS = {"t2i": "text", "i2t": "text", "concept": "concept", "concept_xattn": "concept", "attn2_entropy": "attn2"}
-KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "text")
+# Every kind of map `AttentionMaps` holds, by its layout (`MAP_AXES`): "text" (the word maps T2I and I2T), "concept"
+# (output space, cross-attention), "attn2" (the entropy of SD3.5-M's image-only attention), "text_pair" (text x
+# text) or "patch" (image x image for chosen query patches).
+MAP_KINDS = {"t2i": "text", "i2t": "text", "concept": "concept", "concept_xattn": "concept", "attn2_entropy": "attn2",
+             "t2t": "text_pair", "i2i": "patch"}
+# The axes after (step, block, row) of each layout ("head" first, for region kinds recorded with heads="all"):
+# image tokens (raster order of the token grid), recorded text positions, concepts, recorded I2I query patches.
+MAP_AXES = {"text": ("image", "text"), "concept": ("image", "concept"), "attn2": ("image",),
+            "text_pair": ("text", "text"), "patch": ("image", "query")}
+# The regions of joint attention the recorder maps from the taps: query stream, key stream, and the stored order of
+# the two axes, "qk" (query, key) or "kq" (key, query), so that the image axis comes first and a word's or a query
+# patch's map is a column. Image tokens are every token on the first axis and the chosen query patches on the last.
+REGIONS = {"t2i": ("img", "txt", "qk"), "i2t": ("txt", "img", "kq"), "t2t": ("txt", "txt", "qk"),
+           "i2i": ("img", "img", "kq")}
+KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "text")  # the word-map kinds, recorded by default
 CONCEPT_KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "concept")
 ROWS = ("cond", "uncond", "both")  # halves of a classifier-free-guidance batch
 IMAGE_MAP_METHODS = ("noise", "inversion")

@@ -1,11 +1,13 @@
-"""`AttentionMaps`: recorded T2I / I2T maps with named dimensions, and the paper's remedies.
+"""`AttentionMaps`: recorded attention maps with named dimensions (`dims`), and the paper's remedies.
 
 Stored tensors have dimensions (step, block, row, [head,] image token, text position): `row` is a
 prompt (or, with rows="both", the unconditional prompts then the conditional ones), image tokens
 are the token grid in raster order, and text positions are `positions` of the text sequence.
 I2T maps are stored transposed, so in both kinds a word's map is a column. Concept maps
 (`mmdit_probe.concepts`: "concept", output space, and "concept_xattn") have a concept where the
-others have a text position: (step, block, row, image token, concept).
+others have a text position: (step, block, row, image token, concept). T2T maps are (step, block, row,
+[head,] text query position, text key position); I2I maps (step, block, row, [head,] image key token, query
+patch), the query patches being `queries` (raster indices of the token grid), so a patch's map is a column too.
 
 >>> m = maps.word("cat", blocks="top")                   # mean over the preset's top layers, all steps
 >>> m = smooth(m)                                         # Gaussian, kernel 7, sigma 1 on the token grid
@@ -26,7 +28,13 @@ from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
 from . import validation
-from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS  # noqa: F401  (KINDS: maps.KINDS stays one release)
+from .constants import (  # noqa: F401  (KINDS: maps.KINDS stays one release)
+    CONCEPT_KINDS,
+    KINDS,
+    MAP_AXES,
+    MAP_KINDS,
+    REGIONS,
+)
 from .files import written_atomically
 from .tokens import Token, TokenTable, normalise_word
 
@@ -94,6 +102,9 @@ class AttentionMaps:
     # {"concept": output-space maps, "concept_xattn": image queries x concept keys}, each (step, block, row,
     # image token, concept), softmax over the concepts
     concept_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    t2t: torch.Tensor | None = None  # (step, block, row, [head,] text query, text key): text positions both
+    i2i: torch.Tensor | None = None  # (step, block, row, [head,] image key token, query patch)
+    queries: list[int] = field(default_factory=list)  # the I2I query patches, raster indices of the grid
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], **fields) -> AttentionMaps:
@@ -115,8 +126,24 @@ class AttentionMaps:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """The attention map kinds recorded ("t2i", "i2t")."""
+        """The word-map kinds recorded ("t2i", "i2t")."""
         return tuple(k for k in self.tensors if MAP_KINDS[k] == "text")
+
+    @property
+    def region_kinds(self) -> tuple[str, ...]:
+        """The attention regions recorded, of "t2i", "i2t", "t2t", "i2i"."""
+        return tuple(k for k in self.tensors if k in REGIONS)
+
+    def dims(self, kind: str) -> tuple[str, ...]:
+        """The names of a kind's stored dimensions.
+
+        >>> maps.dims("i2i")
+        ('step', 'block', 'row', 'image', 'query')
+        """
+        m = self.tensor(kind)
+        axes = MAP_AXES[MAP_KINDS[kind]]
+        head = ("head",) if m.ndim == 3 + len(axes) + 1 else ()
+        return ("step", "block", "row", *head, *axes)
 
     @property
     def concept_kinds(self) -> tuple[str, ...]:
@@ -126,9 +153,11 @@ class AttentionMaps:
     def tensor(self, kind: str = "t2i") -> torch.Tensor:
         m = self.tensors.get(kind)
         if m is None:
-            raise ValueError(f"no {kind!r} maps here; recorded kinds: {self.kinds + self.concept_kinds}"
-                             + ("" if kind not in CONCEPT_KINDS else
-                                " (record with concepts=[...] for concept maps)"))
+            hint = {**dict.fromkeys(CONCEPT_KINDS, " (record with concepts=[...] for concept maps)"),
+                    "t2t": " (record with kinds=[..., 't2t'])",
+                    "i2i": " (record with kinds=[..., 'i2i'] and queries=...)"}
+            raise ValueError(f"no {kind!r} maps here; recorded kinds: {self.region_kinds + self.concept_kinds}"
+                             f"{hint.get(kind, '')}")
         return m
 
     def concept_columns(self, concepts, prompt: int = 0) -> list[int]:
@@ -221,23 +250,96 @@ class AttentionMaps:
                head: int | None = None, half: str = "cond") -> torch.Tensor:
         """Maps of the chosen words before any averaging: (step, block, image token), word positions averaged.
         For concept kinds, `words` are concepts."""
-        if MAP_KINDS.get(kind) == "attn2":
-            raise ValueError(f"{kind} maps have no word dimension: read maps.{kind} (step, attn2 block, row, image "
-                             f"token)")
-        m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
+        other = {"attn2": f"{kind} maps have no word dimension: read maps.{kind} (step, attn2 block, row, image "
+                          f"token)",
+                 "text_pair": f"{kind} maps are text x text: read maps.text_matrix() or maps.region('{kind}')",
+                 "patch": f"{kind} maps are indexed by query patch: read maps.patch((row, col)) or "
+                          f"maps.region('{kind}')"}
+        if MAP_KINDS.get(kind) in other:
+            raise ValueError(other[MAP_KINDS[kind]])
         if kind in CONCEPT_KINDS:
             if head is not None:
                 raise ValueError("concept maps are head means; head= is for t2i/i2t maps recorded with heads='all'")
+            m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
             return m[..., self.concept_columns(words, prompt)].float().mean(dim=-1)
+        m = self.region(kind, prompt=prompt, blocks=blocks, steps=steps, head=head, half=half)
+        return m[..., self.columns(words, prompt)].float().mean(dim=-1)
+
+    def region(self, kind: str, *, prompt: int = 0, blocks=None, steps=None, head: int | None = None,
+               half: str = "cond") -> torch.Tensor:
+        """One prompt's maps of an attention region ("t2i", "i2t", "t2t", "i2i") before any averaging over blocks
+        or steps: (step, block, first axis, last axis) as `dims(kind)` names them, heads averaged unless `head`.
+
+        >>> maps.region("t2t", blocks="top").shape   # (steps, blocks, text query, text key)
+        """
+        validation.choice("kind", kind, tuple(REGIONS))
+        m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
         if head is not None:
             head = validation.integer("head", head, minimum=0)
             if self.heads == "all" and head >= m.shape[2]:
                 raise IndexError(f"head {head} out of range: the maps have heads 0..{m.shape[2] - 1}")
         if self.heads == "all":
-            m = m.float().mean(dim=2) if head is None else m[:, :, head]
-        elif head is not None:
+            return m.float().mean(dim=2) if head is None else m[:, :, head]
+        if head is not None:
             raise ValueError("per-head maps were not recorded (heads='mean'); record with heads='all'")
-        return m[..., self.columns(words, prompt)].float().mean(dim=-1)
+        return m
+
+    def query_columns(self, patches) -> list[int]:
+        """Indices into the query dimension of I2I maps for a patch (row, col) or a list of patches."""
+        if not self.queries:
+            raise ValueError("no I2I maps here: record with kinds=[..., 'i2i'] and queries=...")
+        rows, cols = self.grid
+        pairs = [patches] if isinstance(patches, (tuple, list)) and len(patches) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in patches) else patches
+        if not isinstance(pairs, (tuple, list)) or not pairs:
+            raise validation.InvalidInput(f"patches must be a patch (row, col) or a list of patches; got {patches!r}")
+        found = []
+        for patch in pairs:
+            if not (isinstance(patch, (tuple, list)) and len(patch) == 2 and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in patch)):
+                raise validation.InvalidInput(f"a patch is (row, col), two whole numbers; got {patch!r}")
+            if not (0 <= patch[0] < rows and 0 <= patch[1] < cols):
+                raise IndexError(f"patch {tuple(patch)} is outside the {rows} x {cols} token grid")
+            raster = patch[0] * cols + patch[1]
+            if raster not in self.queries:
+                raise KeyError(f"patch {tuple(patch)} was not recorded as an I2I query; recorded patches: "
+                               f"{self.query_patches[:8]}{' ...' if len(self.queries) > 8 else ''}")
+            found.append(self.queries.index(raster))
+        return found
+
+    @property
+    def query_patches(self) -> list[tuple[int, int]]:
+        """The recorded I2I query patches as (row, col) of the token grid."""
+        return [divmod(q, self.grid[1]) for q in self.queries]
+
+    def patch(self, patches, *, prompt: int = 0, blocks=None, steps=None, head: int | None = None,
+              half: str = "cond") -> torch.Tensor:
+        """The (rows, cols) I2I map of a query patch (row, col), or the mean of several: how much that image query
+        attends to each image key, over the chosen blocks and steps (as `word`).
+
+        >>> maps.patch((2, 3), blocks="top")
+        """
+        columns = self.query_columns(patches)
+        m = self.region("i2i", prompt=prompt, blocks=blocks, steps=steps, head=head, half=half)
+        return m[..., columns].float().mean(dim=(0, 1, -1)).reshape(self.grid)
+
+    def text_matrix(self, *, prompt: int = 0, blocks=None, steps=None, head: int | None = None,
+                    half: str = "cond") -> torch.Tensor:
+        """The T2T map (text query, text key) over the recorded positions (`positions`), averaged over the chosen
+        blocks and steps; label its axes with `position_labels(prompt)`.
+
+        >>> maps.text_matrix(blocks="top").shape
+        """
+        return self.region("t2t", prompt=prompt, blocks=blocks, steps=steps, head=head, half=half).float().mean(
+            dim=(0, 1))
+
+    def position_labels(self, prompt: int = 0) -> list[str]:
+        """A label per recorded text position: the prompt's token piece there, or its position number."""
+        prompt = validation.integer("prompt", prompt, minimum=0)
+        if prompt >= len(self.tables):
+            raise IndexError(f"prompt index {prompt} out of range: {len(self.tables)} prompts")
+        pieces = {t.position: t.piece for t in self.tables[prompt].tokens}
+        return [pieces.get(p, str(p)) for p in self.positions]
 
     def word(self, words, *, prompt: int = 0, kind: str = "t2i", blocks=None, steps=None,
              head: int | None = None, half: str = "cond") -> torch.Tensor:
@@ -289,6 +391,7 @@ class AttentionMaps:
             "steps": self.steps, "blocks": self.blocks, "positions": self.positions, "grid": list(self.grid),
             "rows": self.rows, "heads": self.heads, "top_layers": list(self.top_layers),
             "attn2_blocks": self.attn2_blocks, "concepts": self.concepts,
+            **({"queries": self.queries} if self.queries else {}),
             "tables": [{"prompt": t.prompt, "text_length": t.text_length,
                         "tokens": [[k.position, k.encoder, k.piece, k.word, k.word_index] for k in t.tokens]}
                        for t in self.tables],
@@ -342,7 +445,7 @@ class AttentionMaps:
             maps = cls.from_tensors(tensors, steps=meta["steps"], blocks=meta["blocks"], positions=meta["positions"],
                                     tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"], heads=meta["heads"],
                                     top_layers=tuple(meta["top_layers"]), attn2_blocks=meta.get("attn2_blocks", []),
-                                    concepts=meta.get("concepts", []))
+                                    concepts=meta.get("concepts", []), queries=meta.get("queries", []))
             maps._check_tensors()
         except (KeyError, TypeError, ValueError) as error:
             raise validation.InvalidInput(f"{path} is not a valid maps file: {error}") from None
@@ -350,8 +453,14 @@ class AttentionMaps:
 
     def _check_tensors(self) -> None:
         """Tensor shapes against the metadata (steps, blocks, rows, grid, positions) and finite values."""
-        if not self.kinds:
-            raise ValueError("it holds neither t2i nor i2t maps")
+        if not self.region_kinds:
+            raise ValueError("it holds neither t2i nor i2t maps (nor t2t nor i2i)")
+        if ("i2i" in self.tensors) != bool(self.queries):
+            raise ValueError("its I2I maps and its metadata's query patches ('queries') come only together")
+        if any(not 0 <= q < self.grid[0] * self.grid[1] for q in self.queries) or sorted(set(self.queries)) != \
+                self.queries:
+            raise ValueError(f"its query patches {self.queries[:8]} are not distinct sorted raster indices of the "
+                             f"{self.grid} token grid")
         if self.concepts and not self.concept_kinds:
             raise ValueError("its metadata names concepts but holds no concept maps")
         if self.concept_kinds and not self.concepts:
@@ -372,16 +481,15 @@ class AttentionMaps:
     def _shape(self, kind: str, m: torch.Tensor) -> tuple[tuple[int, ...], str]:
         """The shape the metadata gives a kind's tensor, and the entries it comes from."""
         rows = len(self.tables) * (2 if self.rows == "both" else 1)
-        image = self.grid[0] * self.grid[1]
-        last = MAP_KINDS[kind]
-        if last == "text":
-            heads = (m.shape[3],) if self.heads == "all" and m.ndim == 6 else ()
-            return ((len(self.steps), len(self.blocks), rows, *heads, image, len(self.positions)),
-                    f"steps, blocks, rows, {'heads, ' if self.heads == 'all' else ''}grid, positions")
-        if last == "concept":
-            return ((len(self.steps), len(self.blocks), rows, image, max(map(len, self.concepts), default=0)),
-                    "steps, blocks, rows, grid, concepts")
-        return (len(self.steps), len(self.attn2_blocks), rows, image), "steps, attn2_blocks, rows, grid"
+        size = {"image": (self.grid[0] * self.grid[1], "grid"), "text": (len(self.positions), "positions"),
+                "query": (len(self.queries), "queries"),
+                "concept": (max(map(len, self.concepts), default=0), "concepts")}
+        axes = MAP_AXES[MAP_KINDS[kind]]
+        heads = (m.shape[3],) if kind in REGIONS and self.heads == "all" and m.ndim == 6 else ()
+        blocks = ("attn2_blocks", self.attn2_blocks) if MAP_KINDS[kind] == "attn2" else ("blocks", self.blocks)
+        says = ["steps", blocks[0], "rows", *(["heads"] if kind in REGIONS and self.heads == "all" else []),
+                *(size[a][1] for a in axes)]
+        return (len(self.steps), len(blocks[1]), rows, *heads, *(size[a][0] for a in axes)), ", ".join(says)
 
     def _check_probabilities(self, kind: str, m: torch.Tensor) -> None:
         """Concept maps are a softmax over each prompt's own concepts: every value in [0, 1], each image token's
@@ -421,6 +529,7 @@ def _check_meta(meta) -> None:
         ints(name, meta.get(name))
     ints("top_layers", meta.get("top_layers"), empty=True)
     ints("attn2_blocks", meta.get("attn2_blocks", []), empty=True)
+    ints("queries", meta.get("queries", []), empty=True)
     concepts = meta.get("concepts", [])
     if not isinstance(concepts, list) or not all(isinstance(c, list) and all(isinstance(w, str) for w in c)
                                                  for c in concepts):

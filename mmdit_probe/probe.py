@@ -319,10 +319,11 @@ class Probe:
 
         `record=True` records T2I and I2T maps of every block and step (head mean, conditional half,
         real text positions); a dict (``{}`` too) records with those `AttentionRecorder` options (blocks,
-        steps, kinds, heads, rows, positions, dtype, concepts). `concepts` (two or more words, e.g.
+        steps, kinds, heads, rows, positions, queries, dtype, concepts). `concepts` (two or more words, e.g.
         ["circle", "background"], or one list per prompt; given here or in `record`, not both) also
         records concept maps (`mmdit_probe.concepts`; read them with `maps.concept("circle")`); the
-        images are bit for bit the ones without concepts.
+        images are bit for bit the ones without concepts. ``record={"kinds": ["t2i", "t2t", "i2i"],
+        "queries": (2, 3)}`` adds T2T maps and patch (2, 3)'s I2I map (`maps.patch((2, 3))`).
 
         >>> out = probe.generate("on the left a large red circle on a white background", record=True)
         >>> out.images[0], out.maps.word("red", blocks="top")

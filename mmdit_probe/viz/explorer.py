@@ -1,4 +1,5 @@
-"""An ipywidgets explorer of recorded maps: block, step, word (or concept), T2I/I2T/concept, smoothing, opacity.
+"""An ipywidgets explorer of recorded maps: block, step, word (or concept), T2I/I2T/concept, smoothing, opacity;
+with I2I maps, a grid of the token patches to click: the clicked query patch's I2I map.
 
 Everything is precomputed by the recording; a slider move only re-colours one small map, so it
 is instant. With masks, a bar chart ranks the blocks, which is why a few layers are averaged.
@@ -9,6 +10,7 @@ is instant. With masks, a bar chart ranks the blocks, which is why a few layers 
 from __future__ import annotations
 
 import io
+import math
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -17,7 +19,10 @@ from ..maps import AttentionMaps, smooth
 from ..metrics import score_blocks
 from ..tokens import FUNCTION_WORDS
 from .figures import block_scores
-from .render import colourise, overlay, png
+from .render import colourise, outline, overlay, png
+
+# The patch picker has at most this many buttons per side; on larger grids a button covers several tokens.
+PICKER_SIDE = 32
 
 
 class Explorer:
@@ -27,17 +32,20 @@ class Explorer:
                  word: str | None = None) -> None:
         self.maps, self.prompt, self.size = maps, prompt, size
         words = maps.recorded_words(prompt)
-        if not words:
+        if not words and maps.i2i is None:
             raise ValueError("none of the prompt's words was recorded; record with positions='real' or 'all'")
         if word is not None and word not in words:
             raise ValueError(f"{word!r} is not among the prompt's recorded words: {words}")
         content = [w for w in words if w not in FUNCTION_WORDS]
-        self.word = widgets.Dropdown(options=words, value=word or (content or words)[0], description="word")
+        self.word = widgets.Dropdown(options=words, value=word or (content or words or [None])[0], description="word")
         concepts = maps.concepts[prompt] if maps.concepts else []
         self.concept = widgets.Dropdown(options=concepts, value=concepts[0] if concepts else None,
                                         description="concept", disabled=not concepts)
-        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds + maps.concept_kinds],
+        i2i = ("i2i",) if maps.i2i is not None else ()
+        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds + maps.concept_kinds + i2i],
                                           description="map")
+        self.query = maps.query_patches[len(maps.queries) // 2] if i2i else None  # the I2I query patch shown
+        self.buttons: dict[tuple[int, int], widgets.Button] = {}  # the picker's buttons of recorded patches
         self.block = widgets.SelectionSlider(options=maps.blocks, description="block")
         self.top = widgets.Checkbox(value=False, description=f"mean of top layers {list(maps.top_layers)}",
                                     disabled=not set(maps.top_layers) <= set(maps.blocks) or not maps.top_layers)
@@ -52,16 +60,57 @@ class Explorer:
         for control in controls:
             control.observe(lambda change: self.update(), names="value")
         panels = [widgets.VBox([self.image, self.caption])]
-        if masks:
+        if i2i:
+            panels.append(self._picker())
+        if masks and maps.kinds:
             panels.append(self._scores_panel(masks))
         self.widget = widgets.VBox([widgets.HBox([widgets.VBox(controls[:5]), widgets.VBox(controls[5:])]),
                                     widgets.HBox(panels)])
         self.update()
 
+    def _picker(self) -> widgets.Widget:
+        """A button per token cell; a cell holding recorded query patches selects the one nearest its centre."""
+        rows, cols = self.maps.grid
+        side = math.ceil(max(rows, cols) / PICKER_SIDE)
+        recorded = self.maps.query_patches
+        cells = []
+        for top in range(0, rows, side):
+            for left in range(0, cols, side):
+                inside = [p for p in recorded if top <= p[0] < top + side and left <= p[1] < left + side]
+                centre = (top + (side - 1) / 2, left + (side - 1) / 2)
+                patch = min(inside, key=lambda p: (p[0] - centre[0]) ** 2 + (p[1] - centre[1]) ** 2, default=None)
+                button = widgets.Button(disabled=patch is None, tooltip=str(patch) if patch else "not recorded",
+                                        layout=widgets.Layout(width="14px", height="14px", padding="0"))
+                if patch is not None:
+                    button.on_click(lambda _, patch=patch: self.pick(patch))
+                    self.buttons[patch] = button
+                cells.append(button)
+        grid = widgets.GridBox(cells, layout=widgets.Layout(
+            grid_template_columns=f"repeat({math.ceil(cols / side)}, 14px)", grid_gap="1px"))
+        self._mark_picked()
+        return widgets.VBox([widgets.HTML("<b>I2I query</b>: click a patch"), grid])
+
+    def _mark_picked(self) -> None:
+        for patch, button in self.buttons.items():
+            button.button_style = "info" if patch == self.query else ""
+
+    def pick(self, patch: tuple[int, int]) -> None:
+        """Show the I2I map of a recorded query patch (row, col), as a click on its picker cell does."""
+        self.maps.query_columns(patch)
+        self.query = tuple(patch)
+        self._mark_picked()
+        if self.kind.value != "I2I":
+            self.kind.value = "I2I"  # redraws
+        else:
+            self.update()
+
     def current_map(self):
         kind = self.kind.value.lower()
         blocks = "top" if self.top.value else [self.block.value]
         steps = None if self.all_steps.value else [self.step.value]
+        if kind == "i2i":
+            m = self.maps.patch(self.query, prompt=self.prompt, blocks=blocks, steps=steps)
+            return smooth(m) if self.smoothing.value else m
         name = self.concept.value if kind in self.maps.concept_kinds else self.word.value
         m = self.maps.word(name, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
         return smooth(m) if self.smoothing.value else m
@@ -71,10 +120,13 @@ class Explorer:
         self.block.disabled, self.step.disabled = self.top.value, self.all_steps.value
         image = self.maps.images[self.prompt] if len(self.maps.images) > self.prompt else None
         rgb = overlay(image, m, self.opacity.value) if image is not None else colourise(m)
+        if self.kind.value == "I2I":
+            rgb = outline(rgb, self.query, self.maps.grid)
         self.image.value = png(rgb, scale=max(1, self.size // rgb.shape[0]))
         where = f"top layers {list(self.maps.top_layers)}" if self.top.value else f"block {self.block.value}"
         when = "all steps" if self.all_steps.value else f"step {self.step.value}"
         name = self.concept.value if self.kind.value.lower() in self.maps.concept_kinds else self.word.value
+        name = f"patch {self.query}" if self.kind.value == "I2I" else name
         self.caption.value = (f"<b>{self.kind.value}</b> of <b>{name}</b>, {where}, {when}; "
                               f"max {float(m.max()):.3f}")
 

@@ -1,4 +1,5 @@
-"""matplotlib figures: word x block and word x step grids, T2I beside I2T (and concept maps), block scores."""
+"""matplotlib figures: word x block and word x step grids, T2I beside I2T (and concept maps), I2I maps of query
+patches, the T2T matrix, block scores."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..maps import AttentionMaps, smooth
 from ..metrics import BlockScores
-from .render import colourise, overlay
+from .render import colourise, outline, overlay
 
 
 def _image(maps: AttentionMaps, prompt: int):
@@ -42,7 +43,8 @@ def word_grid(maps: AttentionMaps, words: Sequence[str], *, by: str = "block", p
     return fig
 
 
-KIND_NAMES = {"t2i": "T2I", "i2t": "I2T", "concept": "concept", "concept_xattn": "concept x-attn"}
+KIND_NAMES = {"t2i": "T2I", "i2t": "I2T", "concept": "concept", "concept_xattn": "concept x-attn", "t2t": "T2T",
+              "i2i": "I2I"}
 
 
 def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[str], *, prompt: int, blocks,
@@ -89,6 +91,57 @@ def three_kinds(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, b
         raise ValueError("these maps have no concept maps: record with concepts=[...] (or use t2i_vs_i2t)")
     return _kinds_by_word(maps, words, [*maps.kinds, *maps.concept_kinds], prompt=prompt, blocks=blocks,
                           smoothing=smoothing, opacity=opacity, row_height=1.9, fontsize=8)
+
+
+def i2i_maps(maps: AttentionMaps, patches: Sequence[tuple[int, int]] | None = None, *, prompt: int = 0,
+             blocks="top", smoothing: bool = False, opacity: float = 0.7) -> plt.Figure:
+    """For each query patch (row, col) (default: up to six recorded ones), its I2I map: where that image query
+    attends among the image keys, the query outlined; same blocks and steps for all. Needs maps recorded with
+    kinds=[..., "i2i"] and queries=...
+
+    >>> i2i_maps(out.maps, [(1, 1), (2, 5)], blocks=[3])
+    """
+    if patches is None:
+        recorded = maps.query_patches
+        patches = recorded[:: max(1, len(recorded) // 6)][:6]
+    patches = [tuple(p) for p in ([patches] if len(patches) == 2 and isinstance(patches[0], int) else patches)]
+    maps.query_columns(patches)  # every patch recorded, before any drawing
+    fig, axes = plt.subplots(1, len(patches), figsize=(1.9 * len(patches), 2.1), squeeze=False)
+    image = _image(maps, prompt)
+    for ax, patch in zip(axes[0], patches):
+        m = maps.patch(patch, prompt=prompt, blocks=blocks)
+        m = smooth(m) if smoothing else m
+        rgb = overlay(image, m, opacity) if image is not None else colourise(m)
+        ax.imshow(outline(rgb, patch, maps.grid))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"I2I of patch {patch}", fontsize=8)
+    fig.suptitle(f"{maps.prompts[prompt]!r}, blocks {blocks}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def t2t_matrix(maps: AttentionMaps, *, prompt: int = 0, blocks="top", real: bool = True) -> plt.Figure:
+    """The T2T map as a matrix: text queries (rows) x text keys (columns), each row a query's attention on the
+    recorded text keys (its attention on image keys makes up the rest of its row sum). `real`: only the prompt's
+    own tokens (no padding). Needs maps recorded with kinds=[..., "t2t"].
+
+    >>> t2t_matrix(out.maps, blocks="top")
+    """
+    m = maps.text_matrix(prompt=prompt, blocks=blocks)
+    labels = maps.position_labels(prompt)
+    keep = [i for i, p in enumerate(maps.positions) if not real or p in maps.tables[prompt].real_positions]
+    m, labels = m[keep][:, keep], [labels[i] for i in keep]
+    fig, ax = plt.subplots(figsize=(0.3 * len(keep) + 2, 0.3 * len(keep) + 1.5))
+    shown = ax.imshow(m.numpy(), cmap="inferno")
+    ax.set_xticks(range(len(keep)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(keep)), labels, fontsize=7)
+    ax.set_xlabel("text key")
+    ax.set_ylabel("text query")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    ax.set_title(f"T2T, blocks {blocks}: {maps.prompts[prompt]!r}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def block_scores(scores: Sequence[BlockScores] | BlockScores, metric: str = "soft_iou", top: int = 5) -> plt.Figure:

@@ -32,6 +32,18 @@ def overlay(image, m: torch.Tensor, opacity: float = 0.6, cmap: str = "inferno")
     return (1 - opacity) * rgb + opacity * colourise(m, rgb.shape[:2], cmap)
 
 
+def outline(rgb: np.ndarray, patch: tuple[int, int], grid: tuple[int, int], colour=(0.0, 1.0, 1.0)) -> np.ndarray:
+    """A copy of an RGB picture of the token grid with one token's cell outlined (a query patch of I2I maps)."""
+    rgb = rgb.copy()
+    height, width = rgb.shape[:2]
+    top, left = patch[0] * height // grid[0], patch[1] * width // grid[1]
+    bottom = max((patch[0] + 1) * height // grid[0], top + 1)
+    right = max((patch[1] + 1) * width // grid[1], left + 1)
+    rgb[top:bottom, [left, right - 1]] = colour
+    rgb[[top, bottom - 1], left:right] = colour
+    return rgb
+
+
 def png(rgb: np.ndarray, scale: int = 1) -> bytes:
     """PNG bytes of a [0, 1] RGB array, enlarged by `scale` with nearest-neighbour (small images stay crisp)."""
     picture = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
