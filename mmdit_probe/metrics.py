@@ -123,10 +123,9 @@ class BlockScores:
         return self.ranked(metric)[:k]
 
     def table(self) -> str:
-        lines = [f"{'block':>5}  " + "  ".join(f"{m:>8}" for m in METRICS)]
-        for i, b in enumerate(self.blocks):
-            lines.append(f"{b:>5}  " + "  ".join(f"{self.scores[m][i]:8.3f}" for m in METRICS))
-        return "\n".join(lines)
+        return "\n".join([f"{'block':>5}  " + "  ".join(f"{m:>8}" for m in METRICS),
+                          *(f"{b:>5}  " + "  ".join(f"{self.scores[m][i]:8.3f}" for m in METRICS)
+                            for i, b in enumerate(self.blocks))])
 
     def __repr__(self) -> str:
         return f"BlockScores({self.kind}, best by soft IoU: {self.top(5)})\n{self.table()}"
