@@ -253,7 +253,7 @@ class PreparedSweep:
         done_before = len(prompts) - len(todo)
         # Nobody writes a record before everyone has listed what is left, so every process splits the same list.
         state.wait_for_everyone()
-        todo = todo[:self.max_prompts] if self.max_prompts is not None else todo
+        todo = todo[:self.max_prompts]  # None: all
 
         bar = tqdm(total=len(prompts), initial=done_before, desc="sweep", unit="prompt",
                    disable=not (self.progress and state.is_main_process))
