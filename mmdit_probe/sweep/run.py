@@ -245,8 +245,9 @@ class PreparedSweep:
         if state.is_main_process:
             records.mkdir(parents=True, exist_ok=True)
             _write_or_check_config(self.out, config)
-            _write_atomically(self.out / "prompts.jsonl", "".join(
-                json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
+            with written_atomically(self.out / "prompts.jsonl") as temporary:
+                temporary.write_bytes("".join(
+                    json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
         state.wait_for_everyone()
         _write_or_check_config(self.out, config)  # every process: it may have been started with other options
         todo = [p for p in prompts if not valid_record(records / f"{p.id}.safetensors", config)]
@@ -434,12 +435,8 @@ def _write_or_check_config(out: Path, config: SweepConfig) -> None:
     if (out / "config.json").exists():
         _check_config(out, config)
     else:
-        _write_atomically(out / "config.json", json.dumps(asdict(config), indent=2).encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    with written_atomically(path) as temporary:
-        temporary.write_bytes(data)
+        with written_atomically(out / "config.json") as temporary:
+            temporary.write_bytes(json.dumps(asdict(config), indent=2).encode())
 
 
 def _unscored(item: PromptItem, config: SweepConfig, **meta: str) -> tuple[None, dict[str, torch.Tensor], dict]:
