@@ -246,9 +246,7 @@ class Probe:
             if kwargs["max_sequence_length"] > T5_MAX_TOKENS:
                 raise validation.InvalidInput(f"max_sequence_length={kwargs['max_sequence_length']} is not allowed: "
                                               f"T5 takes at most {T5_MAX_TOKENS} tokens")
-        if kwargs.get("output_type", "pil") not in OUTPUT_TYPES:
-            raise validation.InvalidInput(f"output_type={kwargs['output_type']!r} is not allowed: choose 'pil', "
-                                          f"'latent', 'np' or 'pt'")
+        validation.choice("output_type", kwargs.get("output_type", "pil"), OUTPUT_TYPES)
         self._warn_unknown_characters(checked["prompts"], kwargs.get("max_sequence_length"))
         return {**checked, **kwargs}
 
