@@ -546,11 +546,9 @@ def record_masks(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[int, np.n
 
 def valid_record(path: Path, config: SweepConfig) -> bool:
     """Whether a record is whole, uncorrupted, made with this configuration, and not of a failed prompt."""
-    if not path.exists():
-        return False
     try:
         meta, _ = read_record(path)
-    except Exception:  # truncated, garbled or half-written: any failure to read means redo
+    except Exception:  # absent, truncated, garbled or half-written: any failure to read means redo
         return False
     return meta.get("config") == config.sha256 and "failed" not in meta
 
