@@ -40,25 +40,17 @@ MAPS_FILES = ("image.png", "maps.safetensors", "t2i_vs_i2t.png", "t2i_by_block.p
 EDIT_FILES = ("source.png", "edited.png", "params.json")
 
 
-def _existing(folder: Path, names, masks: bool) -> list[str]:
-    found = [n for n in names if (folder / n).exists()]
-    if masks and folder.is_dir():
-        found += sorted(p.name for p in folder.glob("mask_step*.png"))
-    return found
-
-
-def _check_out(folder: Path, overwrite: bool, names, edit_folder: Path | None = None) -> None:
-    """The output folder is a folder (or absent) and holds none of our files, unless --overwrite."""
-    for f in (folder, *([edit_folder] if edit_folder else [])):
+def _check_out(overwrite: bool, *outputs: tuple[Path, tuple[str, ...]]) -> None:
+    """Each (folder, its files) output: the folder is a folder (or absent) and holds none of its files (an edit's
+    masks included), unless --overwrite. The first folder is --out."""
+    folder, found = outputs[0][0], []
+    for f, names in outputs:
         for parent in (f, *f.parents):
             if parent.exists() and not parent.is_dir():
                 raise InvalidInput(f"--out {folder}: {parent} is a file, not a folder; choose another --out")
-    if overwrite:
-        return
-    found = [str(folder / n) for n in _existing(folder, names, masks=edit_folder is None and "source.png" in names)]
-    if edit_folder is not None:
-        found += [str(edit_folder / n) for n in _existing(edit_folder, EDIT_FILES, masks=True)]
-    if found:
+        found += [str(f / n) for n in names if (f / n).exists()]
+        found += sorted(str(m) for m in f.glob("mask_step*.png")) if names == EDIT_FILES and f.is_dir() else []
+    if found and not overwrite:
         raise InvalidInput(f"--out {folder} already holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}: "
                            f"pass --overwrite to replace them, or choose another --out")
 
@@ -114,7 +106,8 @@ def _content_words(table) -> list[str]:
 
 def _maps(args: argparse.Namespace) -> None:
     folder = Path(args.out)
-    _check_out(folder, args.overwrite, MAPS_FILES, folder / "edit" if args.edit is not None else None)
+    edit = [(folder / "edit", EDIT_FILES)] if args.edit is not None else []
+    _check_out(args.overwrite, (folder, MAPS_FILES), *edit)
     with checking():
         probe = _load(args.model)
         probe.check_generation(args.prompt, seed=args.seed, steps=args.steps)
@@ -156,7 +149,7 @@ def _maps(args: argparse.Namespace) -> None:
 
 def _edit(args: argparse.Namespace) -> None:
     folder = Path(args.out)
-    _check_out(folder, args.overwrite, EDIT_FILES)
+    _check_out(args.overwrite, (folder, EDIT_FILES))
     options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
     options.update(seed=args.seed, steps=args.steps, variant=args.variant, local_blend=not args.no_blend)
     with checking():

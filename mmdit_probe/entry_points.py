@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from .validation import InvalidInput
 
@@ -47,12 +48,16 @@ def checking():
         raise InvalidInput(message) from error
 
 
+def _parsed(text: str, convert: Callable[[str], Any], what: str) -> Any:
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def positive(text: str) -> int:
     """argparse type of a count: a whole number >= 1 (0 never means the default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _parsed(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 1 (or leave it out for "
                                          f"the preset's default)")
@@ -61,10 +66,7 @@ def positive(text: str) -> int:
 
 def fraction(text: str) -> float:
     """argparse type of a share of the steps or a threshold: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float, "a number")
     if not 0 <= value <= 1:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text} is not allowed: give a number in [0, 1]")
     return value

@@ -123,10 +123,9 @@ class BlockScores:
         return self.ranked(metric)[:k]
 
     def table(self) -> str:
-        lines = [f"{'block':>5}  " + "  ".join(f"{m:>8}" for m in METRICS)]
-        for i, b in enumerate(self.blocks):
-            lines.append(f"{b:>5}  " + "  ".join(f"{self.scores[m][i]:8.3f}" for m in METRICS))
-        return "\n".join(lines)
+        return "\n".join([f"{'block':>5}  " + "  ".join(f"{m:>8}" for m in METRICS),
+                          *(f"{b:>5}  " + "  ".join(f"{self.scores[m][i]:8.3f}" for m in METRICS)
+                            for i, b in enumerate(self.blocks))])
 
     def __repr__(self) -> str:
         return f"BlockScores({self.kind}, best by soft IoU: {self.top(5)})\n{self.table()}"
@@ -140,11 +139,9 @@ def score_blocks(maps: AttentionMaps, masks: dict, *, prompt: int = 0, kind: str
     """
     if not masks:
         raise ValueError("no masks given: pass {word: mask}")
-    per_block = maps.per_block  # (block, rows, cols) per word
     results = {m: np.zeros(len(maps.blocks)) for m in METRICS}
     for word, mask in masks.items():
-        stack = per_block(word, prompt=prompt, kind=kind, steps=steps)
-        for i, m in enumerate(stack):
+        for i, m in enumerate(maps.per_block(word, prompt=prompt, kind=kind, steps=steps)):  # (block, rows, cols)
             m = smooth(m) if smoothing else m
             for metric, value in score_map(normalise(m), mask, threshold).items():
                 results[metric][i] += value / len(masks)

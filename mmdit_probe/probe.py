@@ -135,18 +135,13 @@ def load(model: str | Path | DiffusionPipeline, *, device: str | torch.device | 
             pipeline.to(dtype=dtype)
     else:
         source = str(model)
-        if source.lower() == "toy":
-            location = TOY_WEIGHTS  # shipped as fp16 to stay small, run in float32 like any default
-        elif source.lower() in PRESETS and PRESETS[source.lower()].hub_id:
-            location = PRESETS[source.lower()].hub_id
-        else:
-            location = source
+        named = PRESETS.get(source.lower())
+        # The toy's weights are shipped as fp16 to stay small, and run in float32 like any default.
+        location = TOY_WEIGHTS if source.lower() == "toy" else named.hub_id if named and named.hub_id else source
         # One dtype for every component: without it diffusers loads its models in float32 while
         # transformers keeps a text encoder's saved float16, and the mixed pipeline fails.
-        if dtype is not None:
-            from_pretrained[_dtype_keyword()] = dtype
-        elif not {"dtype", "torch_dtype"} & set(from_pretrained):
-            from_pretrained[_dtype_keyword()] = torch.float32
+        if dtype is not None or not {"dtype", "torch_dtype"} & set(from_pretrained):
+            from_pretrained[_dtype_keyword()] = torch.float32 if dtype is None else dtype
         pipeline = _from_pretrained(str(location), **from_pretrained)
     if device is not None:
         pipeline.to(device)
@@ -251,9 +246,7 @@ class Probe:
             if kwargs["max_sequence_length"] > T5_MAX_TOKENS:
                 raise validation.InvalidInput(f"max_sequence_length={kwargs['max_sequence_length']} is not allowed: "
                                               f"T5 takes at most {T5_MAX_TOKENS} tokens")
-        if kwargs.get("output_type", "pil") not in OUTPUT_TYPES:
-            raise validation.InvalidInput(f"output_type={kwargs['output_type']!r} is not allowed: choose 'pil', "
-                                          f"'latent', 'np' or 'pt'")
+        validation.choice("output_type", kwargs.get("output_type", "pil"), OUTPUT_TYPES)
         self._warn_unknown_characters(checked["prompts"], kwargs.get("max_sequence_length"))
         return {**checked, **kwargs}
 
@@ -288,10 +281,8 @@ class Probe:
         """
         checked = self.check_generation(prompts, seed=seed, same_noise=same_noise, steps=steps, guidance=guidance,
                                         height=height, width=width, **kwargs)
-        prompts, seed = checked.pop("prompts"), checked.pop("seed")
-        same_noise, steps, guidance = checked.pop("same_noise"), checked.pop("steps"), checked.pop("guidance")
-        height = checked.pop("height") or self.preset.resolution
-        width = checked.pop("width") or self.preset.resolution
+        prompts, seed, steps, guidance = (checked.pop(key) for key in ("prompts", "seed", "steps", "guidance"))
+        height, width = (checked.pop(key) or self.preset.resolution for key in ("height", "width"))
         args: dict[str, Any] = {
             "prompt": prompts,
             "num_inference_steps": steps or self.preset.steps,
@@ -300,7 +291,7 @@ class Probe:
             "width": width,
             "max_sequence_length": self.preset.max_sequence_length,
         }
-        if same_noise:
+        if checked.pop("same_noise"):
             args["latents"] = self.family.initial_noise(len(prompts), height, width, seed)
         else:
             args["generator"] = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
@@ -333,18 +324,16 @@ class Probe:
                                           f"AttentionRecorder options")
         inputs = self.inputs(prompts, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                              **kwargs)
-        recorder = None
         # A dict, even an empty one, asks for a recording with those options; concepts come in one place only.
         options = dict(record) if isinstance(record, dict) else {}
-        if concepts is not None and record is False:
-            raise validation.InvalidInput("concepts= records concept maps: pass record=True (or a dict of options)")
-        if concepts is not None and "concepts" in options:
-            raise validation.InvalidInput("concepts given twice, as concepts= and as record['concepts']: give them "
-                                          "once (concepts=...)")
-        if record is not False:
-            if concepts is not None:
-                options["concepts"] = concepts
-            recorder = AttentionRecorder(self, inputs, **options)
+        if concepts is not None:
+            if record is False:
+                raise validation.InvalidInput("concepts= records concept maps: pass record=True (or a dict of options)")
+            if "concepts" in options:
+                raise validation.InvalidInput("concepts given twice, as concepts= and as record['concepts']: give "
+                                              "them once (concepts=...)")
+            options["concepts"] = concepts
+        recorder = None if record is False else AttentionRecorder(self, inputs, **options)
         try:
             with self.model.generate(**inputs) as tracer:
                 if recorder is not None:

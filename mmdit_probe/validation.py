@@ -32,13 +32,12 @@ def _is_int(value: Any) -> bool:
 
 def integer(name: str, value: Any, *, minimum: int | None = None, default_hint: str = "") -> int:
     """A whole number (Python or numpy), at least `minimum`; returned as a Python int."""
+    allowed = f"a whole number{'' if minimum is None else f' >= {minimum}'}{default_hint}"
     if not _is_int(value):
-        kind = type(value).__name__
-        raise InvalidInput(f"{name}={value!r} ({kind}) is not allowed: give a whole number"
-                           + (f" >= {minimum}" if minimum is not None else "") + default_hint)
+        raise InvalidInput(f"{name}={value!r} ({type(value).__name__}) is not allowed: give {allowed}")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise InvalidInput(f"{name}={value} is not allowed: give a whole number >= {minimum}{default_hint}")
+        raise InvalidInput(f"{name}={value} is not allowed: give {allowed}")
     return value
 
 
@@ -325,7 +324,6 @@ def region_mask(name: str, value: Any):
                            f"numbers in [0, 1] of which >= {REGION_THRESHOLD} select a token (for a 0/255 or signed "
                            f"mask, pass mask > 0)")
     return mask >= REGION_THRESHOLD
-
 
 
 def concept_list(name: str, value: Any) -> list[str]:

@@ -167,21 +167,17 @@ def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any]
     n = 2 + len(chunk)
     run = {**inputs, "prompt": [prompts[0], prompts[1]] + [prompts[base]] * len(chunk),
            "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))}
-    # (step, hook name) -> {(positions, half): [patched prompt indices]}: one replace_rows per group.
-    sites: dict[tuple[int, str], dict[tuple, list[int]]] = {}
+    # step -> hook name -> {(positions, half): [patched prompt indices]}: one replace_rows per group.
+    by_step: dict[int, dict[str, dict[tuple, list[int]]]] = {}
     for i, cell in enumerate(chunk):
         names = plan.hook_names(cell.hooks, cell.blocks, cell.positions)
         positions = None if cell.positions is None else cell.positions[1]
         for step in cell.steps:
             for name in names:
-                sites.setdefault((step, name), {}).setdefault((positions, cell.half), []).append(2 + i)
-    by_step: dict[int, list[tuple[str, dict]]] = {}
-    for (step, name), groups in sites.items():
-        by_step.setdefault(step, []).append((name, groups))
-    last = max(by_step)
+                by_step.setdefault(step, {}).setdefault(name, {}).setdefault((positions, cell.half), []).append(2 + i)
     with probe.model.generate(**run) as tracer:
-        for step in tracer.iter[0:last + 1]:
-            for name, groups in sorted(by_step.get(step, []), key=lambda site: order[site[0]]):
+        for step in tracer.iter[0:max(by_step) + 1]:
+            for name, groups in sorted(by_step.get(step, {}).items(), key=lambda site: order[site[0]]):
                 dim = token_dim(name)
                 patch(probe, name, lambda x, g=groups, d=dim: _copy(x, n, source, g, d))
         output = probe.model.output.save()

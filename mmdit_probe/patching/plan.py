@@ -51,7 +51,7 @@ def _label(value: Any) -> str:
 
 def _indices(name: str, value: Any, upper: int, what: str) -> tuple[int, ...]:
     """Whole numbers in 0..upper-1 from an int, a range or a list of ints."""
-    found = validation.index_list(name, list(value) if isinstance(value, range) else value, what=what)
+    found = validation.index_list(name, value, what=what)
     bad = [i for i in found if not 0 <= i < upper]
     if bad:
         raise InvalidInput(f"{name} holds {bad[0]}, out of range: this run has {what} 0..{upper - 1}")
@@ -65,9 +65,8 @@ class _Planner:
         self.probe, self.tables, self.n_steps, self.grid, self.cfg = probe, tables, n_steps, grid, cfg
 
     def hooks(self, spec: Any) -> list[tuple[str, tuple[str, ...]]]:
-        entries = _entries("hooks", spec)
         found = []
-        for label, kind in entries:
+        for label, kind in _entries("hooks", spec):
             if not isinstance(kind, str):
                 raise InvalidInput(f"hooks holds {kind!r}: give hook kinds such as 'v_txt', 'q_img', 'out_img'")
             tap = names.parse_kind(kind)
@@ -155,18 +154,17 @@ class _Planner:
             if h == "uncond" and not self.cfg:
                 raise InvalidInput("half='uncond' needs classifier-free guidance, but this run has none (guidance <= 1 "
                                    "or a guidance-distilled model): patch half='cond' or 'both'")
-        return [(label, h) for label, h in entries]
+        return entries
 
     def hook_names(self, kinds: Iterable[str], blocks: Iterable[int], positions) -> list[str]:
         """The hook point names of these kinds in these blocks, each checked against the model."""
         found = []
         for kind in kinds:
             tap = names.parse_kind(kind)
-            stream = tap.stream
-            if positions is not None and positions[0] != stream:
+            if positions is not None and positions[0] != tap.stream:
                 what = "words and text positions" if positions[0] == "txt" else "image-region masks"
-                instead = "token-grid masks" if stream == "img" else "words or text positions"
-                raise InvalidInput(f"{what} index the {positions[0]} stream, but hook {kind!r} is in the {stream} "
+                instead = "token-grid masks" if tap.stream == "img" else "words or text positions"
+                raise InvalidInput(f"{what} index the {positions[0]} stream, but hook {kind!r} is in the {tap.stream} "
                                    f"stream: patch *_{positions[0]} hooks, or give {instead} as positions")
             for block in blocks:
                 name = names.tap(block, tap.short, tap.attention)

@@ -102,12 +102,10 @@ class PatchingResult:
         import plotly.express as px
 
         free = [d for d in self.dims if d not in where]
-        if x is None and y is None:
-            y, x = (free[0], free[1]) if len(free) >= 2 else (None, free[0] if free else None)
-        elif x is None:
-            x = next((d for d in free if d != y), None)
-        elif y is None:
-            y = next((d for d in free if d != x), None)
+        if x is None and y is None and len(free) >= 2:
+            y = free[0]  # then x = free[1]: dims[0] down, dims[1] across
+        x = next((d for d in free if d != y), None) if x is None else x
+        y = next((d for d in free if d != x), None) if y is None else y
         if x is None:  # one free dimension: show it across
             x, y = y, None
         for dim in (x, y):

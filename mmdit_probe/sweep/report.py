@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -31,6 +32,13 @@ from .run import read_record, record_masks
 def _means(table, keys: list[str]) -> dict[tuple, float]:
     grouped = table.group_by(keys).aggregate([("value", "mean")]).to_pydict()
     return {tuple(grouped[k][i] for k in keys): grouped["value_mean"][i] for i in range(len(grouped["value_mean"]))}
+
+
+def _typed_means(table, keys: list[str]) -> dict[tuple, float]:
+    """`_means` with "word_type" among the keys, where the type "all" is every row of the others."""
+    everything = table.set_column(table.schema.get_field_index("word_type"), "word_type",
+                                  pa.repeat(pa.scalar("all"), table.num_rows))
+    return _means(pa.concat_tables([everything, table]), keys)
 
 
 def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", grid: str = "pixels",
@@ -56,16 +64,9 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
         raise ValueError(f"{out}/scores.parquet has no scores: no prompt had a word with a mask")
     types = ["all", *sorted(set(table.column("word_type").to_pylist()))]
 
-    per_type = _means(table, ["kind", "grid", "metric", "word_type", "block", "step"])
-    overall = _means(table, ["kind", "grid", "metric", "block", "step"])
-    heatmaps = {}
-    for k in config["kinds"]:
-        for g in config["grids"]:
-            for m in METRICS:
-                for t in types:
-                    heatmaps[f"{k}/{g}/{m}/{t}"] = [
-                        [overall[(k, g, m, b, s)] if t == "all" else per_type.get((k, g, m, t, b, s), float("nan"))
-                         for s in steps] for b in blocks]
+    per_type = _typed_means(table, ["kind", "grid", "metric", "word_type", "block", "step"])
+    heatmaps = {f"{k}/{g}/{m}/{t}": [[per_type.get((k, g, m, t, b, s), float("nan")) for s in steps] for b in blocks]
+                for k in config["kinds"] for g in config["grids"] for m in METRICS for t in types}
     by_block = _means(table, ["kind", "grid", "metric", "block"])
     block_scores = {f"{k}/{g}/{m}": [by_block[(k, g, m, b)] for b in blocks]
                     for k in config["kinds"] for g in config["grids"] for m in METRICS}
@@ -73,10 +74,8 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
     order = np.argsort(-chosen if HIGHER_IS_BETTER[metric] else chosen, kind="stable")
     ranking = [{"block": blocks[i], "score": float(chosen[i])} for i in order]
     top_layers = [r["block"] for r in ranking[:top_k]]
-    by_window = {**_means(windows, ["kind", "grid", "metric", "window", "word_type", "block"]),
-                 **_means(windows, ["kind", "grid", "metric", "window", "block"])}
-    block_windows = {f"{k}/{g}/{m}/{w}/{t}": [by_window.get((k, g, m, w, b) if t == "all" else (k, g, m, w, t, b),
-                                                             float("nan")) for b in blocks]
+    by_window = _typed_means(windows, ["kind", "grid", "metric", "window", "word_type", "block"])
+    block_windows = {f"{k}/{g}/{m}/{w}/{t}": [by_window.get((k, g, m, w, t, b), float("nan")) for b in blocks]
                      for k in config["kinds"] for g in config["grids"] for m in METRICS
                      for w in config.get("windows", []) for t in types}
 

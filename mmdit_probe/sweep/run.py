@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import validation
@@ -245,18 +245,24 @@ class PreparedSweep:
         if state.is_main_process:
             records.mkdir(parents=True, exist_ok=True)
             _write_or_check_config(self.out, config)
-            _write_atomically(self.out / "prompts.jsonl", "".join(
-                json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
+            with written_atomically(self.out / "prompts.jsonl") as temporary:
+                temporary.write_bytes("".join(
+                    json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
         state.wait_for_everyone()
         _write_or_check_config(self.out, config)  # every process: it may have been started with other options
         todo = [p for p in prompts if not valid_record(records / f"{p.id}.safetensors", config)]
         done_before = len(prompts) - len(todo)
         # Nobody writes a record before everyone has listed what is left, so every process splits the same list.
         state.wait_for_everyone()
-        todo = todo[:self.max_prompts] if self.max_prompts is not None else todo
+        todo = todo[:self.max_prompts]  # None: all
 
         bar = tqdm(total=len(prompts), initial=done_before, desc="sweep", unit="prompt",
                    disable=not (self.progress and state.is_main_process))
+
+        def show(written: int) -> None:
+            bar.n = done_before + written
+            bar.refresh()
+
         with state.split_between_processes(todo) as mine:
             for item in mine:
                 try:
@@ -264,18 +270,17 @@ class PreparedSweep:
                 except Exception as error:  # one prompt's data never stops the sweep; its record says why
                     if not self.keep_going:
                         raise
-                    maps, extra, meta = _failed(item, config, error)
+                    maps, extra, meta = _unscored(item, config, failed=f"{type(error).__name__}: {error}",
+                                                  traceback="".join(traceback.format_exception(error)))
                 meta["process"] = state.process_index  # which process made it; not part of the results
                 _write_record(records / f"{item.id}.safetensors", maps, extra, meta)
-                bar.n = done_before + _written_since(records, started)
-                bar.refresh()
+                show(_written_since(records, started))
         if state.is_main_process:
             # The others' records appear as files; counting them is all the coordination needed.
             while (written := _written_since(records, started)) < len(todo):
-                bar.n = done_before + written
-                bar.refresh()
+                show(written)
                 time.sleep(0.5)
-            bar.n = done_before + len(todo)
+            show(len(todo))
             bar.close()
         state.wait_for_everyone()
         if not state.is_main_process:
@@ -430,21 +435,16 @@ def _write_or_check_config(out: Path, config: SweepConfig) -> None:
     if (out / "config.json").exists():
         _check_config(out, config)
     else:
-        _write_atomically(out / "config.json", json.dumps(asdict(config), indent=2).encode())
+        with written_atomically(out / "config.json") as temporary:
+            temporary.write_bytes(json.dumps(asdict(config), indent=2).encode())
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    with written_atomically(path) as temporary:
-        temporary.write_bytes(data)
-
-
-def _failed(item: PromptItem, config: SweepConfig, error: Exception) -> tuple[None, dict[str, torch.Tensor], dict]:
-    """A failed prompt's record, as `run_prompt` returns one: no maps, no scores, and why, with the traceback.
-    It is never a valid record, so the next run retries the prompt."""
-    meta = {"id": item.id, "prompt": item.prompt, "seed": item.seed, "config": config.sha256, "words": [],
-            "unmasked": [], "shape": [], "failed": f"{type(error).__name__}: {error}",
-            "traceback": "".join(traceback.format_exception(error))}
-    return None, {"scores": torch.zeros(0, dtype=torch.float64)}, meta
+def _unscored(item: PromptItem, config: SweepConfig, **meta: str) -> tuple[None, dict[str, torch.Tensor], dict]:
+    """A record with no maps and no scores, as `run_prompt` returns one. A failed prompt's `meta` says why, with the
+    traceback; such a record is never valid, so the next run retries the prompt."""
+    return None, {"scores": torch.zeros(0, dtype=torch.float64)}, {
+        "id": item.id, "prompt": item.prompt, "seed": item.seed, "config": config.sha256, "words": [], "unmasked": [],
+        "shape": [], **meta}
 
 
 def _written_since(records: Path, started: float) -> int:
@@ -465,10 +465,8 @@ def run_prompt(probe, item: PromptItem, config: SweepConfig, masks) -> tuple[Any
     """Generate one prompt, record its maps, get masks and score: (maps, extra tensors, record metadata)."""
     table = probe.tokens(item.prompt)
     words = _choose_words(table, config.words)
-    meta: dict[str, Any] = {"id": item.id, "prompt": item.prompt, "seed": item.seed, "config": config.sha256,
-                            "words": [], "unmasked": [], "shape": []}
     if not words:
-        return None, {"scores": torch.zeros(0, dtype=torch.float64)}, meta
+        return _unscored(item, config)
     positions = sorted({p for i, _ in words for p in table.positions(i)})
     record = {"blocks": config.blocks, "steps": config.record_steps, "kinds": config.kinds, "positions": positions,
               "dtype": getattr(torch, config.maps_dtype)}
@@ -496,8 +494,8 @@ def run_prompt(probe, item: PromptItem, config: SweepConfig, masks) -> tuple[Any
             for g, grid in enumerate(config.grids):
                 values = _score(flat, targets[grid], config.threshold)  # (slot x block, metric)
                 scores[w, k, :, :, :, g] = values.reshape(n_slots, n_blocks, -1).transpose(1, 0, 2)
-    meta.update(words=[[i, w, item.word_types.get(w, "other")] for i, w in scored],
-                unmasked=[[i, w] for i, w in words if i not in found], shape=list(scores.shape))
+    meta = {**_unscored(item, config)[2], "words": [[i, w, item.word_types.get(w, "other")] for i, w in scored],
+            "unmasked": [[i, w] for i, w in words if i not in found], "shape": list(scores.shape)}
     packed = np.stack([np.packbits(found[i].astype(bool).ravel()) for i, _ in scored]) if scored else np.zeros((0, 0))
     extra = {"scores": torch.from_numpy(scores), "image": torch.from_numpy(image.copy()),
              "masks": torch.from_numpy(packed.astype(np.uint8))}
@@ -521,17 +519,12 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _write_record(path: Path, maps, extra: dict[str, torch.Tensor], meta: dict) -> None:
-    tensors = dict(extra)
-    if maps is not None:
-        tensors.update({k: maps.tensor(k) for k in maps.kinds})
-    meta["checksum"] = _checksum(tensors)
+    meta["checksum"] = _checksum({**extra, **({} if maps is None else {k: maps.tensor(k) for k in maps.kinds})})
     if maps is not None:  # `save` writes whole or not at all
         maps.save(path, overwrite=True, extra_tensors=extra, extra_metadata={"sweep": json.dumps(meta)})
-        return
-    from safetensors.torch import save_file
-
-    with written_atomically(path) as temporary:
-        save_file(extra, str(temporary), metadata={"sweep": json.dumps(meta)})
+    else:
+        with written_atomically(path) as temporary:
+            save_file(extra, str(temporary), metadata={"sweep": json.dumps(meta)})
 
 
 def read_record(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -553,11 +546,9 @@ def record_masks(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[int, np.n
 
 def valid_record(path: Path, config: SweepConfig) -> bool:
     """Whether a record is whole, uncorrupted, made with this configuration, and not of a failed prompt."""
-    if not path.exists():
-        return False
     try:
         meta, _ = read_record(path)
-    except Exception:  # truncated, garbled or half-written: any failure to read means redo
+    except Exception:  # absent, truncated, garbled or half-written: any failure to read means redo
         return False
     return meta.get("config") == config.sha256 and "failed" not in meta
 
@@ -597,34 +588,20 @@ def merge(out: str | Path, prompts: list[PromptItem], config: SweepConfig) -> tu
 def _unscored_rows(meta: dict, item: PromptItem) -> pa.Table:
     """One row per word the mask source found no mask for: `scored` false, no kind, block, step or value
     (so a filter on `window`, or a mean that skips nulls, leaves them out)."""
-    words, n = meta["unmasked"], len(meta["unmasked"])
-    return pa.table({"prompt_id": [meta["id"]] * n, "prompt": [meta["prompt"]] * n, "seed": [meta["seed"]] * n,
-                     "word_index": [i for i, _ in words], "word": [w for _, w in words],
-                     "word_type": [item.word_types.get(w, "other") for _, w in words],
-                     **{name: [None] * n for name in ("kind", "block", "step", "window", "metric", "grid", "value")},
-                     "scored": [False] * n}, schema=SCHEMA)
+    return pa.Table.from_pylist([{"prompt_id": meta["id"], "prompt": meta["prompt"], "seed": meta["seed"],
+                                  "word_index": i, "word": w, "word_type": item.word_types.get(w, "other"),
+                                  "scored": False} for i, w in meta["unmasked"]], schema=SCHEMA)
 
 
 def _rows(meta: dict, scores: np.ndarray, config: SweepConfig) -> pa.Table:
     """One row per element of the record's (word, kind, block, step or window, metric, grid) score array."""
     w, k, b, s, m, g = np.indices(scores.shape).reshape(6, -1)
-    words = meta["words"]
-    n = scores.size
+    index, word, word_type = np.array(meta["words"], dtype=object).T
     steps = np.array(config.record_steps + [-1] * len(config.windows))
     windows = np.array(["step"] * len(config.record_steps) + config.windows)
-    return pa.table({
-        "prompt_id": pa.array([meta["id"]] * n, pa.string()),
-        "prompt": pa.array([meta["prompt"]] * n, pa.string()),
-        "seed": pa.array(np.full(n, meta["seed"]), pa.int64()),
-        "word_index": pa.array(np.array([x[0] for x in words])[w], pa.int32()),
-        "word": pa.array(np.array([x[1] for x in words])[w], pa.string()),
-        "word_type": pa.array(np.array([x[2] for x in words])[w], pa.string()),
-        "kind": pa.array(np.array(config.kinds)[k], pa.string()),
-        "block": pa.array(np.array(config.blocks)[b], pa.int32()),
-        "step": pa.array(steps[s], pa.int32()),
-        "window": pa.array(windows[s], pa.string()),
-        "metric": pa.array(np.array(METRICS)[m], pa.string()),
-        "grid": pa.array(np.array(config.grids)[g], pa.string()),
-        "value": pa.array(scores.ravel(), pa.float64()),
-        "scored": pa.array(np.ones(n, bool), pa.bool_()),
-    })
+    n = scores.size
+    return pa.table({"prompt_id": [meta["id"]] * n, "prompt": [meta["prompt"]] * n, "seed": np.full(n, meta["seed"]),
+                     "word_index": index[w], "word": word[w], "word_type": word_type[w],
+                     "kind": np.array(config.kinds)[k], "block": np.array(config.blocks)[b], "step": steps[s],
+                     "window": windows[s], "metric": np.array(METRICS)[m], "grid": np.array(config.grids)[g],
+                     "value": scores.ravel(), "scored": np.ones(n, bool)}, schema=SCHEMA)
