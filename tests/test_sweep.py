@@ -410,6 +410,8 @@ def test_prompt_file_errors_name_the_file_and_line(tmp_path):
         "no_prompt.jsonl": ('{"text": "a red circle"}\n', 'no_prompt.jsonl, line 1: no "prompt"'),
         "seed.jsonl": ('{"prompt": "a", "seed": "7"}\n', "seed.jsonl, line 1: seed='7' (str) is not allowed"),
         "types.jsonl": ('{"prompt": "a", "word_types": ["cat"]}\n', "types.jsonl, line 1: word_types="),
+        "type_all.jsonl": ('{"prompt": "a cat", "word_types": {"cat": "all"}}\n',
+                           "type_all.jsonl, line 1: word_types={'cat': 'all'}: the type 'all' names every word"),
         "ids.jsonl": ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n',
                       "ids.jsonl, line 2: the id 'x' is already used on line 1"),
         "bad_id.jsonl": ('{"prompt": "a", "id": "../x"}\n', "bad_id.jsonl, line 1: the id '../x' names a file"),

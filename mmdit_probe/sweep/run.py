@@ -138,6 +138,10 @@ def _checked_item(item: PromptItem) -> PromptItem:
     if not isinstance(types, dict) or not all(isinstance(x, str) for pair in types.items() for x in pair):
         raise InvalidInput(f"word_types={types!r} is not allowed: give {{word: type}} as strings, e.g. "
                            f"{{\"cat\": \"animal\"}}")
+    if "all" in types.values():
+        # The report's type "all" is every word together; a word typed "all" would be counted in it twice.
+        raise InvalidInput(f"word_types={types!r}: the type 'all' names every word in the report; call these words' "
+                           f"type something else")
     return replace(item, seed=seed)
 
 
