@@ -95,6 +95,7 @@ class AttentionRecorder:
         self.heads, self.rows, self.dtype = heads, rows, dtype
         self.positions = self._positions(positions, family.text_length(length))
         self._index = torch.tensor(self.positions)
+        self._key_mask = family.text_key_mask(self.tables, self.positions)  # padding the kernel masks out
         self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
         if attn2 and not self.attn2_blocks:
             raise validation.InvalidInput("attn2=True, but none of the chosen blocks has an image-only attn2 "
@@ -217,6 +218,9 @@ class AttentionRecorder:
         if "t2i" in self.kinds:
             logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
             maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
+            if self._key_mask is not None:  # rows are [uncond | cond] or cond: each row's prompt is row % prompts
+                mask = self._key_mask.to(maps["t2i"].device)[rows % len(self.prompts)]
+                maps["t2i"] = maps["t2i"] * mask[:, None, None, :]
         if "i2t" in self.kinds:
             logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
             maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)

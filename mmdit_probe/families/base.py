@@ -33,6 +33,10 @@ class TextSegment:
     text_encoder: str  # attribute of the pipeline; when it is None the rows are zeros, not tokens
     start: int
     length: int
+    # Where the pipeline encodes the prompt inside a template (Qwen-Image's chat template) and drops its first `drop`
+    # tokens: the template, with "{}" where the prompt goes.
+    template: str | None = None
+    drop: int = 0
 
 
 def single_streams(family) -> int:
@@ -139,6 +143,15 @@ class Family:
     def text_length(self, max_sequence_length: int) -> int:
         segments = self.text_segments(max_sequence_length)
         return segments[-1].start + segments[-1].length if segments else 0
+
+    def embed_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Text-encoder states as the transformer's text stream enters its first block (concept tokens use this)."""
+        return self.transformer.context_embedder(embeds)
+
+    def text_key_mask(self, tables, positions: list[int]) -> torch.Tensor | None:
+        """Which of these text positions each prompt's queries may attend to, (prompts, positions) bool, where the
+        family's attention masks text keys (its T2I there is 0, as in the kernel); None where every key is seen."""
+        return None
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Image tokens per column and row for an image of this size."""
