@@ -127,6 +127,11 @@ def test_positions_past_the_batch_text_are_refused(qwen):
         AttentionRecorder(qwen, _inputs(qwen, ["a red cat", "a blue dog"]), positions="all")
 
 
+def test_one_step_is_refused(qwen):
+    with pytest.raises(mmdit_probe.validation.InvalidInput, match="shift_terminal"):
+        qwen.inputs("a red cat", steps=1)
+
+
 def test_patching_a_run_with_itself_changes_nothing(qwen):
     inputs = _inputs(qwen)
     plain = qwen.pipeline(**inputs).images

@@ -54,6 +54,9 @@ class Family:
     image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
     # Classifier-free guidance runs as one doubled batch [uncond | cond] when guidance > 1.
     batched_guidance = True
+    # diffusers can fuse the q/k/v projections (`fuse_qkv_projections()`) and the stock processors use them.
+    fuses_qkv = True
+    min_steps, min_steps_why = 1, ""  # the fewest denoising steps whose schedule is defined
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -97,6 +100,11 @@ class Family:
     def block_labels(self) -> list[str]:
         """A name per block, for figures and tables."""
         return [f"block {b}" for b in range(self.num_blocks)]
+
+    def guidance_inputs(self, guidance: float) -> dict[str, Any]:
+        """The pipeline arguments that set this guidance scale; `guidance_scale` is always among them (the editors
+        and samplers read it)."""
+        return {"guidance_scale": guidance}
 
     def doubles_batch(self, inputs: dict[str, Any]) -> bool:
         """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""

@@ -14,6 +14,9 @@ last tokens, which an Edit family would split off where this processor splits te
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
@@ -22,6 +25,19 @@ from .. import validation
 from ..kernels import attention_with_lse, chunked_logsumexp
 from ..taps import TapProcessor, project_qkv
 from .base import Attention, Family, TextSegment
+
+
+def _ignored_guidance(record: logging.LogRecord) -> bool:
+    return not record.getMessage().endswith("ignored since the model is not guidance-distilled.")
+
+
+def _quiet_ignored_guidance() -> None:
+    """Every probe's inputs carry `guidance_scale` (`Family.guidance_inputs`), which the Qwen-Image pipelines log as
+    ignored on each call for checkpoints without guidance distillation: that notice says nothing to a probe user."""
+    for name in ("pipeline_qwenimage", "pipeline_qwenimage_img2img"):
+        logger = logging.getLogger(f"diffusers.pipelines.qwenimage.{name}")
+        if _ignored_guidance not in logger.filters:
+            logger.addFilter(_ignored_guidance)
 
 
 def _project(attn, states: torch.Tensor, stream: str) -> tuple[torch.Tensor, ...]:
@@ -134,6 +150,19 @@ class QwenImageFamily(Family):
     # True CFG runs the negative prompt as a second transformer call, never a doubled batch (recording, patching and
     # editing refuse it: `validation.one_call_per_step`).
     batched_guidance = False
+    # Its attention is diffusers' legacy `Attention`, which the transformer's `fuse_qkv_projections()` skips.
+    fuses_qkv = False
+    # Qwen-Image's scheduler stretches its sigmas to `shift_terminal` (0.02): one step divides 0 by 0 (NaN sigma).
+    min_steps, min_steps_why = 2, "its scheduler's shift_terminal makes a one-step schedule NaN"
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        _quiet_ignored_guidance()
+
+    def guidance_inputs(self, guidance: float) -> dict[str, Any]:
+        """Guidance is true CFG (`true_cfg_scale`), which takes effect with a `negative_prompt` (the model card's is
+        " "), as a second transformer call per step. `guidance_scale` feeds only guidance-distilled checkpoints."""
+        return {"guidance_scale": guidance, "true_cfg_scale": guidance}
 
     def _attentions(self) -> list[Attention]:
         return [Attention(i, "attn", f"transformer_blocks.{i}.attn", True)
