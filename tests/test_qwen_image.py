@@ -197,3 +197,53 @@ def test_taps_hold_exactly_the_stock_processors_q_k_v(qwen, monkeypatch):
             joint = joint.transpose(1, 2)
             assert torch.equal(taps[f"blocks.{block}.attn.hook_{name}_txt"][step], joint[:, :, :n_text])
             assert torch.equal(taps[f"blocks.{block}.attn.hook_{name}_img"][step], joint[:, :, n_text:])
+
+
+def test_true_cfg_is_plain_generation_only(qwen):
+    inputs = _inputs(qwen, ["a red cat"], guidance=4.0, negative_prompt=" ")
+    assert inputs["true_cfg_scale"] == 4.0
+    with pytest.raises(mmdit_probe.validation.InvalidInput, match="twice per step"):
+        AttentionRecorder(qwen, inputs)
+    assert qwen.pipeline(**inputs).images.isfinite().all()
+
+
+def test_a_sweep_and_the_explorer_run_on_qwen_image(qwen, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from mmdit_probe.sweep import FolderMasks, sweep
+    from mmdit_probe.viz.explorer import Explorer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat on a mat\n")
+    folder = tmp_path / "masks" / "p00000"
+    folder.mkdir(parents=True)
+    cat = np.zeros((64, 64), np.uint8)
+    cat[16:48, 16:48] = 255
+    Image.fromarray(cat).save(folder / "cat.png")
+    result = sweep(qwen, str(prompts), tmp_path / "out", masks=FolderMasks(tmp_path / "masks"), words=["cat"],
+                   resolution=64, num_steps=2, kinds=["t2i"], progress=False)
+    table = pq.read_table(result.table)
+    assert set(table.column("word").to_pylist()) == {"cat"}
+    assert set(table.column("block").to_pylist()) == set(range(qwen.family.num_blocks))
+    maps = qwen.generate("a red cat on a mat", steps=2, height=64, width=64, record=True).maps
+    explorer = Explorer(maps)
+    assert explorer.word.value == "red"
+    explorer.block.value = 2
+    assert "block 2" in explorer.caption.value
+
+
+def test_real_images_invert_edit_and_flowedit_through_the_video_vae(qwen):
+    from mmdit_probe.editing.flowedit import flowedit
+
+    prompt = "a red cat on a mat"
+    generation = {"steps": 2, "max_sequence_length": LENGTH, **SIZE}
+    image = qwen.generate(prompt, **generation).images[0]
+    inverted = qwen.invert(image, prompt, **generation)
+    assert inverted.latents.shape == (1, 24, 64) and inverted.reconstruction.size == image.size
+    result = qwen.edit_image(image, prompt, "a blue cat on a mat", **generation)
+    assert result.params["inversion"] == "fixed-point" and result.edited_image.size == image.size
+    unchanged = flowedit(qwen, image, prompt, prompt, **generation)
+    roundtrip = decode(qwen, encode(qwen, image, **SIZE), **SIZE)[0]
+    # z_edit + (z_src - x_src) equals z_src up to float rounding: at most one grey level anywhere.
+    assert np.abs(np.asarray(unchanged, dtype=int) - np.asarray(roundtrip, dtype=int)).max() <= 1

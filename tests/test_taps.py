@@ -5,7 +5,6 @@ import torch
 from conftest import tiny_inputs
 from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from mmdit_probe.taps import TapProcessor
 from mmdit_probe.validation import InvalidInput
@@ -143,10 +142,12 @@ def test_taps_equal_independently_computed_sdpa_inputs(probe, kind):
                     if attn.norm_added_q is not None:
                         txt["q"], txt["k"] = attn.norm_added_q(txt["q"]), attn.norm_added_k(txt["k"])
             elif family.name == "qwen_image":  # each stream projected, normed and rotated by its own frequencies
+                from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
                 image_freqs, text_freqs = kwargs["image_rotary_emb"]
 
-                def stream(x, projections, norms, freqs):
-                    q, k, v = (f(x).unflatten(-1, (h, -1)) for f in projections)
+                def stream(x, projections, norms, freqs, heads=h):
+                    q, k, v = (f(x).unflatten(-1, (heads, -1)) for f in projections)
                     q, k = (apply_rotary_emb_qwen(norm(t), freqs, use_real=False) for norm, t in zip(norms, (q, k)))
                     return {n: t.transpose(1, 2) for n, t in zip("qkv", (q, k, v))}
                 img = stream(hidden, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k), image_freqs)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from .. import validation
 from ..kernels import attention_with_lse, chunked_logsumexp
@@ -53,6 +52,10 @@ def _project(attn, states: torch.Tensor, stream: str) -> tuple[torch.Tensor, ...
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, freqs) -> tuple[torch.Tensor, torch.Tensor]:
+    # Imported here: diffusers' transformers package takes seconds to import, and only a Qwen-Image pipeline (which
+    # has imported it already) gets here.
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
     return apply_rotary_emb_qwen(q, freqs, use_real=False), apply_rotary_emb_qwen(k, freqs, use_real=False)
 
 
