@@ -144,8 +144,9 @@ def test_patching_a_run_with_itself_changes_nothing(qwen):
     assert torch.equal(output.images, plain)
 
 
-def test_an_edit_keeps_the_source_row_and_tau_zero_is_the_plain_target(qwen):
-    source, target = "a red cat on a mat", "a blue cat on a mat"
+@pytest.mark.parametrize("source, target", [("a red cat on a mat", "a blue cat on a mat"),
+                                             ("a cat", "a big fluffy red cat")])  # the second pair is padded
+def test_an_edit_keeps_the_source_row_and_tau_zero_is_the_plain_target(qwen, source, target):
     generation = {"steps": 2, "max_sequence_length": LENGTH, "output_type": "latent", **SIZE}
     result = qwen.edit(source, target, seed=0, **generation)
     plain = qwen.pipeline(**_inputs(qwen, [source, target])).images
