@@ -14,8 +14,9 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def word_merges(words, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges that make each word a single token; merged pieces are added to `vocab`.
+def word_merges(words, vocab: dict[str, int], end: str = "</w>") -> list[tuple[str, str]]:
+    """BPE merges that make each word a single token; merged pieces are added to `vocab`. `end` marks a word's last
+    piece (CLIP's "</w>"; "" for byte-level BPEs such as Qwen2's, whose words carry a leading "Ġ" instead).
 
     A merge ranked after all existing ones never changes a word already reduced to one token, so
     merging each word's first remaining pair, word by word, ends with every word one token.
@@ -23,7 +24,7 @@ def word_merges(words, vocab: dict[str, int]) -> list[tuple[str, str]]:
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+        while len(pieces := _bpe([*word[:-1], word[-1] + end], ranks)) > 1:
             pair = (pieces[0], pieces[1])
             ranks[pair] = len(merges)
             merges.append(pair)

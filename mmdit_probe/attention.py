@@ -107,6 +107,7 @@ class AttentionRecorder:
         self.queries = [] if queries is None else self._queries(queries)
         # Which tokens of each stream a stored axis holds, by name (moved to each device once, in `_indices`).
         self._index = {"text": torch.tensor(self.positions), "query": torch.tensor(self.queries, dtype=torch.long)}
+        self._key_mask = family.text_key_mask(self.tables, self.positions)  # padding the kernel masks out
         self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
         if attn2 and not self.attn2_blocks:
             raise validation.InvalidInput("attn2=True, but none of the chosen blocks has an image-only attn2 "
@@ -249,10 +250,12 @@ class AttentionRecorder:
     # Largest float32 logits block (bytes) of one region computed at once; larger ones go in query chunks.
     CHUNK_BYTES = 2**29
 
-    def _region(self, kind: str, taps: dict[str, torch.Tensor], index: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _region(self, kind: str, taps: dict[str, torch.Tensor], index: dict[str, torch.Tensor],
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One region's probabilities exp(q k^T / sqrt d - lse_q) from the taps (`constants.REGIONS`): text tokens
         are the recorded positions; image tokens are every token on the first stored axis, the chosen query
-        patches on the last. Returns (row, [head,] first axis, last axis)."""
+        patches on the last. `key_mask` (row, recorded text position) zeroes text keys the kernel masks out.
+        Returns (row, [head,] first axis, last axis)."""
         q_stream, k_stream, order = REGIONS[kind]
         # Each stream's tokens on the first and on the last stored axis (None: every token).
         first, last = {"txt": index["text"], "img": None}, {"txt": index["text"], "img": index["query"]}
@@ -268,6 +271,8 @@ class AttentionRecorder:
         parts = []
         for part, normaliser in zip(q.split(chunk, dim=2), lse.split(chunk, dim=2)):
             p = torch.exp(part @ keys * scale - normaliser.unsqueeze(-1))
+            if key_mask is not None and k_stream == "txt":
+                p = p * key_mask[:, None, None, :]
             parts.append(p.mean(dim=1) if self.heads == "mean" else p)
         m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
         return m.transpose(-1, -2) if order == "kq" else m
@@ -301,8 +306,11 @@ class AttentionRecorder:
         taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in self.TAPS}
         rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
         taps = {name: taps[name][rows].float() for name in self.TAPS}
+        # Padded text keys the kernel masks out (Qwen-Image): rows are [uncond | cond] or cond, so a row's prompt is
+        # row % prompts.
+        key_mask = None if self._key_mask is None else self._key_mask.to(rows.device)[rows % len(self.prompts)]
         for kind in self.kinds:
-            self._keep(kind, step, block, self.blocks, self._region(kind, taps, index).to(self.dtype))
+            self._keep(kind, step, block, self.blocks, self._region(kind, taps, index, key_mask).to(self.dtype))
         if block in self.attn2_blocks:
             q, k, lse = (self.probe.hook(tap(block, n, "attn2")).output[rows].float()
                          for n in ("q_img", "k_img", "lse_img"))

@@ -140,9 +140,11 @@ def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> tor
     its `concept_token`. Every concept's token is checked before any text encoder runs."""
     tokens = [concept_token(probe, c, max_sequence_length) for c in concepts]
     pipe = probe.pipeline
-    options = {"prompt": concepts, "prompt_2": None, "device": pipe._execution_device,
-               "max_sequence_length": max_sequence_length}
-    if "prompt_3" in inspect.signature(pipe.encode_prompt).parameters:  # SD3: no negative prompts wanted
+    options = {"prompt": concepts, "device": pipe._execution_device, "max_sequence_length": max_sequence_length}
+    parameters = inspect.signature(pipe.encode_prompt).parameters
+    if "prompt_2" in parameters:  # SD3, Flux: the first prompt for every encoder (Qwen-Image has one encoder)
+        options["prompt_2"] = None
+    if "prompt_3" in parameters:  # SD3: no negative prompts wanted
         options.update(prompt_3=None, do_classifier_free_guidance=False)
     with torch.no_grad():
         embeds = pipe.encode_prompt(**options)[0]
@@ -244,7 +246,7 @@ class ConceptStream:
                                f"two under classifier-free guidance")
         prompt = torch.arange(batch) % n  # [uncond | cond] rows under guidance
         embeds = self.embeds[prompt].to(device=text.device, dtype=text.dtype)
-        self.state = transformer.context_embedder(embeds)
+        self.state = self.probe.family.embed_text(embeds)
         valid = self.valid[prompt]
         self.key_mask = None if valid.all() else valid[:, None, None].to(text.device)
         if kwargs.get("txt_ids") is not None:

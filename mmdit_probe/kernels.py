@@ -26,18 +26,25 @@ LSE_TOLERANCE = 1e-3
 _CHECKED_QUERIES = 256
 
 
-def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
+def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log-sum-exp over keys of q k^T / sqrt(d) for (batch, heads, tokens, dim) inputs.
 
     In float32 (as the recorder's logits are: half-precision logits would not match them), over
-    query chunks whose logits stay within `budget` bytes.
+    query chunks whose logits stay within `budget` bytes. `key_mask` (batch, keys), True where a key
+    is attended, leaves the other keys out, as a boolean attention mask does in the kernels.
     """
     scale = q.shape[-1] ** -0.5
     batch, heads, _, _ = q.shape
     chunk = max(1, budget // (4 * batch * heads * k.shape[2]))
     keys = k.float().transpose(-1, -2)
-    return torch.cat([torch.logsumexp((part.float() @ keys) * scale, dim=-1) for part in q.split(chunk, dim=2)],
-                     dim=2)
+    masked = None if key_mask is None else ~key_mask[:, None, None, :]
+
+    def lse(part: torch.Tensor) -> torch.Tensor:
+        logits = (part.float() @ keys) * scale
+        return torch.logsumexp(logits if masked is None else logits.masked_fill(masked, -torch.inf), dim=-1)
+
+    return torch.cat([lse(part) for part in q.split(chunk, dim=2)], dim=2)
 
 
 def _scale(q: torch.Tensor) -> float:

@@ -49,6 +49,12 @@ PRESETS: dict[str, Preset] = {
         Preset("flux.1-schnell", "flux", "black-forest-labs/FLUX.1-schnell", 4, 0.0, 1024, 256,
                (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
                notes="few-step; T5 length 256"),
+        # Qwen-Image's model card: 50 steps, true_cfg_scale=4.0 with negative_prompt=" ", 1328x1328 for 1:1. True
+        # CFG is a second transformer call per step, which recording, patching and editing refuse, so the default
+        # here is no guidance (one call per step); the pipeline's max_sequence_length default is 512.
+        Preset("qwen-image", "qwen_image", "Qwen/Qwen-Image", 50, 1.0, 1328, 512, (30, 35, 40, 25, 45), theta=0.3,
+               notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') runs plain "
+                     "generation only; top layers and theta are a guess until a sweep picks them"),
         # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
         # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json). A higher θ
         # breaks background edits (README, "Editing on the Shapes world").
@@ -60,6 +66,7 @@ PRESETS: dict[str, Preset] = {
 FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
     "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
+    "qwen_image": replace(PRESETS["qwen-image"], name="qwen_image (family defaults)", hub_id=None),
 }
 
 _HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
@@ -102,6 +109,8 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["toy"]  # a toy model from a training run (python -m mmdit_probe.toy.train --export)
     if family == "flux" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
+    if family == "qwen_image" and (layers, heads) == (60, 24):
+        return PRESETS["qwen-image"]
     return None
 
 

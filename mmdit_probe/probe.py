@@ -228,6 +228,9 @@ class Probe:
             "steps": validation.optional_positive_int("steps", steps),
             "guidance": None if guidance is None else validation.number("guidance", guidance, low=0.0),
         }
+        if checked["steps"] is not None and checked["steps"] < self.family.min_steps:
+            raise validation.InvalidInput(f"steps={checked['steps']} is not allowed: {self.family.name} samples "
+                                          f"with at least {self.family.min_steps} steps ({self.family.min_steps_why})")
         for name, value in (("height", height), ("width", width)):
             checked[name] = None if value is None else validation.image_side(name, value, self.family.token_pixels,
                                                                               self.family.max_image_side)
@@ -286,7 +289,7 @@ class Probe:
         args: dict[str, Any] = {
             "prompt": prompts,
             "num_inference_steps": steps or self.preset.steps,
-            "guidance_scale": self.preset.guidance if guidance is None else guidance,
+            **self.family.guidance_inputs(self.preset.guidance if guidance is None else guidance),
             "height": height,
             "width": width,
             "max_sequence_length": self.preset.max_sequence_length,
@@ -375,6 +378,9 @@ class Probe:
         diffusers' own `transformer.fuse_qkv_projections()` swaps in its fused processors and so
         removes the taps; this puts tapped processors (which handle fused projections) back.
         """
+        if not self.family.fuses_qkv:
+            raise validation.InvalidInput(f"{type(self.pipeline.transformer).__name__} has no fused q/k/v projections "
+                                          f"in diffusers (its fuse_qkv_projections() changes nothing): run unfused")
         quantized = {type(p).__name__ for p in self.pipeline.transformer.parameters()
                      if type(p) not in (torch.Tensor, torch.nn.Parameter)}
         if quantized:

@@ -11,6 +11,10 @@ defaults, 256 for SD3 and 512 for Flux, work too but are slower):
 * SD3 / SD3.5: ``prompt_embeds`` holds 77 + N tokens: 77 CLIP tokens (CLIP-L and CLIP-G hidden
   states side by side, zero-padded to the T5 width) then N T5 tokens. Inside each joint block the
   sequence is ``[image tokens, text tokens]``; 64x64 pixels give 4x4 = 16 image tokens.
+* Qwen-Image: the text is the prompt's Qwen2.5-VL tokens after the chat template's 34-token prefix (the prompt,
+  then ``<|im_end|>\n<|im_start|>assistant\n``), padded to the longest prompt of the batch (at most N), with a key
+  mask over the padding (None when there is none). The sequence is ``[text tokens, image tokens]``; the VAE is
+  Qwen-Image's video VAE (5-D latents, one frame); 64x64 pixels give 4x4 = 16 image tokens.
 * Flux: the text is the N T5 tokens only (CLIP contributes just its pooled vector). Inside each
   block the sequence is ``[text tokens, image tokens]``; 64x64 pixels give 4x4 = 16 image tokens.
 
@@ -26,18 +30,25 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from transformers import (
+    AddedToken,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -50,6 +61,7 @@ _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd3.5": StableDiffusion3Pipeline,
     "flux-dev": FluxPipeline,
     "flux-schnell": FluxPipeline,
+    "qwen-image": QwenImagePipeline,
 }
 TINY_KINDS: tuple[str, ...] = tuple(_PIPELINE_CLASSES)
 
@@ -61,9 +73,12 @@ TINY_GENERATION_KWARGS: dict[str, dict] = {
         "width": 64,
         "num_inference_steps": 2,
         "guidance_scale": guidance_scale,
-        "max_sequence_length": 16,
+        # Qwen-Image's text is as long as the batch's longest prompt, at most this: 8 makes the test prompts one
+        # length, as the parametrised tests' references (no key mask) need; tests/test_qwen_image.py pads and masks.
+        "max_sequence_length": 8 if kind == "qwen-image" else 16,
     }
-    for kind, guidance_scale in (("sd3", 7.0), ("sd3.5", 7.0), ("flux-dev", 3.5), ("flux-schnell", 0.0))
+    for kind, guidance_scale in (("sd3", 7.0), ("sd3.5", 7.0), ("flux-dev", 3.5), ("flux-schnell", 0.0),
+                                 ("qwen-image", 1.0))
 }
 
 _COMMON_WORDS = """
@@ -127,7 +142,8 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0) -> Path:
     torch.set_default_dtype(torch.float32)
     try:
         with torch.random.fork_rng(devices=[]):
-            pipe = _build_sd3(kind, seed) if kind.startswith("sd3") else _build_flux(kind, seed)
+            builder = _build_sd3 if kind.startswith("sd3") else _build_qwen if kind == "qwen-image" else _build_flux
+            pipe = builder(kind, seed)
     finally:
         torch.set_default_dtype(dtype)
     path = Path(directory)
@@ -160,6 +176,29 @@ def t5_tokenizer() -> T5Tokenizer:
     vocab += [("▁" + word, -5.0) for word in WORDS]
     vocab += [(prefix + c, -10.0) for prefix in ("▁", "") for c in characters]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+# Qwen-Image's system prompt (`QwenImagePipeline.prompt_template_encode`), whose words the tiny Qwen2 tokenizer keeps
+# whole so that the template's prefix is 34 tokens, as the real tokenizer makes it and the pipeline drops.
+_QWEN_TEMPLATE_WORDS = ("system user assistant Describe the image by detailing color shape size texture quantity text "
+                        "spatial relationships of objects and background").split()
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE `Qwen2Tokenizer` laid out like Qwen2.5-VL's: GPT-2's byte alphabet, words with a leading
+    "Ġ" (a space) or none, no end-of-word mark, and the chat template's special tokens.
+
+    Every word of `WORDS` is one token with and without its space (the first word after the template's "user\n"
+    has none); anything else falls back to bytes.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(byte_chars)}
+    words = dict.fromkeys([*WORDS, *_QWEN_TEMPLATE_WORDS])
+    merges = word_merges([w for word in words for w in (word, "Ġ" + word)], vocab, end="")
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL_TOKENS[1:]])
+    return tokenizer
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -310,3 +349,54 @@ def _build_flux(kind: str, seed: int) -> FluxPipeline:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+
+
+def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, width: int) -> Qwen2_5_VLForConditionalGeneration:
+    heads = 2
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            # Sections of the rotary half-dimension for (time, height, width), as in Qwen2.5-VL's config.
+            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": width},
+        vocab_size=len(tokenizer),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _build_qwen(kind: str, seed: int) -> QwenImagePipeline:
+    text_width = 32
+    tokenizer = qwen2_tokenizer()
+    _seed(seed, 0)
+    text_encoder = _qwen_text_encoder(tokenizer, text_width)
+    _seed(seed, 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        # 16 latent channels packed 2x2.
+        in_channels=64,
+        out_channels=16,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_width,
+        axes_dims_rope=(4, 6, 6),
+    )
+    _seed(seed, 2)
+    # Three spatial downsamplings give the real scale factor 8; 16 latent channels as the real VAE.
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                                shift_terminal=0.02, time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)

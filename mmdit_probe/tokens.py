@@ -101,13 +101,20 @@ def tokenize(prompt: str, segments, pipeline) -> TokenTable:
         tokenizer = getattr(pipeline, segment.tokenizer, None)
         if tokenizer is None or getattr(pipeline, segment.text_encoder, None) is None:
             continue  # e.g. SD3 without T5: zero rows, no tokens
-        enc = tokenizer(prompt, padding="max_length", max_length=segment.length, truncation=True,
-                        return_offsets_mapping=True)
+        if segment.template is None:
+            enc = tokenizer(prompt, padding="max_length", max_length=segment.length, truncation=True,
+                            return_offsets_mapping=True)
+            shift = 0
+        else:  # the prompt inside a template whose first `drop` tokens the pipeline drops (Qwen-Image)
+            enc = tokenizer(segment.template.format(prompt), max_length=segment.length + segment.drop,
+                            truncation=True, return_offsets_mapping=True)
+            shift = segment.template.index("{}")
         pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"])
         for i, (mask, (start, end), piece) in enumerate(zip(enc["attention_mask"], enc["offset_mapping"], pieces)):
-            if not mask:
+            if not mask or i < segment.drop:
                 continue
+            start, end = start - shift, end - shift
             word = next(((w, j) for s, e, w, j in spans if min(end, e) > max(start, s)), (None, None))
-            tokens.append(Token(segment.start + i, segment.encoder, piece, *word))
+            tokens.append(Token(segment.start + i - segment.drop, segment.encoder, piece, *word))
     total = segments[-1].start + segments[-1].length if segments else 0
     return TokenTable(prompt, tokens, total)

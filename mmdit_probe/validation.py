@@ -178,7 +178,8 @@ def one_call_per_step(inputs: dict[str, Any]) -> None:
     if inputs.get("skip_guidance_layers"):
         raise InvalidInput("skip_guidance_layers runs the transformer twice per step; record or patch without it")
     if inputs.get("true_cfg_scale", 1.0) > 1 and inputs.get("negative_prompt") is not None:
-        raise InvalidInput("Flux true CFG runs the transformer twice per step; record or patch without it")
+        raise InvalidInput("true CFG (true_cfg_scale > 1 with a negative_prompt: Flux, Qwen-Image) runs the "
+                           "transformer twice per step; record or patch without it")
 
 
 def image_size(name: str, value: Any, multiple: int) -> int:

@@ -71,8 +71,28 @@ def _norm(norm, x):
     return x if norm is None else norm(x)  # SD3 (not 3.5) has no qk-norm
 
 
-def _reference_block(block, single: bool, c, temb, k_img, v_img):
+def _reference_qwen_block(block, c, temb, k_img, v_img, freqs):
+    """Qwen-Image's text stream by hand, the concepts rotated as the prompt's first text token."""
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    attn = block.attn
+    (shift, scale, gate), (shift2, scale2, gate2) = (m.chunk(3, dim=-1) for m in block.txt_mod(temb).chunk(2, dim=-1))
+    n = block.txt_norm1(c) * (1 + scale[:, None]) + shift[:, None]
+    q, k, v = (f(n).unflatten(-1, (attn.heads, -1)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    rotation = freqs[:1].expand(c.shape[1], -1)
+    q, k = (apply_rotary_emb_qwen(norm(t), rotation, use_real=False).transpose(1, 2)
+            for norm, t in ((attn.norm_added_q, q), (attn.norm_added_k, k)))
+    v = v.transpose(1, 2)
+    o = _attention(q, torch.cat([k_img, k], 2), torch.cat([v_img, v], 2))
+    c = c + gate[:, None] * attn.to_add_out(o)
+    m = block.txt_norm2(c) * (1 + scale2[:, None]) + shift2[:, None]
+    return c + gate2[:, None] * block.txt_mlp(m), o, k
+
+
+def _reference_block(block, single: bool, c, temb, k_img, v_img, freqs=None):
     """The concept stream through one block by hand: (stream out or None, concept attention output, concept keys)."""
+    if hasattr(block, "txt_mod"):
+        return _reference_qwen_block(block, c, temb, k_img, v_img, freqs)
     attn, pre_only = block.attn, getattr(block, "context_pre_only", False)  # SD3's last block
     if single:
         n, gate = block.norm(c, emb=temb)
@@ -122,6 +142,9 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
             h.remove()
     maps = out.maps
     cond = 1 if taps[(0, "q_img")][0].shape[0] == 2 else 0  # SD3 runs [uncond | cond]
+    freqs = None
+    if family.name == "qwen_image":  # the text positions' rotations start after the image grid's
+        freqs = transformer.pos_embed([[(1, *maps.grid)]], max_txt_seq_len=1, device=torch.device("cpu"))[1]
     checked = 0
     for a in [a for a in family.attentions if a.name == "attn"]:
         block = transformer.get_submodule(family.block_path(a.block))
@@ -130,7 +153,7 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
             q_img, k_img, v_img, k_txt, v_txt = (taps[(a.block, n)][step] for n in
                                                  ("q_img", "k_img", "v_img", "k_txt", "v_txt"))
             with torch.no_grad():
-                expected, o, k_concepts = _reference_block(block, single, c, temb, k_img, v_img)
+                expected, o, k_concepts = _reference_block(block, single, c, temb, k_img, v_img, freqs)
                 image_out = _attention(q_img, torch.cat([k_img, k_txt], 2), torch.cat([v_img, v_txt], 2))
             if expected is None:
                 assert stream_out is None

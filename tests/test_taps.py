@@ -7,6 +7,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import apply_rotary_emb
 
 from mmdit_probe.taps import TapProcessor
+from mmdit_probe.validation import InvalidInput
 
 PROMPTS = ["a red cat on a mat", "a blue dog on a mat"]
 
@@ -41,6 +42,10 @@ def test_remove_taps_restores_the_stock_processors(probe, kind):
 
 
 def test_fused_projections_keep_working(probe, kind):
+    if not probe.family.fuses_qkv:  # Qwen-Image: diffusers fuses nothing there
+        with pytest.raises(InvalidInput, match="no fused q/k/v projections"):
+            probe.fuse_qkv_projections()
+        return
     inputs = tiny_inputs(probe, kind, PROMPTS)
     unfused = latents_of(probe.pipeline(**inputs))
     probe.fuse_qkv_projections()
@@ -100,7 +105,7 @@ def _capture(probe, kind):
     for name in probe.hook_names:
         handles.append(probe.module(name).register_forward_hook(
             lambda m, i, out, name=name: taps.setdefault(name, out)))
-    inputs = tiny_inputs(probe, kind, PROMPTS, num_inference_steps=1)
+    inputs = tiny_inputs(probe, kind, PROMPTS, num_inference_steps=2)  # the first call is kept; Qwen needs 2
     probe.pipeline(**inputs)
     for h in handles:
         h.remove()
@@ -136,6 +141,18 @@ def test_taps_equal_independently_computed_sdpa_inputs(probe, kind):
                     txt = {n: _heads(getattr(attn, f"add_{n}_proj")(context), h) for n in "qkv"}
                     if attn.norm_added_q is not None:
                         txt["q"], txt["k"] = attn.norm_added_q(txt["q"]), attn.norm_added_k(txt["k"])
+            elif family.name == "qwen_image":  # each stream projected, normed and rotated by its own frequencies
+                from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+                image_freqs, text_freqs = kwargs["image_rotary_emb"]
+
+                def stream(x, projections, norms, freqs, heads=h):
+                    q, k, v = (f(x).unflatten(-1, (heads, -1)) for f in projections)
+                    q, k = (apply_rotary_emb_qwen(norm(t), freqs, use_real=False) for norm, t in zip(norms, (q, k)))
+                    return {n: t.transpose(1, 2) for n, t in zip("qkv", (q, k, v))}
+                img = stream(hidden, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k), image_freqs)
+                txt = stream(context, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                             (attn.norm_added_q, attn.norm_added_k), text_freqs)
             else:
                 rope = _arg(args, kwargs, "image_rotary_emb", 4)
                 if context is not None:  # double-stream: project each stream, then [text | image]

@@ -69,6 +69,10 @@ def test_components(kind_and_pipe):
         dual = kind == "sd3.5"
         assert blocks[0].use_dual_attention == dual and not blocks[-1].use_dual_attention
         assert (transformer.config.qk_norm == "rms_norm") == dual
+    elif kind == "qwen-image":
+        assert transformer.config.joint_attention_dim == pipe.text_encoder.config.text_config.hidden_size
+        assert pipe.vae_scale_factor == 8 and transformer.config.in_channels == 4 * pipe.vae.config.z_dim == 64
+        assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
     else:
         assert transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
         assert transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
@@ -88,6 +92,10 @@ def test_text_layout(kind_and_pipe):
             # The CLIP rows are zero-padded from CLIP-L + CLIP-G widths up to the T5 width.
             clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
             assert not embeds[:, :77, clip_width:].any() and embeds[:, 77:, clip_width:].any()
+        elif kind == "qwen-image":  # the prompt after the chat template's prefix, cut at n: no padding, no mask
+            embeds, mask = pipe.encode_prompt(PROMPT, max_sequence_length=n)
+            assert embeds.shape == (1, n, pipe.text_encoder.config.text_config.hidden_size) and mask is None
+            return
         else:
             embeds, pooled, text_ids = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=n)
             assert embeds.shape == (1, n, pipe.text_encoder_2.config.d_model)
@@ -97,6 +105,14 @@ def test_text_layout(kind_and_pipe):
 
 def test_tokenizers_round_trip(kind_and_pipe):
     kind, pipe = kind_and_pipe
+    if kind == "qwen-image":
+        tokenizer = pipe.tokenizer
+        decoded = tokenizer.decode(tokenizer(PROMPT).input_ids, skip_special_tokens=True)
+        assert decoded == PROMPT  # byte-level BPE loses nothing
+        assert all(len(tokenizer.tokenize(w)) == len(tokenizer.tokenize(" " + w)) == 1 for w in WORDS)
+        assert len(tokenizer.tokenize("xylophones")) > 1
+        assert tokenizer.tokenize("<|im_start|>user") == ["<|im_start|>", "user"]
+        return
     if kind.startswith("sd3"):
         clips, t5 = [pipe.tokenizer, pipe.tokenizer_2], pipe.tokenizer_3
     else:

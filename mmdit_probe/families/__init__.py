@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .base import Attention, Family, TextSegment, single_streams
 from .flux import FluxFamily
+from .qwen_image import QwenImageFamily
 from .sd3 import SD3Family
 
-FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily}
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily, "qwen_image": QwenImageFamily}
 _TRANSFORMERS = {family.transformer_class: name for name, family in FAMILIES.items()}
 
 

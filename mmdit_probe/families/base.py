@@ -33,6 +33,10 @@ class TextSegment:
     text_encoder: str  # attribute of the pipeline; when it is None the rows are zeros, not tokens
     start: int
     length: int
+    # Where the pipeline encodes the prompt inside a template (Qwen-Image's chat template) and drops its first `drop`
+    # tokens: the template, with "{}" where the prompt goes.
+    template: str | None = None
+    drop: int = 0
 
 
 def single_streams(family) -> int:
@@ -50,6 +54,9 @@ class Family:
     image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
     # Classifier-free guidance runs as one doubled batch [uncond | cond] when guidance > 1.
     batched_guidance = True
+    # diffusers can fuse the q/k/v projections (`fuse_qkv_projections()`) and the stock processors use them.
+    fuses_qkv = True
+    min_steps, min_steps_why = 1, ""  # the fewest denoising steps whose schedule is defined
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -93,6 +100,11 @@ class Family:
     def block_labels(self) -> list[str]:
         """A name per block, for figures and tables."""
         return [f"block {b}" for b in range(self.num_blocks)]
+
+    def guidance_inputs(self, guidance: float) -> dict[str, Any]:
+        """The pipeline arguments that set this guidance scale; `guidance_scale` is always among them (the editors
+        and samplers read it)."""
+        return {"guidance_scale": guidance}
 
     def doubles_batch(self, inputs: dict[str, Any]) -> bool:
         """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""
@@ -139,6 +151,15 @@ class Family:
     def text_length(self, max_sequence_length: int) -> int:
         segments = self.text_segments(max_sequence_length)
         return segments[-1].start + segments[-1].length if segments else 0
+
+    def embed_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Text-encoder states as the transformer's text stream enters its first block (concept tokens use this)."""
+        return self.transformer.context_embedder(embeds)
+
+    def text_key_mask(self, tables, positions: list[int]) -> torch.Tensor | None:
+        """Which of these text positions each prompt's queries may attend to, (prompts, positions) bool, where the
+        family's attention masks text keys (its T2I there is 0, as in the kernel); None where every key is seen."""
+        return None
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Image tokens per column and row for an image of this size."""
