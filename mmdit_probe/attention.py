@@ -25,11 +25,11 @@ import torch
 
 from . import validation
 from .concepts import ConceptStream, check_concepts
-from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS, ROWS
+from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS, REFERENCE_KINDS, ROWS
 from .families import Family
-from .kernels import attention_entropy
+from .kernels import attention_entropy, masked
 from .maps import AttentionMaps
-from .names import RECORDED_TAPS, tap
+from .names import RECORDED_TAPS, RECORDED_TAPS_REFERENCE, tap
 from .tokens import normalise_word
 from .validation import one_call_per_step as check_one_call_per_step  # noqa: F401
 
@@ -43,7 +43,8 @@ class AttentionRecorder:
 
     blocks: global block indices (default: every block, Flux single-stream ones included).
     steps: denoising step indices to keep (default: all).
-    kinds: any of "t2i", "i2t".
+    kinds: any of "t2i", "i2t"; where the family has a reference region (Flux.1 Kontext with a context image)
+        also "r2i", "i2r", "t2r" (`constants.MAP_KINDS`), over the reference image's token grid.
     heads: "mean" (default) or "all".
     rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
     positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
@@ -60,7 +61,7 @@ class AttentionRecorder:
                  rows: str = "cond", positions: str | list[int] | list[str] = "real",
                  dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False,
                  concepts: Iterable[str] | Iterable[Iterable[str]] | None = None) -> None:
-        validation.one_call_per_step(inputs)
+        probe.family.check_one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
         self.prompts = list(inputs["prompt"])
@@ -72,8 +73,16 @@ class AttentionRecorder:
         if steps is not None:
             steps = validation.index_list("steps", steps, what="step indices")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        if not kinds or not set(kinds) <= set(KINDS) or len(set(kinds)) < len(kinds):
-            raise validation.InvalidInput(f"kinds must be a non-empty subset of {KINDS}, each once; got {kinds}")
+        allowed = KINDS + (REFERENCE_KINDS if family.has_reference else ())
+        if not kinds or not set(kinds) <= set(allowed) or len(set(kinds)) < len(kinds):
+            raise validation.InvalidInput(f"kinds must be a non-empty subset of {allowed}, each once; got {kinds}")
+        self.reference_grid = None
+        if set(kinds) & set(REFERENCE_KINDS):
+            self.reference_grid = family.reference_grid(inputs)
+            if self.reference_grid is None:
+                raise validation.InvalidInput(f"kinds {[k for k in kinds if k in REFERENCE_KINDS]} are maps of the "
+                                              f"reference region, but these inputs carry no reference image: pass "
+                                              f"image=... (the context image)")
         validation.choice("heads", heads, ("mean", "all"))
         validation.choice("rows", rows, ROWS)
         if rows != "cond" and not family.doubles_batch(inputs):
@@ -117,6 +126,7 @@ class AttentionRecorder:
         attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
                                                                    for b in self.attn2_blocks]
         self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
+        self._processor_of = dict(zip(self.blocks, self._processors))  # the joint attention's, by block
         self.concepts = None
         if concepts is not None:
             self.concepts = ConceptStream(probe, concepts, len(self.prompts), length, blocks=self.blocks,
@@ -126,13 +136,18 @@ class AttentionRecorder:
             processor.record_lse = True
 
     def estimated_bytes(self, heads: int) -> int:
-        """Host memory of the maps: every recorded kind's (step, block, row, [head,] image token, last) buffer."""
-        last = {"text": (heads if self.heads == "all" else 1) * len(self.positions), "attn2": 1,
-                "concept": max(map(len, self._concept_lists or ()), default=0)}
-        per_token = sum(len(blocks) * last[MAP_KINDS[kind]] for kind, blocks in self._kind_blocks.items())
+        """Host memory of the maps: every recorded kind's (step, block, row, [head,] image token, last) buffer
+        (T2R: reference token where the others have an image token)."""
+        heads = heads if self.heads == "all" else 1
+        image = self.grid[0] * self.grid[1]
+        reference = self.reference_grid[0] * self.reference_grid[1] if self.reference_grid else 0
+        per_block = {"text": image * heads * len(self.positions), "attn2": image,
+                     "concept": image * max(map(len, self._concept_lists or ()), default=0),
+                     "reference": image * heads * reference, "reference_text": reference * heads * len(self.positions)}
+        per_step = sum(len(blocks) * per_block[MAP_KINDS[kind]] for kind, blocks in self._kind_blocks.items())
         rows = len(self.prompts) * (2 if self.rows == "both" else 1)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return len(self.steps) * rows * self.grid[0] * self.grid[1] * per_token * itemsize
+        return len(self.steps) * rows * per_step * itemsize
 
     def _check_memory(self, family, max_gb: float) -> None:
         heads = self.probe.pipeline.transformer.get_submodule(family.attention(self.blocks[0]).path).heads
@@ -209,17 +224,21 @@ class AttentionRecorder:
         patching them) are passed as `known` (q_img=..., k_img=...) and are not read again."""
         if step not in self.steps or block not in self.blocks:
             return
-        taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in self.TAPS}
+        names = RECORDED_TAPS_REFERENCE if self.reference_grid is not None else self.TAPS
+        taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in names}
         rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
-        q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in self.TAPS)
+        q_img, k_img, q_txt, k_txt, lse_img, lse_txt = (taps[n][rows].float() for n in RECORDED_TAPS)
         scale = q_img.shape[-1] ** -0.5
+        bias = self._mask(block, rows, taps["q_img"].shape[2], taps["q_txt"].shape[2])
         maps = {}
         if "t2i" in self.kinds:
-            logits = q_img @ k_txt[:, :, index].transpose(-1, -2) * scale
+            logits = masked(q_img @ k_txt[:, :, index].transpose(-1, -2) * scale, bias("img", "txt", index))
             maps["t2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
         if "i2t" in self.kinds:
-            logits = q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale
+            logits = masked(q_txt[:, :, index] @ k_img.transpose(-1, -2) * scale, bias("txt", "img", index))
             maps["i2t"] = torch.exp(logits - lse_txt[:, :, index].unsqueeze(-1)).transpose(-1, -2)
+        if self.reference_grid is not None:
+            maps.update(self._reference_maps(block, taps, rows, index, bias, scale, q_img, k_img, k_txt, lse_img))
         for kind, m in maps.items():
             if self.heads == "mean":
                 m = m.mean(dim=1)
@@ -229,6 +248,48 @@ class AttentionRecorder:
                          for n in ("q_img", "k_img", "lse_img"))
             self._keep("attn2_entropy", step, block, self.attn2_blocks,
                        attention_entropy(q, k, lse).mean(dim=1).to(self.dtype))
+
+    def _mask(self, block: int, rows: torch.Tensor, n_image: int, n_text: int):
+        """A function (query stream, key stream, text positions) -> the slice of this call's attention mask that the
+        kernel applied to those logits, (row, 1, queries, keys), or None where the call had no mask. Only the
+        slices are copied, never the whole mask."""
+        processor = self._processor_of[block]
+        mask = getattr(processor, "recorded_mask", None) if self.probe.family.masks_attention else None
+        if mask is None:
+            return lambda query, key, index: None
+        image_first = self.probe.family.image_first
+        at = {"img": 0 if image_first else n_text, "txt": n_image if image_first else 0}
+        at["ref"] = at["img"] + n_image
+        sizes = {"img": n_image, "txt": n_text, "ref": mask.shape[-1] - n_image - n_text}
+
+        def span(stream, index):
+            if stream == "txt":
+                return index.to(mask.device) + at["txt"]
+            return slice(at[stream], at[stream] + sizes[stream])
+
+        def bias(query, key, index):
+            m = mask[:, :, span(query, index)]
+            return m[..., span(key, index)][rows.to(mask.device)]
+        return bias
+
+    def _reference_maps(self, block, taps, rows, index, bias, scale, q_img, k_img, k_txt, lse_img):
+        """R2I, I2R and T2R of one block, as T2I and I2T are made (`constants.MAP_KINDS`), before the head mean."""
+        q_ref, k_ref, lse_ref = (taps[n][rows].float() for n in ("q_ref", "k_ref", "lse_ref"))
+        expected = self.reference_grid[0] * self.reference_grid[1]
+        if q_ref.shape[2] != expected:
+            raise RuntimeError(f"block {block} saw {q_ref.shape[2]} reference tokens, but the reference image's grid "
+                               f"{self.reference_grid} has {expected}: record with the inputs given to the recorder")
+        maps = {}
+        if "r2i" in self.kinds:
+            logits = masked(q_img @ k_ref.transpose(-1, -2) * scale, bias("img", "ref", index))
+            maps["r2i"] = torch.exp(logits - lse_img.unsqueeze(-1))
+        if "i2r" in self.kinds:
+            logits = masked(q_ref @ k_img.transpose(-1, -2) * scale, bias("ref", "img", index))
+            maps["i2r"] = torch.exp(logits - lse_ref.unsqueeze(-1)).transpose(-1, -2)
+        if "t2r" in self.kinds:
+            logits = masked(q_ref @ k_txt[:, :, index].transpose(-1, -2) * scale, bias("ref", "txt", index))
+            maps["t2r"] = torch.exp(logits - lse_ref.unsqueeze(-1))
+        return maps
 
     def step_maps(self, step: int, kind: str = "t2i") -> torch.Tensor:
         """The maps of the step being recorded, on the model's device, stacked over the blocks recorded so far:
@@ -271,4 +332,5 @@ class AttentionRecorder:
         return AttentionMaps.from_tensors(
             tensors, steps=steps, blocks=self.blocks, positions=self.positions, tables=self.tables, grid=self.grid,
             rows=self.rows, heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
+            reference_grid=self.reference_grid,
             attn2_blocks=self.attn2_blocks, concepts=self.concepts.concepts if self.concepts is not None else [])

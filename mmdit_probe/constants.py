@@ -9,7 +9,13 @@ from __future__ import annotations
 # Every kind of map `AttentionMaps` holds, by what its last dimension indexes: a text position (the attention
 # maps), a concept (output space, cross-attention), or nothing (the entropy of SD3.5-M's image-only attention).
 MAP_KINDS = {"t2i": "text", "i2t": "text", "concept": "concept", "concept_xattn": "concept", "attn2_entropy": "attn2"}
+# The reference region (a context image's tokens, Flux.1 Kontext): R2I = image queries x reference keys (where each
+# reference patch lands on the output), I2R = reference queries x image keys, stored (image token, reference token)
+# like I2T; T2R = reference queries x text keys, (reference token, text position): where each word lands on the
+# reference image.
+MAP_KINDS.update({"r2i": "reference", "i2r": "reference", "t2r": "reference_text"})
 KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "text")
+REFERENCE_KINDS = tuple(k for k, last in MAP_KINDS.items() if last.startswith("reference"))
 CONCEPT_KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "concept")
 ROWS = ("cond", "uncond", "both")  # halves of a classifier-free-guidance batch
 IMAGE_MAP_METHODS = ("noise", "inversion")

@@ -5,7 +5,10 @@ prompt (or, with rows="both", the unconditional prompts then the conditional one
 are the token grid in raster order, and text positions are `positions` of the text sequence.
 I2T maps are stored transposed, so in both kinds a word's map is a column. Concept maps
 (`mmdit_probe.concepts`: "concept", output space, and "concept_xattn") have a concept where the
-others have a text position: (step, block, row, image token, concept).
+others have a text position: (step, block, row, image token, concept). Reference-region maps (a context
+image's tokens, Flux.1 Kontext) have a reference token there: R2I and I2R (step, block, row, [head,] image
+token, reference token); T2R has the reference grid where the others have the image's: (step, block, row,
+[head,] reference token, text position).
 
 >>> m = maps.word("cat", blocks="top")                   # mean over the preset's top layers, all steps
 >>> m = smooth(m)                                         # Gaussian, kernel 7, sigma 1 on the token grid
@@ -26,7 +29,7 @@ from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
 from . import validation
-from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS  # noqa: F401  (KINDS: maps.KINDS stays one release)
+from .constants import CONCEPT_KINDS, KINDS, MAP_KINDS, REFERENCE_KINDS  # noqa: F401  (KINDS: maps.KINDS stays one release)
 from .files import written_atomically
 from .tokens import Token, TokenTable, normalise_word
 
@@ -94,6 +97,10 @@ class AttentionMaps:
     # {"concept": output-space maps, "concept_xattn": image queries x concept keys}, each (step, block, row,
     # image token, concept), softmax over the concepts
     concept_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    r2i: torch.Tensor | None = None  # image queries x reference keys: where each reference patch lands on the output
+    i2r: torch.Tensor | None = None  # reference queries x image keys, stored (image token, reference token)
+    t2r: torch.Tensor | None = None  # reference queries x text keys: (reference token, text position)
+    reference_grid: tuple[int, int] | None = None  # the reference image's token grid, where reference maps ran
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], **fields) -> AttentionMaps:
@@ -117,6 +124,38 @@ class AttentionMaps:
     def kinds(self) -> tuple[str, ...]:
         """The attention map kinds recorded ("t2i", "i2t")."""
         return tuple(k for k in self.tensors if MAP_KINDS[k] == "text")
+
+    @property
+    def reference_kinds(self) -> tuple[str, ...]:
+        """The reference-region map kinds recorded ("r2i", "i2r", "t2r"), if any."""
+        return tuple(k for k in self.tensors if k in REFERENCE_KINDS)
+
+    def reference_columns(self, patches=None) -> list[int]:
+        """Indices into the reference dimension: None (every reference token), a (rows, cols) boolean mask over the
+        reference grid, or (row, col) pairs of it."""
+        if self.reference_grid is None:
+            raise ValueError("no reference maps here: record kinds r2i/i2r/t2r with a context image (image=...)")
+        rows, cols = self.reference_grid
+        if patches is None:
+            return list(range(rows * cols))
+        if isinstance(patches, torch.Tensor):
+            if patches.dtype != torch.bool or tuple(patches.shape) != (rows, cols):
+                raise validation.InvalidInput(f"patches must be a boolean ({rows}, {cols}) mask over the reference "
+                                              f"grid; got a {patches.dtype} tensor of shape {tuple(patches.shape)}")
+            found = patches.flatten().nonzero().flatten().tolist()
+        else:
+            pairs = [patches] if isinstance(patches, tuple) else list(patches)
+            if not pairs or not all(isinstance(p, tuple) and len(p) == 2 and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in p) for p in pairs):
+                raise validation.InvalidInput(f"patches={patches!r} is not allowed: give (row, col) pairs of the "
+                                              f"reference grid {self.reference_grid}, a boolean mask, or None")
+            for r, c in pairs:
+                if not (0 <= r < rows and 0 <= c < cols):
+                    raise IndexError(f"patch ({r}, {c}) is outside the reference grid {self.reference_grid}")
+            found = [r * cols + c for r, c in pairs]
+        if not found:
+            raise validation.InvalidInput("patches selects no reference token: the mask is all False")
+        return found
 
     @property
     def concept_kinds(self) -> tuple[str, ...]:
@@ -225,6 +264,8 @@ class AttentionMaps:
             raise ValueError(f"{kind} maps have no word dimension: read maps.{kind} (step, attn2 block, row, image "
                              f"token)")
         m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
+        if MAP_KINDS.get(kind) == "reference":
+            columns = self.reference_columns(words)
         if kind in CONCEPT_KINDS:
             if head is not None:
                 raise ValueError("concept maps are head means; head= is for t2i/i2t maps recorded with heads='all'")
@@ -237,7 +278,13 @@ class AttentionMaps:
             m = m.float().mean(dim=2) if head is None else m[:, :, head]
         elif head is not None:
             raise ValueError("per-head maps were not recorded (heads='mean'); record with heads='all'")
+        if MAP_KINDS.get(kind) == "reference":
+            return m[..., columns].float().mean(dim=-1)
         return m[..., self.columns(words, prompt)].float().mean(dim=-1)
+
+    def _grid_of(self, kind: str) -> tuple[int, int]:
+        """The token grid a kind's maps are over: the reference image's for T2R, the output image's otherwise."""
+        return self.reference_grid if MAP_KINDS.get(kind) == "reference_text" else self.grid
 
     def word(self, words, *, prompt: int = 0, kind: str = "t2i", blocks=None, steps=None,
              head: int | None = None, half: str = "cond") -> torch.Tensor:
@@ -247,7 +294,19 @@ class AttentionMaps:
         steps: None (all recorded), an index, a list or a slice.
         """
         m = self.select(words, prompt=prompt, kind=kind, blocks=blocks, steps=steps, head=head, half=half)
-        return m.mean(dim=(0, 1)).reshape(self.grid)
+        return m.mean(dim=(0, 1)).reshape(self._grid_of(kind))
+
+    def reference(self, patches=None, *, prompt: int = 0, kind: str = "r2i", blocks=None, steps=None,
+                  head: int | None = None, half: str = "cond") -> torch.Tensor:
+        """The (rows, cols) output-image map of reference patches, or the mean of several, like `word`: kind "r2i"
+        (image queries x reference keys: where the patches' content lands on the output) or "i2r" (the patches'
+        queries over the image keys). `patches`: None (the whole reference), a boolean mask over the reference
+        grid, or (row, col) pairs. A word's map over the reference image is ``word(w, kind="t2r")``.
+
+        >>> maps.reference([(2, 3)], blocks="top")
+        """
+        validation.choice("kind", kind, tuple(k for k in REFERENCE_KINDS if MAP_KINDS[k] == "reference"))
+        return self.word(patches, prompt=prompt, kind=kind, blocks=blocks, steps=steps, head=head, half=half)
 
     def concept(self, concepts, *, prompt: int = 0, kind: str = "concept", blocks=None, steps=None,
                 half: str = "cond") -> torch.Tensor:
@@ -262,12 +321,12 @@ class AttentionMaps:
     def per_block(self, words, *, prompt: int = 0, kind: str = "t2i", steps=None) -> torch.Tensor:
         """(block, rows, cols): a word's map in every recorded block, averaged over steps."""
         m = self.select(words, prompt=prompt, kind=kind, steps=steps)
-        return m.mean(dim=0).reshape(len(self.blocks), *self.grid)
+        return m.mean(dim=0).reshape(len(self.blocks), *self._grid_of(kind))
 
     def per_step(self, words, *, prompt: int = 0, kind: str = "t2i", blocks=None) -> torch.Tensor:
         """(step, rows, cols): a word's map at every recorded step, averaged over blocks."""
         m = self.select(words, prompt=prompt, kind=kind, blocks=blocks)
-        return m.mean(dim=1).reshape(len(self.steps), *self.grid)
+        return m.mean(dim=1).reshape(len(self.steps), *self._grid_of(kind))
 
     # -- persistence ---------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False, extra_tensors: dict[str, torch.Tensor] | None = None,
@@ -289,6 +348,7 @@ class AttentionMaps:
             "steps": self.steps, "blocks": self.blocks, "positions": self.positions, "grid": list(self.grid),
             "rows": self.rows, "heads": self.heads, "top_layers": list(self.top_layers),
             "attn2_blocks": self.attn2_blocks, "concepts": self.concepts,
+            **({"reference_grid": list(self.reference_grid)} if self.reference_grid is not None else {}),
             "tables": [{"prompt": t.prompt, "text_length": t.text_length,
                         "tokens": [[k.position, k.encoder, k.piece, k.word, k.word_index] for k in t.tokens]}
                        for t in self.tables],
@@ -342,7 +402,8 @@ class AttentionMaps:
             maps = cls.from_tensors(tensors, steps=meta["steps"], blocks=meta["blocks"], positions=meta["positions"],
                                     tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"], heads=meta["heads"],
                                     top_layers=tuple(meta["top_layers"]), attn2_blocks=meta.get("attn2_blocks", []),
-                                    concepts=meta.get("concepts", []))
+                                    concepts=meta.get("concepts", []),
+                                    reference_grid=tuple(meta["reference_grid"]) if "reference_grid" in meta else None)
             maps._check_tensors()
         except (KeyError, TypeError, ValueError) as error:
             raise validation.InvalidInput(f"{path} is not a valid maps file: {error}") from None
@@ -350,8 +411,11 @@ class AttentionMaps:
 
     def _check_tensors(self) -> None:
         """Tensor shapes against the metadata (steps, blocks, rows, grid, positions) and finite values."""
-        if not self.kinds:
+        if not self.kinds and not self.reference_kinds:
             raise ValueError("it holds neither t2i nor i2t maps")
+        if self.reference_kinds and self.reference_grid is None:
+            raise ValueError(f"it holds reference maps ({', '.join(self.reference_kinds)}) but its metadata gives no "
+                             f"reference_grid")
         if self.concepts and not self.concept_kinds:
             raise ValueError("its metadata names concepts but holds no concept maps")
         if self.concept_kinds and not self.concepts:
@@ -381,6 +445,13 @@ class AttentionMaps:
         if last == "concept":
             return ((len(self.steps), len(self.blocks), rows, image, max(map(len, self.concepts), default=0)),
                     "steps, blocks, rows, grid, concepts")
+        if last.startswith("reference"):
+            heads = (m.shape[3],) if self.heads == "all" and m.ndim == 6 else ()
+            reference = self.reference_grid[0] * self.reference_grid[1]
+            last_dims = (image, reference) if last == "reference" else (reference, len(self.positions))
+            return ((len(self.steps), len(self.blocks), rows, *heads, *last_dims),
+                    f"steps, blocks, rows, {'heads, ' if self.heads == 'all' else ''}"
+                    f"{'grid, reference_grid' if last == 'reference' else 'reference_grid, positions'}")
         return (len(self.steps), len(self.attn2_blocks), rows, image), "steps, attn2_blocks, rows, grid"
 
     def _check_probabilities(self, kind: str, m: torch.Tensor) -> None:
@@ -425,6 +496,11 @@ def _check_meta(meta) -> None:
     if not isinstance(concepts, list) or not all(isinstance(c, list) and all(isinstance(w, str) for w in c)
                                                  for c in concepts):
         raise ValueError(f"metadata 'concepts' must be one list of words per prompt; got {concepts!r}")
+    if "reference_grid" in meta:
+        ints("reference_grid", meta["reference_grid"])
+        if len(meta["reference_grid"]) != 2 or min(meta["reference_grid"]) < 1:
+            raise ValueError(f"metadata 'reference_grid' must be [rows, cols] of positive numbers; got "
+                             f"{meta['reference_grid']!r}")
     if len(meta["grid"]) != 2 or min(meta["grid"]) < 1:
         raise ValueError(f"metadata 'grid' must be [rows, cols] of positive numbers; got {meta['grid']!r}")
     if meta.get("rows") not in ("cond", "uncond", "both") or meta.get("heads") not in ("mean", "all"):

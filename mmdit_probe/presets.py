@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd3" or "flux"
+    family: str  # "sd3", "flux", "chroma" or "flux-kontext"
     hub_id: str | None
     steps: int
     guidance: float
@@ -49,6 +49,16 @@ PRESETS: dict[str, Preset] = {
         Preset("flux.1-schnell", "flux", "black-forest-labs/FLUX.1-schnell", 4, 0.0, 1024, 256,
                (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
                notes="few-step; T5 length 256"),
+        # Published settings from the model cards' diffusers examples; the top blocks are Flux.1-dev's, a guess (same
+        # block layout) until a sweep over prompts picks them (`mmdit-probe sweep` on a GPU).
+        Preset("chroma1-hd", "chroma", "lodestones/Chroma1-HD", 40, 3.0, 1024, 512,
+               (18, 17, 12, 14, 11), theta=0.3,
+               notes="guidance 3.0 runs a second transformer call per step: record, patch and edit at guidance 1; "
+                     "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
+        Preset("flux.1-kontext-dev", "flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", 28, 2.5, 1024, 512,
+               (18, 17, 12, 14, 11), theta=0.3,
+               notes="distilled guidance; a context image (image=...) adds reference tokens after the image tokens; "
+                     "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
         # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
         # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json). A higher θ
         # breaks background edits (README, "Editing on the Shapes world").
@@ -60,6 +70,8 @@ PRESETS: dict[str, Preset] = {
 FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
     "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
+    "chroma": replace(PRESETS["chroma1-hd"], name="chroma (family defaults)", hub_id=None),
+    "flux-kontext": replace(PRESETS["flux.1-kontext-dev"], name="flux-kontext (family defaults)", hub_id=None),
 }
 
 _HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
@@ -102,6 +114,10 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["toy"]  # a toy model from a training run (python -m mmdit_probe.toy.train --export)
     if family == "flux" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
+    if family == "chroma" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
+        return PRESETS["chroma1-hd"]
+    if family == "flux-kontext" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
+        return PRESETS["flux.1-kontext-dev"]
     return None
 
 

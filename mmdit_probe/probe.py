@@ -21,6 +21,7 @@ from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from . import validation
 from ._lazy import lazy
+from ._notices import internal_deprecations_hidden
 from .attention import AttentionRecorder
 from .constants import GENERATION_KEYS, OUTPUT_TYPES, SOLVERS, T5_MAX_TOKENS
 from .families import Family, family_for, family_name_for_class
@@ -85,9 +86,11 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         for name, spec in config.items():
             if spec == [None, None]:
                 kwargs.setdefault(name, None)
-        return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
+        with internal_deprecations_hidden():
+            return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
     try:
-        return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
+        with internal_deprecations_hidden():
+            return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as error:
         raise OSError(
             f"could not load {source!r}: {error}\n"
@@ -299,6 +302,7 @@ class Probe:
             "height": height,
             "width": width,
             "max_sequence_length": self.preset.max_sequence_length,
+            **self.family.pipeline_arguments(height, width),
         }
         if same_noise:
             args["latents"] = self.family.initial_noise(len(prompts), height, width, seed)
