@@ -469,6 +469,7 @@ class Probe:
         segments = ", ".join(f"{s.encoder} {s.start}..{s.start + s.length - 1}"
                              for s in f.text_segments(p.max_sequence_length))
         order = "[image | text]" if f.image_first else "[text | image]"
+        order = order.replace("]", " | reference]") if f.has_reference else order
         attn2 = [a.block for a in f.attentions if a.name == "attn2"]
         lines = [
             f"pipeline      {type(self.pipeline).__name__} (family {f.name}, preset {p.name})",
@@ -479,6 +480,9 @@ class Probe:
             f"defaults      {p.steps} steps, guidance {p.guidance}, top layers {list(p.top_layers)}",
             f"hook points   {len(self.hook_names)}, e.g. {', '.join(self.hook_names[:4])}, ...",
         ]
+        if f.has_reference:
+            lines.insert(4, "reference     a context image (image=...) adds tokens after the image tokens: hooks "
+                            "*_ref, maps r2i / i2r / t2r")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

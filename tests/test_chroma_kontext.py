@@ -99,6 +99,7 @@ def test_chroma_maps_equal_the_masked_softmax_of_the_stock_q_and_k(chroma, monke
     calls, plain = stock_calls(chroma, inputs, monkeypatch)
     maps, images = record(chroma, inputs)
     assert torch.equal(images, plain)  # recording changes no output bit
+    assert torch.equal(chroma.pipeline(**inputs).images, plain)  # nor do the taps alone
     n_blocks, n_text, n_image = chroma.family.num_blocks, SIZE["max_sequence_length"], 24
     assert maps.grid == (4, 6) and len(calls) == 2 * n_blocks
     masks = [mask for _, _, mask in calls]
@@ -121,7 +122,8 @@ def test_kontext_reference_maps_equal_the_softmax_of_the_stock_q_and_k(kontext, 
     inputs = kontext_inputs(kontext)
     calls, plain = stock_calls(kontext, inputs, monkeypatch)
     maps, images = record(kontext, inputs, kinds=["t2i", "i2t", "r2i", "i2r", "t2r"])
-    assert torch.equal(images, plain)
+    assert torch.equal(images, plain)  # recording changes no output bit
+    assert torch.equal(kontext.pipeline(**inputs).images, plain)  # nor do the taps alone
     n_blocks, n_text, n_image, n_ref = kontext.family.num_blocks, SIZE["max_sequence_length"], 24, 15
     assert maps.reference_grid == REFERENCE_GRID and maps.reference_kinds == ("r2i", "i2r", "t2r")
     assert calls[0][0].shape[2] == n_text + n_image + n_ref and calls[0][2] is None
@@ -273,3 +275,40 @@ def test_masked_kernel_matches_sdpa_for_boolean_and_float_masks():
         logits = q @ k.transpose(-1, -2) / 4
         logits = logits.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else logits + mask
         torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=0, atol=1e-5)
+
+
+def test_kontext_concepts_and_text_maps_with_a_context_image(kontext, monkeypatch):
+    """Concept tokens and T2I alone (the reference taps left unread) on a run with reference tokens: the images are
+    the plain ones and T2I equals the stock softmax's image x text block."""
+    inputs = kontext_inputs(kontext, prompts=[PROMPTS[0]])
+    calls, plain = stock_calls(kontext, inputs, monkeypatch)
+    recorder = AttentionRecorder(kontext, inputs, kinds=["t2i"], concepts=["cat", "red"], dtype=torch.float32,
+                                 positions="all")
+    with kontext.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:2]:
+            recorder.record(step)
+        output = kontext.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, plain)
+    assert maps.concept("cat").shape == (4, 6) and maps.reference_grid is None
+    n_text, n_image = SIZE["max_sequence_length"], 24
+    for block in range(kontext.family.num_blocks):
+        q, k, _ = calls[block]
+        expected = explicit(q, k, None)[:, :, n_text:n_text + n_image, :n_text].mean(1)
+        torch.testing.assert_close(maps.t2i[0, block], expected, rtol=0, atol=2e-6)
+
+
+def test_kontext_inversion_with_a_context_image_recovers_the_noise(kontext):
+    """Inversion integrates the captured velocity, which keeps the context tokens: the fixed point recovers the
+    initial noise of a latent generated with a context image."""
+    from mmdit_probe.editing.inversion import METHODS, invert_latents
+
+    inputs = kontext_inputs(kontext, prompts=[PROMPTS[0]], steps=4)
+    noise, clean = inputs["latents"], kontext.pipeline(**inputs).images
+    generation = {"steps": 4, "guidance": 2.5, **SIZE, "image": context_image(), "_auto_resize": False}
+    errors = {m: ((invert_latents(kontext, clean, PROMPTS[0], method=m, **generation) - noise).abs().mean()
+                  / noise.abs().mean()).item() for m in METHODS}
+    assert errors["fixed-point"] < 1e-2 < errors["heun"] < errors["euler"]
+    without = invert_latents(kontext, clean, PROMPTS[0], method="fixed-point",
+                             **{k: v for k, v in generation.items() if k not in ("image", "_auto_resize")})
+    assert ((without - noise).abs().mean() / noise.abs().mean()).item() > 1e-2  # the context matters

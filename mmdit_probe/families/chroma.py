@@ -20,7 +20,7 @@ from .flux import FluxFamily
 
 class ChromaFamily(FluxFamily):
     name = "chroma"
-    pipeline_classes = ("ChromaPipeline", "ChromaImg2ImgPipeline")
+    pipeline_classes = ("ChromaPipeline",)
     transformer_class = "ChromaTransformer2DModel"
     masks_attention = True
 
