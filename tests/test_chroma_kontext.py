@@ -312,3 +312,20 @@ def test_kontext_inversion_with_a_context_image_recovers_the_noise(kontext):
     without = invert_latents(kontext, clean, PROMPTS[0], method="fixed-point",
                              **{k: v for k, v in generation.items() if k not in ("image", "_auto_resize")})
     assert ((without - noise).abs().mean() / noise.abs().mean()).item() > 1e-2  # the context matters
+
+
+def test_the_explorer_shows_reference_maps(kontext):
+    from mmdit_probe.viz import Explorer
+
+    out = kontext.generate(PROMPTS[0], record={"kinds": ["t2i", "r2i", "i2r", "t2r"]}, steps=2, guidance=2.5, **SIZE,
+                           image=context_image(), _auto_resize=False)
+    explorer = Explorer(out.maps)
+    assert explorer.kind.options == ("T2I", "R2I", "I2R", "T2R")
+    explorer.kind.value = "R2I"
+    whole = explorer.image.value
+    assert "the whole reference" in explorer.caption.value
+    explorer.patch.value = (1, 2)
+    assert explorer.image.value != whole and "reference patch (1, 2)" in explorer.caption.value
+    torch.testing.assert_close(explorer.current_map(), out.maps.reference([(1, 2)], blocks=[explorer.block.value]))
+    explorer.kind.value = "T2R"
+    assert explorer.current_map().shape == REFERENCE_GRID
