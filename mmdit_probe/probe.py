@@ -242,6 +242,16 @@ class Probe:
         for key, instead in self._OWN_ARGUMENTS.items():
             if key in kwargs:
                 raise validation.InvalidInput(f"pass {instead} rather than {key}=")
+        if "context_image" in kwargs:
+            # The editors and inversion take the image to edit or invert as `image`: a reference model's context
+            # image comes as `context_image` there, and everywhere else too.
+            if not self.family.has_reference:
+                raise validation.InvalidInput(f"context_image= is for models with a context image (Flux.1 Kontext); "
+                                              f"this is {self.family.name}: leave it out")
+            if kwargs.get("image") is not None:
+                raise validation.InvalidInput("the context image given twice, as image= and context_image=: give it "
+                                              "once")
+            kwargs["image"] = kwargs.pop("context_image")
         validation.known_keywords(f"{type(self.pipeline).__name__} (generation)", kwargs,
                                   inspect.signature(self.pipeline.__call__).parameters)
         if kwargs.get("num_images_per_prompt", 1) != 1:

@@ -329,3 +329,21 @@ def test_the_explorer_shows_reference_maps(kontext):
     torch.testing.assert_close(explorer.current_map(), out.maps.reference([(1, 2)], blocks=[explorer.block.value]))
     explorer.kind.value = "T2R"
     assert explorer.current_map().shape == REFERENCE_GRID
+
+
+def test_context_image_keyword_reaches_every_path(kontext, chroma):
+    """`context_image=` is Kontext's `image=` where a method takes the image to edit or invert as `image`."""
+    from mmdit_probe.editing import rf_solver_edit
+
+    by_alias = kontext_inputs(kontext, image=None, context_image=context_image())
+    assert torch.equal(by_alias["image"], context_image()) and "context_image" not in by_alias
+    with pytest.raises(InvalidInput, match="given twice"):
+        kontext_inputs(kontext, context_image=context_image())
+    with pytest.raises(InvalidInput, match="context_image= is for models with a context image"):
+        chroma_inputs(chroma, context_image=context_image())
+    generation = {"steps": 2, "guidance": 2.5, **SIZE, "output_type": "latent"}
+    plain = rf_solver_edit(kontext, PROMPTS[0], "a blue dog on a mat", **generation)
+    with_context = rf_solver_edit(kontext, PROMPTS[0], "a blue dog on a mat", context_image=context_image(),
+                                  _auto_resize=False, **generation)
+    assert with_context.source_image.shape == plain.source_image.shape
+    assert not torch.equal(with_context.source_image, plain.source_image)  # the context tokens took part
