@@ -303,6 +303,8 @@ class AttentionRecorder:
         """Stop asking the kernels for log-sum-exps (`maps()` does this too)."""
         for processor in self._processors:
             processor.record_lse = False
+            if getattr(processor, "recorded_mask", None) is not None:
+                processor.recorded_mask = None  # the pipeline's mask, kept for the recorder only
         if self.concepts is not None:
             self.concepts.remove()
 

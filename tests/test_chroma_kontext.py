@@ -347,3 +347,13 @@ def test_context_image_keyword_reaches_every_path(kontext, chroma):
                                   _auto_resize=False, **generation)
     assert with_context.source_image.shape == plain.source_image.shape
     assert not torch.equal(with_context.source_image, plain.source_image)  # the context tokens took part
+
+
+def test_a_chroma_sweep_at_guidance_above_one_is_refused_before_it_runs(chroma, tmp_path):
+    from mmdit_probe.sweep import FolderMasks, PromptItem, sweep
+
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(InvalidInput, match="second transformer call per step"):
+        sweep(chroma, [PromptItem("p0", "a red cat", 0)], tmp_path / "out", masks=FolderMasks(tmp_path / "masks"),
+              num_steps=2, resolution=64, guidance=3.0, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
