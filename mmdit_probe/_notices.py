@@ -4,6 +4,12 @@ Torch-free, so a command's options are checked (and `--help` answered) before to
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# diffusers' own deprecations that its own code triggers, which no caller can act on: ChromaTransformer2DModel builds
+# a FluxPosEmbed from the module that deprecates it (diffusers 0.42).
+_INTERNAL_DEPRECATIONS = (r"`FluxPosEmbed` is deprecated",)
 
 
 def quiet(*, future_warnings: bool = False) -> None:
@@ -17,3 +23,12 @@ def quiet(*, future_warnings: bool = False) -> None:
         library.disable_progress_bar()
     if future_warnings:
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextmanager
+def internal_deprecations_hidden() -> Iterator[None]:
+    """Hide diffusers' warnings about deprecations inside diffusers itself while building or loading a pipeline."""
+    with warnings.catch_warnings():
+        for message in _INTERNAL_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield

@@ -28,11 +28,11 @@ import torch
 
 from . import validation
 from .concepts import ConceptStream, check_concepts
-from .constants import CONCEPT_KINDS, KINDS, MAP_AXES, MAP_KINDS, REGIONS, ROWS
+from .constants import CONCEPT_KINDS, KINDS, MAP_AXES, MAP_KINDS, REFERENCE_KINDS, REGIONS, ROWS
 from .families import Family
-from .kernels import attention_entropy
+from .kernels import attention_entropy, masked
 from .maps import AttentionMaps
-from .names import RECORDED_TAPS, tap
+from .names import RECORDED_TAPS, RECORDED_TAPS_REFERENCE, tap
 from .tokens import normalise_word
 from .validation import one_call_per_step as check_one_call_per_step  # noqa: F401
 
@@ -46,7 +46,9 @@ class AttentionRecorder:
 
     blocks: global block indices (default: every block, Flux single-stream ones included).
     steps: denoising step indices to keep (default: all).
-    kinds: any of "t2i", "i2t" (the default, both), "t2t", "i2i" (`constants.REGIONS`).
+    kinds: any of "t2i", "i2t" (the default, both), "t2t", "i2i" (`constants.REGIONS`); where the family has a
+        reference region (Flux.1 Kontext with a context image) also "r2i", "i2r", "t2r", over the reference image's
+        token grid.
     heads: "mean" (default) or "all".
     rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
     positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
@@ -66,7 +68,7 @@ class AttentionRecorder:
                  rows: str = "cond", positions: str | list[int] | list[str] = "real", queries: Any = None,
                  dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False,
                  concepts: Iterable[str] | Iterable[Iterable[str]] | None = None) -> None:
-        validation.one_call_per_step(inputs)
+        probe.family.check_one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
         self.prompts = list(inputs["prompt"])
@@ -78,12 +80,19 @@ class AttentionRecorder:
         if steps is not None:
             steps = validation.index_list("steps", steps, what="step indices")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        if not kinds or not set(kinds) <= set(REGIONS) or len(set(kinds)) < len(kinds):
-            raise validation.InvalidInput(f"kinds must be a non-empty subset of {tuple(REGIONS)}, each once; got "
-                                          f"{kinds}")
+        allowed = tuple(k for k in REGIONS if family.has_reference or k not in REFERENCE_KINDS)
+        if not kinds or not set(kinds) <= set(allowed) or len(set(kinds)) < len(kinds):
+            raise validation.InvalidInput(f"kinds must be a non-empty subset of {allowed}, each once; got {kinds}")
         if ("i2i" in kinds) != (queries is not None):
             raise validation.InvalidInput("I2I maps need their query patches: pass kinds with 'i2i' and queries=... "
                                           "(a patch (row, col), a box, a list of patches or 'all') together")
+        self.reference_grid = None
+        if set(kinds) & set(REFERENCE_KINDS):
+            self.reference_grid = family.reference_grid(inputs)
+            if self.reference_grid is None:
+                raise validation.InvalidInput(f"kinds {[k for k in kinds if k in REFERENCE_KINDS]} are maps of the "
+                                              f"reference region, but these inputs carry no reference image: pass "
+                                              f"image=... (the context image)")
         validation.choice("heads", heads, ("mean", "all"))
         validation.choice("rows", rows, ROWS)
         if rows != "cond" and not family.doubles_batch(inputs):
@@ -130,6 +139,7 @@ class AttentionRecorder:
         attentions = [family.attention(b) for b in self.blocks] + [family.attention(b, "attn2")
                                                                    for b in self.attn2_blocks]
         self._processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in attentions]
+        self._processor_of = dict(zip(self.blocks, self._processors))  # the joint attention's, by block
         self.concepts = None
         if concepts is not None:
             self.concepts = ConceptStream(probe, concepts, len(self.prompts), length, blocks=self.blocks,
@@ -145,7 +155,8 @@ class AttentionRecorder:
     def _kind_bytes(self, kind: str, heads: int) -> int:
         """Host memory of one kind's buffer: its axes (`constants.MAP_AXES`) at this recording's sizes."""
         size = {"image": self.grid[0] * self.grid[1], "text": len(self.positions), "query": len(self.queries),
-                "concept": max(map(len, self._concept_lists or ()), default=0)}
+                "concept": max(map(len, self._concept_lists or ()), default=0),
+                "reference": math.prod(self.reference_grid) if self.reference_grid else 0}
         per_row = math.prod(size[axis] for axis in MAP_AXES[MAP_KINDS[kind]])
         per_row *= heads if kind in REGIONS and self.heads == "all" else 1
         rows = len(self.prompts) * (2 if self.rows == "both" else 1)
@@ -250,29 +261,31 @@ class AttentionRecorder:
     # Largest float32 logits block (bytes) of one region computed at once; larger ones go in query chunks.
     CHUNK_BYTES = 2**29
 
-    def _region(self, kind: str, taps: dict[str, torch.Tensor], index: dict[str, torch.Tensor],
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _region(self, kind: str, taps: dict[str, torch.Tensor], index: dict[str, torch.Tensor], bias) -> torch.Tensor:
         """One region's probabilities exp(q k^T / sqrt d - lse_q) from the taps (`constants.REGIONS`): text tokens
         are the recorded positions; image tokens are every token on the first stored axis, the chosen query
-        patches on the last. `key_mask` (row, recorded text position) zeroes text keys the kernel masks out.
-        Returns (row, [head,] first axis, last axis)."""
+        patches on the last; reference tokens every one. `bias` (from `_mask`) gives the slice of the attention
+        mask the kernel applied, if any. Returns (row, [head,] first axis, last axis)."""
         q_stream, k_stream, order = REGIONS[kind]
         # Each stream's tokens on the first and on the last stored axis (None: every token).
-        first, last = {"txt": index["text"], "img": None}, {"txt": index["text"], "img": index["query"]}
+        first = {"txt": index["text"], "img": None, "ref": None}
+        last = {"txt": index["text"], "img": index["query"], "ref": None}
         q_index, k_index = (last, first) if order == "kq" else (first, last)
+        q_index, k_index = q_index[q_stream], k_index[k_stream]
         q, lse, k = taps[f"q_{q_stream}"], taps[f"lse_{q_stream}"], taps[f"k_{k_stream}"]
-        if q_index[q_stream] is not None:
-            q, lse = q[:, :, q_index[q_stream]], lse[:, :, q_index[q_stream]]
-        if k_index[k_stream] is not None:
-            k = k[:, :, k_index[k_stream]]
+        if q_index is not None:
+            q, lse = q[:, :, q_index], lse[:, :, q_index]
+        if k_index is not None:
+            k = k[:, :, k_index]
+        mask = bias(q_stream, k_stream, q_index, k_index)
         scale = q.shape[-1] ** -0.5
         keys = k.transpose(-1, -2)
         chunk = max(1, self.CHUNK_BYTES // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
         parts = []
-        for part, normaliser in zip(q.split(chunk, dim=2), lse.split(chunk, dim=2)):
-            p = torch.exp(part @ keys * scale - normaliser.unsqueeze(-1))
-            if key_mask is not None and k_stream == "txt":
-                p = p * key_mask[:, None, None, :]
+        for start in range(0, q.shape[2], chunk):
+            logits = q[:, :, start:start + chunk] @ keys * scale
+            logits = masked(logits, mask if mask is None or mask.shape[2] == 1 else mask[:, :, start:start + chunk])
+            p = torch.exp(logits - lse[:, :, start:start + chunk].unsqueeze(-1))
             parts.append(p.mean(dim=1) if self.heads == "mean" else p)
         m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
         return m.transpose(-1, -2) if order == "kq" else m
@@ -303,19 +316,50 @@ class AttentionRecorder:
         patching them) are passed as `known` (q_img=..., k_img=...) and are not read again."""
         if step not in self.steps or block not in self.blocks:
             return
-        taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in self.TAPS}
+        names = RECORDED_TAPS_REFERENCE if self.reference_grid is not None else self.TAPS
+        taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in names}
         rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
-        taps = {name: taps[name][rows].float() for name in self.TAPS}
-        # Padded text keys the kernel masks out (Qwen-Image): rows are [uncond | cond] or cond, so a row's prompt is
-        # row % prompts.
-        key_mask = None if self._key_mask is None else self._key_mask.to(rows.device)[rows % len(self.prompts)]
+        if self.reference_grid is not None and taps["q_ref"].shape[2] != math.prod(self.reference_grid):
+            raise RuntimeError(f"block {block} saw {taps['q_ref'].shape[2]} reference tokens, but the reference "
+                               f"image's grid {self.reference_grid} has {math.prod(self.reference_grid)}: record with "
+                               f"the inputs given to the recorder")
+        bias = self._mask(block, rows, taps["q_img"].shape[2], taps["q_txt"].shape[2])
+        taps = {name: t[rows].float() for name, t in taps.items()}
         for kind in self.kinds:
-            self._keep(kind, step, block, self.blocks, self._region(kind, taps, index, key_mask).to(self.dtype))
+            self._keep(kind, step, block, self.blocks, self._region(kind, taps, index, bias).to(self.dtype))
         if block in self.attn2_blocks:
             q, k, lse = (self.probe.hook(tap(block, n, "attn2")).output[rows].float()
                          for n in ("q_img", "k_img", "lse_img"))
             self._keep("attn2_entropy", step, block, self.attn2_blocks,
                        attention_entropy(q, k, lse).mean(dim=1).to(self.dtype))
+
+    def _mask(self, block: int, rows: torch.Tensor, n_image: int, n_text: int):
+        """A function (query stream, key stream, query tokens, key tokens) -> the slice of this call's attention mask
+        that the kernel applied to those logits, (row, 1, queries, keys), or None where the call had no mask (token
+        indices within each stream; None: all of them). Only the slices are copied, never the whole mask. Two
+        sources: the mask a processor kept from the call (Chroma's), or the family's text key mask (Qwen-Image's
+        padding: rows are [uncond | cond] or cond, so a row's prompt is row % prompts)."""
+        processor = self._processor_of[block]
+        mask = getattr(processor, "recorded_mask", None) if self.probe.family.masks_attention else None
+        if mask is None and self._key_mask is None:
+            return lambda query, key, q_index, k_index: None
+        if mask is None:
+            keep = self._key_mask.to(rows.device)[rows % len(self.prompts)][:, None, None, :]
+            return lambda query, key, q_index, k_index: keep if key == "txt" else None
+        image_first = self.probe.family.image_first
+        at = {"img": 0 if image_first else n_text, "txt": n_image if image_first else 0}
+        at["ref"] = at["img"] + n_image
+        sizes = {"img": n_image, "txt": n_text, "ref": mask.shape[-1] - n_image - n_text}
+
+        def span(stream, index):
+            if index is None:
+                return slice(at[stream], at[stream] + sizes[stream])
+            return index.to(mask.device) + at[stream]
+
+        def bias(query, key, q_index, k_index):
+            m = mask[:, :, span(query, q_index)]
+            return m[..., span(key, k_index)][rows.to(mask.device)]
+        return bias
 
     def step_maps(self, step: int, kind: str = "t2i") -> torch.Tensor:
         """The maps of the step being recorded, on the model's device, stacked over the blocks recorded so far:
@@ -329,6 +373,8 @@ class AttentionRecorder:
         """Stop asking the kernels for log-sum-exps (`maps()` does this too)."""
         for processor in self._processors:
             processor.record_lse = False
+            if getattr(processor, "recorded_mask", None) is not None:
+                processor.recorded_mask = None  # the pipeline's mask, kept for the recorder only
         if self.concepts is not None:
             self.concepts.remove()
 
@@ -358,5 +404,5 @@ class AttentionRecorder:
         return AttentionMaps.from_tensors(
             tensors, steps=steps, blocks=self.blocks, positions=self.positions, tables=self.tables, grid=self.grid,
             rows=self.rows, heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),
-            attn2_blocks=self.attn2_blocks, concepts=self.concepts.concepts if self.concepts is not None else [],
-            queries=self.queries)
+            reference_grid=self.reference_grid, attn2_blocks=self.attn2_blocks,
+            concepts=self.concepts.concepts if self.concepts is not None else [], queries=self.queries)

@@ -142,10 +142,12 @@ def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> tor
     pipe = probe.pipeline
     options = {"prompt": concepts, "device": pipe._execution_device, "max_sequence_length": max_sequence_length}
     parameters = inspect.signature(pipe.encode_prompt).parameters
-    if "prompt_2" in parameters:  # SD3, Flux: the first prompt for every encoder (Qwen-Image has one encoder)
+    if "prompt_2" in parameters:  # SD3, Flux (Qwen-Image and Chroma have one encoder)
         options["prompt_2"] = None
-    if "prompt_3" in parameters:  # SD3: no negative prompts wanted
-        options.update(prompt_3=None, do_classifier_free_guidance=False)
+    if "prompt_3" in parameters:  # SD3
+        options["prompt_3"] = None
+    if "do_classifier_free_guidance" in parameters:  # SD3, Chroma: no negative prompts wanted
+        options["do_classifier_free_guidance"] = False
     with torch.no_grad():
         embeds = pipe.encode_prompt(**options)[0]
     return torch.stack([embeds[i, token.position] for i, token in enumerate(tokens)])
@@ -264,15 +266,15 @@ class ConceptStream:
             if args:
                 raise RuntimeError("concept tokens need the blocks called with keywords, as the pipelines call them")
             hidden = kwargs["hidden_states"]
-            call = {**kwargs, "hidden_states": hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]),
-                    "encoder_hidden_states": self.state}
+            dummy = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])
+            call, take = self.probe.family.concept_call(index, kwargs, self.state, dummy)
             if call.get("image_rotary_emb") is not None:
                 call["image_rotary_emb"] = self.rotary
             self._inside = True
             for p in processors:
                 p.concept_mode = True
             try:
-                self.state = block(**call)[0]  # None after SD3's last (context_pre_only) block
+                self.state = take(block(**call))  # None after SD3's last (context_pre_only) block
             finally:
                 self._inside = False
                 for p in processors:

@@ -8,19 +8,28 @@ from __future__ import annotations
 # -- recorded maps ---------------------------------------------------------------------------------
 # Every kind of map `AttentionMaps` holds, by its layout (`MAP_AXES`): "text" (the word maps T2I and I2T), "concept"
 # (output space, cross-attention), "attn2" (the entropy of SD3.5-M's image-only attention), "text_pair" (text x
-# text) or "patch" (image x image for chosen query patches).
+# text), "patch" (image x image for chosen query patches), "reference" (image x reference) or "reference_text"
+# (reference x text).
 MAP_KINDS = {"t2i": "text", "i2t": "text", "concept": "concept", "concept_xattn": "concept", "attn2_entropy": "attn2",
-             "t2t": "text_pair", "i2i": "patch"}
+             "t2t": "text_pair", "i2i": "patch", "r2i": "reference", "i2r": "reference", "t2r": "reference_text"}
 # The axes after (step, block, row) of each layout ("head" first, for region kinds recorded with heads="all"):
-# image tokens (raster order of the token grid), recorded text positions, concepts, recorded I2I query patches.
+# image tokens (raster order of the token grid), recorded text positions, concepts, recorded I2I query patches,
+# reference tokens (raster order of the reference image's token grid).
 MAP_AXES = {"text": ("image", "text"), "concept": ("image", "concept"), "attn2": ("image",),
-            "text_pair": ("text", "text"), "patch": ("image", "query")}
+            "text_pair": ("text", "text"), "patch": ("image", "query"), "reference": ("image", "reference"),
+            "reference_text": ("reference", "text")}
 # The regions of joint attention the recorder maps from the taps: query stream, key stream, and the stored order of
 # the two axes, "qk" (query, key) or "kq" (key, query), so that the image axis comes first and a word's or a query
 # patch's map is a column. Image tokens are every token on the first axis and the chosen query patches on the last.
+# The reference region (a context image's tokens, Flux.1 Kontext): R2I = image queries x reference keys (where each
+# reference patch lands on the output), I2R = reference queries x image keys, stored (image token, reference token)
+# like I2T; T2R = reference queries x text keys, (reference token, text position): where each word lands on the
+# reference image.
 REGIONS = {"t2i": ("img", "txt", "qk"), "i2t": ("txt", "img", "kq"), "t2t": ("txt", "txt", "qk"),
-           "i2i": ("img", "img", "kq")}
+           "i2i": ("img", "img", "kq"), "r2i": ("img", "ref", "qk"), "i2r": ("ref", "img", "kq"),
+           "t2r": ("ref", "txt", "qk")}
 KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "text")  # the word-map kinds, recorded by default
+REFERENCE_KINDS = tuple(k for k, last in MAP_KINDS.items() if last.startswith("reference"))
 CONCEPT_KINDS = tuple(k for k, last in MAP_KINDS.items() if last == "concept")
 ROWS = ("cond", "uncond", "both")  # halves of a classifier-free-guidance batch
 IMAGE_MAP_METHODS = ("noise", "inversion")

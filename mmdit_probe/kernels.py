@@ -7,7 +7,8 @@ kernel with its log-sum-exp output switched on, so the attention output stays th
 for bit. The first call for each device, dtype, kernel and shape is checked: the output against
 `scaled_dot_product_attention` itself, the log-sum-exp against `chunked_logsumexp` on a slice of
 queries. Where no fused kernel applies (or a check fails, with a warning), the normaliser is
-computed in query chunks instead: exact, at the cost of one extra float32 QK^T.
+computed in query chunks instead: exact, at the cost of one extra float32 QK^T. With an attention
+mask (Chroma's padded text) the CPU kernel takes it too; on other devices the chunked normaliser applies it.
 """
 
 from __future__ import annotations
@@ -26,33 +27,46 @@ LSE_TOLERANCE = 1e-3
 _CHECKED_QUERIES = 256
 
 
+def masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits with an attention mask applied as `scaled_dot_product_attention` applies it: a boolean mask keeps
+    where True (elsewhere -inf), a float mask is added."""
+    if mask is None:
+        return logits
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, -torch.inf)
+    return logits + mask
+
+
 def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28,
-                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log-sum-exp over keys of q k^T / sqrt(d) for (batch, heads, tokens, dim) inputs.
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log-sum-exp over keys of q k^T / sqrt(d) for (batch, heads, tokens, dim) inputs, with `attn_mask`
+    ((batch, 1 or heads, tokens, keys), applied as `masked` does) where given.
 
     In float32 (as the recorder's logits are: half-precision logits would not match them), over
-    query chunks whose logits stay within `budget` bytes. `key_mask` (batch, keys), True where a key
-    is attended, leaves the other keys out, as a boolean attention mask does in the kernels.
+    query chunks whose logits stay within `budget` bytes.
     """
     scale = q.shape[-1] ** -0.5
     batch, heads, _, _ = q.shape
     chunk = max(1, budget // (4 * batch * heads * k.shape[2]))
     keys = k.float().transpose(-1, -2)
-    masked = None if key_mask is None else ~key_mask[:, None, None, :]
-
-    def lse(part: torch.Tensor) -> torch.Tensor:
-        logits = (part.float() @ keys) * scale
-        return torch.logsumexp(logits if masked is None else logits.masked_fill(masked, -torch.inf), dim=-1)
-
-    return torch.cat([lse(part) for part in q.split(chunk, dim=2)], dim=2)
+    parts = []
+    for start in range(0, q.shape[2], chunk):
+        logits = (q[:, :, start:start + chunk].float() @ keys) * scale
+        # A mask may broadcast over the queries (size 1 there: a key mask).
+        mask = attn_mask if attn_mask is None or attn_mask.shape[2] == 1 else attn_mask[:, :, start:start + chunk]
+        parts.append(torch.logsumexp(masked(logits, mask), dim=-1))
+    return torch.cat(parts, dim=2)
 
 
 def _scale(q: torch.Tensor) -> float:
     return 1.0 / math.sqrt(q.shape[-1])  # as `scaled_dot_product_attention` computes it
 
 
-def _flash_cpu(q, k, v):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+def _flash_cpu(q, k, v, mask=None):
+    # The CPU kernel takes additive masks only; `scaled_dot_product_attention` converts boolean ones the same way.
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -torch.inf)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)[:2]
 
 
 def _flash_cuda(q, k, v):
@@ -81,42 +95,50 @@ _FUSED: dict[tuple[str, SDPBackend], Callable] = {
 _trusted: dict[tuple, bool] = {}
 
 
-def fused_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> SDPBackend | None:
+def fused_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attn_mask: torch.Tensor | None = None) -> SDPBackend | None:
     """The fused kernel `scaled_dot_product_attention` would run for these inputs, if we can ask it
     for a log-sum-exp too; None otherwise (the math path, or an unknown kernel)."""
-    backend = SDPBackend(torch._fused_sdp_choice(q, k, v))
+    backend = SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask))
     return backend if (q.device.type, backend) in _FUSED else None
 
 
-def _agrees(q, k, v, out, lse) -> str | None:
+def _agrees(q, k, v, out, lse, mask=None) -> str | None:
     """Why the fused result cannot be used, or None when it matches the references."""
-    if not torch.equal(out, F.scaled_dot_product_attention(q, k, v)):
+    if not torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)):
         return "its output differs from scaled_dot_product_attention's"
     n = min(q.shape[2], _CHECKED_QUERIES)
-    error = (lse[:, :, :n].float() - chunked_logsumexp(q[:, :, :n], k)).abs().max().item()
+    reference = chunked_logsumexp(q[:, :, :n], k, attn_mask=None if mask is None else mask[:, :, :n])
+    error = (lse[:, :, :n].float() - reference).abs().max().item()
     if not error <= LSE_TOLERANCE:
         return f"its log-sum-exp is {error:.3g} nats from the float32 reference"
     return None
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of (batch, heads, tokens, dim) inputs, and each query's log-sum-exp
-    (batch, heads, tokens), float32. The output is the one `scaled_dot_product_attention` gives."""
-    backend = fused_backend(q, k, v)
-    key = (str(q.device), q.dtype, backend, tuple(q.shape), tuple(k.shape))
+    (batch, heads, tokens), float32. The output is the one `scaled_dot_product_attention` gives, with
+    `attn_mask` where given (boolean: keep where True; float: added to the logits)."""
+    backend = fused_backend(q, k, v, attn_mask)
+    if attn_mask is not None and q.device.type != "cpu":
+        backend = None  # the CUDA kernels take masks padded their own way: the chunked normaliser stays exact
+    mask_key = None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))
+    key = (str(q.device), q.dtype, backend, tuple(q.shape), tuple(k.shape), *((mask_key,) if mask_key else ()))
     if backend is not None and _trusted.get(key, True):
-        out, lse = _FUSED[(q.device.type, backend)](q, k, v)
+        out, lse = _FUSED[(q.device.type, backend)](q, k, v, *((attn_mask,) if attn_mask is not None else ()))
         lse = lse.squeeze(-1) if lse.ndim == 4 else lse  # cuDNN keeps a trailing singleton
         lse = lse[:, :, :q.shape[2]]  # the efficient kernel pads the query dimension to a multiple of 32
         if key not in _trusted:
-            problem = _agrees(q, k, v, out, lse)
+            problem = _agrees(q, k, v, out, lse, attn_mask)
             _trusted[key] = problem is None
             if problem:
                 warnings.warn(f"{backend.name} attention on {q.device} ({q.dtype}) cannot give maps: {problem}. "
                               f"Recording falls back to a chunked log-sum-exp (exact, slower).", stacklevel=2)
         if _trusted[key]:
             return out, lse
-    return F.scaled_dot_product_attention(q, k, v), chunked_logsumexp(q, k)
+    return (F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask),
+            chunked_logsumexp(q, k, attn_mask=attn_mask))
 
 
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budget: int = 2**28) -> torch.Tensor:

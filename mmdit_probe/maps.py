@@ -8,6 +8,10 @@ I2T maps are stored transposed, so in both kinds a word's map is a column. Conce
 others have a text position: (step, block, row, image token, concept). T2T maps are (step, block, row,
 [head,] text query position, text key position); I2I maps (step, block, row, [head,] image key token, query
 patch), the query patches being `queries` (raster indices of the token grid), so a patch's map is a column too.
+others have a text position: (step, block, row, image token, concept). Reference-region maps (a context
+image's tokens, Flux.1 Kontext) have a reference token there: R2I and I2R (step, block, row, [head,] image
+token, reference token); T2R has the reference grid where the others have the image's: (step, block, row,
+[head,] reference token, text position).
 
 >>> m = maps.word("cat", blocks="top")                   # mean over the preset's top layers, all steps
 >>> m = smooth(m)                                         # Gaussian, kernel 7, sigma 1 on the token grid
@@ -33,6 +37,7 @@ from .constants import (  # noqa: F401  (KINDS: maps.KINDS stays one release)
     KINDS,
     MAP_AXES,
     MAP_KINDS,
+    REFERENCE_KINDS,
     REGIONS,
 )
 from .files import written_atomically
@@ -105,6 +110,10 @@ class AttentionMaps:
     t2t: torch.Tensor | None = None  # (step, block, row, [head,] text query, text key): text positions both
     i2i: torch.Tensor | None = None  # (step, block, row, [head,] image key token, query patch)
     queries: list[int] = field(default_factory=list)  # the I2I query patches, raster indices of the grid
+    r2i: torch.Tensor | None = None  # image queries x reference keys: where each reference patch lands on the output
+    i2r: torch.Tensor | None = None  # reference queries x image keys, stored (image token, reference token)
+    t2r: torch.Tensor | None = None  # reference queries x text keys: (reference token, text position)
+    reference_grid: tuple[int, int] | None = None  # the reference image's token grid, where reference maps ran
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], **fields) -> AttentionMaps:
@@ -131,7 +140,7 @@ class AttentionMaps:
 
     @property
     def region_kinds(self) -> tuple[str, ...]:
-        """The attention regions recorded, of "t2i", "i2t", "t2t", "i2i"."""
+        """The attention regions recorded, of `constants.REGIONS` ("t2i", "i2t", "t2t", "i2i", "r2i", ...)."""
         return tuple(k for k in self.tensors if k in REGIONS)
 
     def dims(self, kind: str) -> tuple[str, ...]:
@@ -144,6 +153,38 @@ class AttentionMaps:
         axes = MAP_AXES[MAP_KINDS[kind]]
         head = ("head",) if m.ndim == 3 + len(axes) + 1 else ()
         return ("step", "block", "row", *head, *axes)
+
+    @property
+    def reference_kinds(self) -> tuple[str, ...]:
+        """The reference-region map kinds recorded ("r2i", "i2r", "t2r"), if any."""
+        return tuple(k for k in self.tensors if k in REFERENCE_KINDS)
+
+    def reference_columns(self, patches=None) -> list[int]:
+        """Indices into the reference dimension: None (every reference token), a (rows, cols) boolean mask over the
+        reference grid, or (row, col) pairs of it."""
+        if self.reference_grid is None:
+            raise ValueError("no reference maps here: record kinds r2i/i2r/t2r with a context image (image=...)")
+        rows, cols = self.reference_grid
+        if patches is None:
+            return list(range(rows * cols))
+        if isinstance(patches, torch.Tensor):
+            if patches.dtype != torch.bool or tuple(patches.shape) != (rows, cols):
+                raise validation.InvalidInput(f"patches must be a boolean ({rows}, {cols}) mask over the reference "
+                                              f"grid; got a {patches.dtype} tensor of shape {tuple(patches.shape)}")
+            found = patches.flatten().nonzero().flatten().tolist()
+        else:
+            pairs = [patches] if isinstance(patches, tuple) else list(patches)
+            if not pairs or not all(isinstance(p, tuple) and len(p) == 2 and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in p) for p in pairs):
+                raise validation.InvalidInput(f"patches={patches!r} is not allowed: give (row, col) pairs of the "
+                                              f"reference grid {self.reference_grid}, a boolean mask, or None")
+            for r, c in pairs:
+                if not (0 <= r < rows and 0 <= c < cols):
+                    raise IndexError(f"patch ({r}, {c}) is outside the reference grid {self.reference_grid}")
+            found = [r * cols + c for r, c in pairs]
+        if not found:
+            raise validation.InvalidInput("patches selects no reference token: the mask is all False")
+        return found
 
     @property
     def concept_kinds(self) -> tuple[str, ...]:
@@ -263,7 +304,9 @@ class AttentionMaps:
             m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
             return m[..., self.concept_columns(words, prompt)].float().mean(dim=-1)
         m = self.region(kind, prompt=prompt, blocks=blocks, steps=steps, head=head, half=half)
-        return m[..., self.columns(words, prompt)].float().mean(dim=-1)
+        # R2I / I2R columns are reference patches (`reference_columns`), the others' text positions.
+        columns = self.reference_columns(words) if MAP_KINDS.get(kind) == "reference" else self.columns(words, prompt)
+        return m[..., columns].float().mean(dim=-1)
 
     def region(self, kind: str, *, prompt: int = 0, blocks=None, steps=None, head: int | None = None,
                half: str = "cond") -> torch.Tensor:
@@ -341,6 +384,10 @@ class AttentionMaps:
         pieces = {t.position: t.piece for t in self.tables[prompt].tokens}
         return [pieces.get(p, str(p)) for p in self.positions]
 
+    def _grid_of(self, kind: str) -> tuple[int, int]:
+        """The token grid a kind's maps are over: the reference image's for T2R, the output image's otherwise."""
+        return self.reference_grid if MAP_KINDS.get(kind) == "reference_text" else self.grid
+
     def word(self, words, *, prompt: int = 0, kind: str = "t2i", blocks=None, steps=None,
              head: int | None = None, half: str = "cond") -> torch.Tensor:
         """The (rows, cols) map of a word, or the mean of several, over the chosen blocks and steps.
@@ -349,7 +396,19 @@ class AttentionMaps:
         steps: None (all recorded), an index, a list or a slice.
         """
         m = self.select(words, prompt=prompt, kind=kind, blocks=blocks, steps=steps, head=head, half=half)
-        return m.mean(dim=(0, 1)).reshape(self.grid)
+        return m.mean(dim=(0, 1)).reshape(self._grid_of(kind))
+
+    def reference(self, patches=None, *, prompt: int = 0, kind: str = "r2i", blocks=None, steps=None,
+                  head: int | None = None, half: str = "cond") -> torch.Tensor:
+        """The (rows, cols) output-image map of reference patches, or the mean of several, like `word`: kind "r2i"
+        (image queries x reference keys: where the patches' content lands on the output) or "i2r" (the patches'
+        queries over the image keys). `patches`: None (the whole reference), a boolean mask over the reference
+        grid, or (row, col) pairs. A word's map over the reference image is ``word(w, kind="t2r")``.
+
+        >>> maps.reference([(2, 3)], blocks="top")
+        """
+        validation.choice("kind", kind, tuple(k for k in REFERENCE_KINDS if MAP_KINDS[k] == "reference"))
+        return self.word(patches, prompt=prompt, kind=kind, blocks=blocks, steps=steps, head=head, half=half)
 
     def concept(self, concepts, *, prompt: int = 0, kind: str = "concept", blocks=None, steps=None,
                 half: str = "cond") -> torch.Tensor:
@@ -364,12 +423,12 @@ class AttentionMaps:
     def per_block(self, words, *, prompt: int = 0, kind: str = "t2i", steps=None) -> torch.Tensor:
         """(block, rows, cols): a word's map in every recorded block, averaged over steps."""
         m = self.select(words, prompt=prompt, kind=kind, steps=steps)
-        return m.mean(dim=0).reshape(len(self.blocks), *self.grid)
+        return m.mean(dim=0).reshape(len(self.blocks), *self._grid_of(kind))
 
     def per_step(self, words, *, prompt: int = 0, kind: str = "t2i", blocks=None) -> torch.Tensor:
         """(step, rows, cols): a word's map at every recorded step, averaged over blocks."""
         m = self.select(words, prompt=prompt, kind=kind, blocks=blocks)
-        return m.mean(dim=1).reshape(len(self.steps), *self.grid)
+        return m.mean(dim=1).reshape(len(self.steps), *self._grid_of(kind))
 
     # -- persistence ---------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False, extra_tensors: dict[str, torch.Tensor] | None = None,
@@ -392,6 +451,7 @@ class AttentionMaps:
             "rows": self.rows, "heads": self.heads, "top_layers": list(self.top_layers),
             "attn2_blocks": self.attn2_blocks, "concepts": self.concepts,
             **({"queries": self.queries} if self.queries else {}),
+            **({"reference_grid": list(self.reference_grid)} if self.reference_grid is not None else {}),
             "tables": [{"prompt": t.prompt, "text_length": t.text_length,
                         "tokens": [[k.position, k.encoder, k.piece, k.word, k.word_index] for k in t.tokens]}
                        for t in self.tables],
@@ -445,7 +505,8 @@ class AttentionMaps:
             maps = cls.from_tensors(tensors, steps=meta["steps"], blocks=meta["blocks"], positions=meta["positions"],
                                     tables=tables, grid=tuple(meta["grid"]), rows=meta["rows"], heads=meta["heads"],
                                     top_layers=tuple(meta["top_layers"]), attn2_blocks=meta.get("attn2_blocks", []),
-                                    concepts=meta.get("concepts", []), queries=meta.get("queries", []))
+                                    concepts=meta.get("concepts", []), queries=meta.get("queries", []),
+                                    reference_grid=tuple(meta["reference_grid"]) if "reference_grid" in meta else None)
             maps._check_tensors()
         except (KeyError, TypeError, ValueError) as error:
             raise validation.InvalidInput(f"{path} is not a valid maps file: {error}") from None
@@ -454,13 +515,16 @@ class AttentionMaps:
     def _check_tensors(self) -> None:
         """Tensor shapes against the metadata (steps, blocks, rows, grid, positions) and finite values."""
         if not self.region_kinds:
-            raise ValueError("it holds neither t2i nor i2t maps (nor t2t nor i2i)")
+            raise ValueError("it holds no attention-region maps (t2i, i2t, t2t, i2i, r2i, i2r, t2r)")
         if ("i2i" in self.tensors) != bool(self.queries):
             raise ValueError("its I2I maps and its metadata's query patches ('queries') come only together")
         if any(not 0 <= q < self.grid[0] * self.grid[1] for q in self.queries) or sorted(set(self.queries)) != \
                 self.queries:
             raise ValueError(f"its query patches {self.queries[:8]} are not distinct sorted raster indices of the "
                              f"{self.grid} token grid")
+        if self.reference_kinds and self.reference_grid is None:
+            raise ValueError(f"it holds reference maps ({', '.join(self.reference_kinds)}) but its metadata gives no "
+                             f"reference_grid")
         if self.concepts and not self.concept_kinds:
             raise ValueError("its metadata names concepts but holds no concept maps")
         if self.concept_kinds and not self.concepts:
@@ -483,7 +547,9 @@ class AttentionMaps:
         rows = len(self.tables) * (2 if self.rows == "both" else 1)
         size = {"image": (self.grid[0] * self.grid[1], "grid"), "text": (len(self.positions), "positions"),
                 "query": (len(self.queries), "queries"),
-                "concept": (max(map(len, self.concepts), default=0), "concepts")}
+                "concept": (max(map(len, self.concepts), default=0), "concepts"),
+                "reference": (self.reference_grid[0] * self.reference_grid[1] if self.reference_grid else 0,
+                              "reference_grid")}
         axes = MAP_AXES[MAP_KINDS[kind]]
         heads = (m.shape[3],) if kind in REGIONS and self.heads == "all" and m.ndim == 6 else ()
         blocks = ("attn2_blocks", self.attn2_blocks) if MAP_KINDS[kind] == "attn2" else ("blocks", self.blocks)
@@ -534,6 +600,11 @@ def _check_meta(meta) -> None:
     if not isinstance(concepts, list) or not all(isinstance(c, list) and all(isinstance(w, str) for w in c)
                                                  for c in concepts):
         raise ValueError(f"metadata 'concepts' must be one list of words per prompt; got {concepts!r}")
+    if "reference_grid" in meta:
+        ints("reference_grid", meta["reference_grid"])
+        if len(meta["reference_grid"]) != 2 or min(meta["reference_grid"]) < 1:
+            raise ValueError(f"metadata 'reference_grid' must be [rows, cols] of positive numbers; got "
+                             f"{meta['reference_grid']!r}")
     if len(meta["grid"]) != 2 or min(meta["grid"]) < 1:
         raise ValueError(f"metadata 'grid' must be [rows, cols] of positive numbers; got {meta['grid']!r}")
     if meta.get("rows") not in ("cond", "uncond", "both") or meta.get("heads") not in ("mean", "all"):

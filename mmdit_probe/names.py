@@ -2,7 +2,8 @@
 
 A hook point's name is ``blocks.{block}.{attention}.hook_{activation}_{stream}``: `attention` is
 "attn" (joint attention) or "attn2" (SD3.5-M's image-only attention), `activation` one of q, k, v,
-out (and lse, which fires only while attention is recorded), `stream` img or txt. A *kind* is a name
+out (and lse, which fires only while attention is recorded), `stream` img or txt (or ref: the reference
+tokens of a family that has them, e.g. Flux.1 Kontext's context image). A *kind* is a name
 without its block ("q_img", "attn2.q_img"). No torch here: the CLI and the families share it.
 """
 
@@ -21,6 +22,16 @@ TAP_KINDS = tuple(f"{a}_{s}" for a in ACTIVATIONS for s in STREAMS)
 TAP_ORDER = ("q_img", "k_img", "v_img", "q_txt", "k_txt", "v_txt", "out_img", "out_txt")
 # The taps attention recording reads, in execution order.
 RECORDED_TAPS = ("q_img", "k_img", "q_txt", "k_txt", "lse_img", "lse_txt")
+# A third region: reference tokens (Flux.1 Kontext's context image) that follow the image tokens in the image stream.
+# Their taps ("q_ref", ...) exist only where a family has such a region (`Family.has_reference`).
+REFERENCE = "ref"
+REFERENCE_TAP_KINDS = tuple(f"{a}_{REFERENCE}" for a in ACTIVATIONS)
+# The order of one attention's taps where the image stream holds reference tokens: each of the image stream's
+# activations is tapped for the image tokens, then for the reference tokens.
+TAP_ORDER_REFERENCE = ("q_img", "k_img", "v_img", "q_ref", "k_ref", "v_ref", "q_txt", "k_txt", "v_txt", "out_img",
+                       "out_ref", "out_txt")
+# The taps that recording reference maps reads, in execution order.
+RECORDED_TAPS_REFERENCE = ("q_img", "k_img", "q_ref", "k_ref", "q_txt", "k_txt", "lse_img", "lse_ref", "lse_txt")
 FORMAT_MESSAGE = "hook names look like 'blocks.7.attn.hook_q_img'"
 
 
@@ -85,7 +96,7 @@ def parse_kind(kind: str) -> Tap | None:
     it names no tap of `TAP_KINDS` in `ATTENTIONS`."""
     attention, _, short = kind.rpartition(".")
     short = short.removeprefix("hook_")
-    if short not in TAP_KINDS or attention not in ("", *ATTENTIONS):
+    if short not in (*TAP_KINDS, *REFERENCE_TAP_KINDS) or attention not in ("", *ATTENTIONS):
         return None
     return Tap(None, attention or "attn", f"hook_{short}")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd3" or "flux"
+    family: str  # "sd3", "flux", "chroma" or "flux-kontext"
     hub_id: str | None
     steps: int
     guidance: float
@@ -55,6 +55,16 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen-image", "qwen_image", "Qwen/Qwen-Image", 50, 1.0, 1328, 512, (30, 35, 40, 25, 45), theta=0.3,
                notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') runs plain "
                      "generation only; top layers and theta are a guess until a sweep picks them"),
+        # Published settings from the model cards' diffusers examples; the top blocks are Flux.1-dev's, a guess (same
+        # block layout) until a sweep over prompts picks them (`mmdit-probe sweep` on a GPU).
+        Preset("chroma1-hd", "chroma", "lodestones/Chroma1-HD", 40, 3.0, 1024, 512,
+               (18, 17, 12, 14, 11), theta=0.3,
+               notes="guidance 3.0 runs a second transformer call per step: record, patch and edit at guidance 1; "
+                     "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
+        Preset("flux.1-kontext-dev", "flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", 28, 2.5, 1024, 512,
+               (18, 17, 12, 14, 11), theta=0.3,
+               notes="distilled guidance; a context image (image=...) adds reference tokens after the image tokens; "
+                     "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
         # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
         # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json). A higher θ
         # breaks background edits (README, "Editing on the Shapes world").
@@ -67,6 +77,8 @@ FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
     "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
     "qwen_image": replace(PRESETS["qwen-image"], name="qwen_image (family defaults)", hub_id=None),
+    "chroma": replace(PRESETS["chroma1-hd"], name="chroma (family defaults)", hub_id=None),
+    "flux-kontext": replace(PRESETS["flux.1-kontext-dev"], name="flux-kontext (family defaults)", hub_id=None),
 }
 
 _HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
@@ -111,6 +123,10 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
     if family == "qwen_image" and (layers, heads) == (60, 24):
         return PRESETS["qwen-image"]
+    if family == "chroma" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
+        return PRESETS["chroma1-hd"]
+    if family == "flux-kontext" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
+        return PRESETS["flux.1-kontext-dev"]
     return None
 
 

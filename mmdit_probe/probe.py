@@ -21,6 +21,7 @@ from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
 
 from . import validation
 from ._lazy import lazy
+from ._notices import internal_deprecations_hidden
 from .attention import AttentionRecorder
 from .constants import GENERATION_KEYS, OUTPUT_TYPES, SOLVERS, T5_MAX_TOKENS
 from .families import Family, family_for, family_name_for_class
@@ -85,9 +86,11 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         for name, spec in config.items():
             if spec == [None, None]:
                 kwargs.setdefault(name, None)
-        return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
+        with internal_deprecations_hidden():
+            return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
     try:
-        return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
+        with internal_deprecations_hidden():
+            return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as error:
         raise OSError(
             f"could not load {source!r}: {error}\n"
@@ -237,6 +240,16 @@ class Probe:
         for key, instead in self._OWN_ARGUMENTS.items():
             if key in kwargs:
                 raise validation.InvalidInput(f"pass {instead} rather than {key}=")
+        if "context_image" in kwargs:
+            # The editors and inversion take the image to edit or invert as `image`: a reference model's context
+            # image comes as `context_image` there, and everywhere else too.
+            if not self.family.has_reference:
+                raise validation.InvalidInput(f"context_image= is for models with a context image (Flux.1 Kontext); "
+                                              f"this is {self.family.name}: leave it out")
+            if kwargs.get("image") is not None:
+                raise validation.InvalidInput("the context image given twice, as image= and context_image=: give it "
+                                              "once")
+            kwargs["image"] = kwargs.pop("context_image")
         validation.known_keywords(f"{type(self.pipeline).__name__} (generation)", kwargs,
                                   inspect.signature(self.pipeline.__call__).parameters)
         if kwargs.get("num_images_per_prompt", 1) != 1:
@@ -293,6 +306,7 @@ class Probe:
             "height": height,
             "width": width,
             "max_sequence_length": self.preset.max_sequence_length,
+            **self.family.pipeline_arguments(height, width),
         }
         if checked.pop("same_noise"):
             args["latents"] = self.family.initial_noise(len(prompts), height, width, seed)
@@ -461,6 +475,7 @@ class Probe:
         segments = ", ".join(f"{s.encoder} {s.start}..{s.start + s.length - 1}"
                              for s in f.text_segments(p.max_sequence_length))
         order = "[image | text]" if f.image_first else "[text | image]"
+        order = order.replace("]", " | reference]") if f.has_reference else order
         attn2 = [a.block for a in f.attentions if a.name == "attn2"]
         lines = [
             f"pipeline      {type(self.pipeline).__name__} (family {f.name}, preset {p.name})",
@@ -471,6 +486,9 @@ class Probe:
             f"defaults      {p.steps} steps, guidance {p.guidance}, top layers {list(p.top_layers)}",
             f"hook points   {len(self.hook_names)}, e.g. {', '.join(self.hook_names[:4])}, ...",
         ]
+        if f.has_reference:
+            lines.insert(4, "reference     a context image (image=...) adds tokens after the image tokens: hooks "
+                            "*_ref, maps r2i / i2r / t2r")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -17,6 +17,10 @@ defaults, 256 for SD3 and 512 for Flux, work too but are slower):
   Qwen-Image's video VAE (5-D latents, one frame); 64x64 pixels give 4x4 = 16 image tokens.
 * Flux: the text is the N T5 tokens only (CLIP contributes just its pooled vector). Inside each
   block the sequence is ``[text tokens, image tokens]``; 64x64 pixels give 4x4 = 16 image tokens.
+* Chroma: Flux's layout with T5 alone (no CLIP), and the pipeline's attention mask over padded text.
+* Flux.1 Kontext: Flux-dev's layout; a context image (``image=``) appends its tokens after the image
+  tokens: ``[text, image, reference]``. Pass ``_auto_resize=False`` to keep a tiny context image tiny
+  (the pipeline otherwise resizes it to about 1024x1024).
 
 `FluxPipeline` hard-codes a 1024x1024 default, so pass the sizes in `TINY_GENERATION_KWARGS`.
 """
@@ -31,8 +35,11 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -55,6 +62,7 @@ from transformers import (
 )
 
 from ._bpe import word_merges
+from ._notices import internal_deprecations_hidden
 
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd3": StableDiffusion3Pipeline,
@@ -62,6 +70,8 @@ _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "flux-dev": FluxPipeline,
     "flux-schnell": FluxPipeline,
     "qwen-image": QwenImagePipeline,
+    "chroma": ChromaPipeline,
+    "flux-kontext": FluxKontextPipeline,
 }
 TINY_KINDS: tuple[str, ...] = tuple(_PIPELINE_CLASSES)
 
@@ -78,7 +88,10 @@ TINY_GENERATION_KWARGS: dict[str, dict] = {
         "max_sequence_length": 8 if kind == "qwen-image" else 16,
     }
     for kind, guidance_scale in (("sd3", 7.0), ("sd3.5", 7.0), ("flux-dev", 3.5), ("flux-schnell", 0.0),
-                                 ("qwen-image", 1.0))
+                                 ("qwen-image", 1.0),
+                                 # Chroma's guidance > 1 is a second transformer call per step, which recording,
+                                 # patching and editing refuse; Kontext's is distilled, like Flux-dev's.
+                                 ("chroma", 1.0), ("flux-kontext", 2.5))
 }
 
 _COMMON_WORDS = """
@@ -128,7 +141,8 @@ def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     """
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as directory:
         path = save_tiny_pipeline(kind, directory, seed)
-        return _PIPELINE_CLASSES[kind].from_pretrained(path)
+        with internal_deprecations_hidden():
+            return _PIPELINE_CLASSES[kind].from_pretrained(path)
 
 
 def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0) -> Path:
@@ -141,9 +155,9 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0) -> Path:
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.random.fork_rng(devices=[]):
-            builder = _build_sd3 if kind.startswith("sd3") else _build_qwen if kind == "qwen-image" else _build_flux
-            pipe = builder(kind, seed)
+        with torch.random.fork_rng(devices=[]), internal_deprecations_hidden():
+            builders = {"chroma": _build_chroma, "qwen-image": _build_qwen}
+            pipe = (_build_sd3 if kind.startswith("sd3") else builders.get(kind, _build_flux))(kind, seed)
     finally:
         torch.set_default_dtype(dtype)
     path = Path(directory)
@@ -331,16 +345,16 @@ def _build_flux(kind: str, seed: int) -> FluxPipeline:
         num_attention_heads=2,
         joint_attention_dim=t5_width,
         pooled_projection_dim=clip_width,
-        guidance_embeds=kind == "flux-dev",
+        guidance_embeds=kind in ("flux-dev", "flux-kontext"),
         axes_dims_rope=(4, 6, 6),
     )
     _seed(seed, 3)
     vae = _vae(scaling_factor=0.3611, shift_factor=0.1159)
-    if kind == "flux-dev":
+    if kind in ("flux-dev", "flux-kontext"):
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    return FluxPipeline(
+    return _PIPELINE_CLASSES[kind](
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -400,3 +414,33 @@ def _build_qwen(kind: str, seed: int) -> QwenImagePipeline:
                                                 shift_terminal=0.02, time_shift_type="exponential")
     return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
+
+
+def _build_chroma(kind: str, seed: int) -> ChromaPipeline:
+    t5_width = 64
+    tokenizer = t5_tokenizer()
+    _seed(seed, 1)
+    text_encoder = _t5(tokenizer, t5_width)
+    _seed(seed, 2)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    _seed(seed, 3)
+    vae = _vae(scaling_factor=0.3611, shift_factor=0.1159)
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )

@@ -21,6 +21,10 @@ def record_with_reference(probe, kind, **options):
             tap = f"blocks.{block}.attn.hook_{name}"
             handles.append(probe.module(tap).register_forward_hook(
                 lambda m, i, out, key=(block, name): seen[key].append(out.detach().clone())))
+        if probe.family.masks_attention:  # Chroma: the mask each attention call hands its kernel
+            attention = probe.pipeline.transformer.get_submodule(probe.family.attention(block).path)
+            handles.append(attention.register_forward_pre_hook(
+                lambda m, a, kw, key=(block, "mask"): seen[key].append(kw.get("attention_mask")), with_kwargs=True))
     recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, **options)
     with probe.model.generate(**inputs) as tracer:
         for step in tracer.iter[0:inputs["num_inference_steps"]]:
@@ -34,6 +38,13 @@ def record_with_reference(probe, kind, **options):
 def reference(seen, block, step):
     """Explicit joint softmax; returns T2I (batch, heads, image, text) and I2T transposed alike."""
     q_img, k_img, q_txt, k_txt = (seen[(block, n)][step] for n in ("q_img", "k_img", "q_txt", "k_txt"))
+    if seen.get((block, "mask")):  # a mask over the joint [text | image] order, applied as the kernel applies it
+        mask = seen[(block, "mask")][step]
+        q, k = torch.cat([q_txt, q_img], dim=2), torch.cat([k_txt, k_img], dim=2)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        p = torch.softmax(logits.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else logits + mask, -1)
+        n_txt = q_txt.shape[2]
+        return p[:, :, n_txt:, :n_txt], p[:, :, :n_txt, n_txt:].transpose(-1, -2)
     q, k = torch.cat([q_img, q_txt], dim=2), torch.cat([k_img, k_txt], dim=2)
     p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
     n_img = q_img.shape[2]

@@ -57,9 +57,10 @@ def test_any_aspect_ratio(probe, kind):
     assert out.maps.grid == (4, 8) and out.maps.concept("circle").shape == (4, 8)
 
 
-def _attention(q, k, v):
-    """Explicit softmax(q k^T / sqrt(d)) v, (batch, heads, tokens, dim) -> (batch, tokens, heads x dim)."""
-    p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+def _attention(q, k, v, bias=None):
+    """Explicit softmax(q k^T / sqrt(d) + bias) v, (batch, heads, tokens, dim) -> (batch, tokens, heads x dim)."""
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    p = torch.softmax(logits if bias is None else logits + bias, dim=-1)
     return (p @ v).transpose(1, 2).flatten(2)
 
 
@@ -120,6 +121,7 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
     family, transformer = probe.family, probe.pipeline.transformer
     taps: dict = {}
     calls: dict = {}
+    masks: dict = {}
     handles = []
     for a in family.attentions:
         if a.name != "attn":
@@ -131,9 +133,19 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
         block = transformer.get_submodule(family.block_path(a.block))
 
         def seen(m, args, kwargs, output, b=a.block):
+            if "encoder_hidden_states" not in kwargs:  # Chroma's single-stream blocks: [concepts | dummy] joint
+                if kwargs["hidden_states"].shape[1] == len(CONCEPTS) + 1:
+                    n = len(CONCEPTS)
+                    calls.setdefault(b, []).append((kwargs["hidden_states"][:, :n].clone(), kwargs["temb"],
+                                                    output[:, :n].clone()))
+                elif kwargs.get("attention_mask") is not None:
+                    masks.setdefault(b, []).append(kwargs["attention_mask"])
+                return
             if kwargs["encoder_hidden_states"].shape[1] == len(CONCEPTS):  # the concept call
                 calls.setdefault(b, []).append((kwargs["encoder_hidden_states"].clone(), kwargs["temb"],
                                                 None if output[0] is None else output[0].clone()))
+            elif kwargs.get("attention_mask") is not None:  # Chroma's key vector over [text | image]
+                masks.setdefault(b, []).append(kwargs["attention_mask"])
         handles.append(block.register_forward_hook(seen, with_kwargs=True))
     try:
         out = _generate(probe, kind, CONCEPTS, dtype=torch.float32)
@@ -148,13 +160,19 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
     checked = 0
     for a in [a for a in family.attentions if a.name == "attn"]:
         block = transformer.get_submodule(family.block_path(a.block))
-        single = family.name == "flux" and family.is_single(a.block)
+        single = hasattr(family, "is_single") and family.is_single(a.block)
         for step, (c, temb, stream_out) in enumerate(calls[a.block]):
             q_img, k_img, v_img, k_txt, v_txt = (taps[(a.block, n)][step] for n in
                                                  ("q_img", "k_img", "v_img", "k_txt", "v_txt"))
+            bias = None
+            if a.block in masks:  # Chroma: the block's outer-product mask m m^T, added; image tokens have m = 1
+                m = masks[a.block][step]
+                bias = torch.cat([torch.ones_like(m[:, k_txt.shape[2]:]), m[:, :k_txt.shape[2]]], 1)[:, None, None]
+            if family.name == "chroma" and not single:
+                temb = temb[:, 6:]  # Chroma's double blocks modulate the text with the second half
             with torch.no_grad():
                 expected, o, k_concepts = _reference_block(block, single, c, temb, k_img, v_img, freqs)
-                image_out = _attention(q_img, torch.cat([k_img, k_txt], 2), torch.cat([v_img, v_txt], 2))
+                image_out = _attention(q_img, torch.cat([k_img, k_txt], 2), torch.cat([v_img, v_txt], 2), bias)
             if expected is None:
                 assert stream_out is None
             else:

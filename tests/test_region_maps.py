@@ -31,6 +31,10 @@ def record(probe, kind, recorder_options=None, **overrides):
         for name in ("q_img", "k_img", "q_txt", "k_txt"):
             handles.append(probe.module(f"blocks.{block}.attn.hook_{name}").register_forward_hook(
                 lambda m, i, out, key=(block, name): seen[key].append(out.detach().clone())))
+        if probe.family.masks_attention:  # Chroma: the mask each attention call hands its kernel
+            attention = probe.pipeline.transformer.get_submodule(probe.family.attention(block).path)
+            handles.append(attention.register_forward_pre_hook(
+                lambda m, a, kw, key=(block, "mask"): seen[key].append(kw.get("attention_mask")), with_kwargs=True))
     recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, **(recorder_options or {}))
     with probe.model.generate(**inputs) as tracer:
         for step in tracer.iter[0:inputs["num_inference_steps"]]:
@@ -45,7 +49,13 @@ def explicit(seen, block, step):
     """The four regions of the explicit joint softmax, (batch, heads, query, key), image tokens then text."""
     q_img, k_img, q_txt, k_txt = (seen[(block, n)][step] for n in ("q_img", "k_img", "q_txt", "k_txt"))
     q, k = torch.cat([q_img, q_txt], dim=2), torch.cat([k_img, k_txt], dim=2)
-    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if seen.get((block, "mask")):  # a mask over the joint [text | image] order, applied as the kernel applies it
+        mask = seen[(block, "mask")][step]
+        order = torch.cat([torch.arange(q_txt.shape[2], q.shape[2]), torch.arange(q_txt.shape[2])])  # to [img | txt]
+        mask = mask[:, :, order][..., order]
+        logits = logits.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else logits + mask
+    p = torch.softmax(logits, dim=-1)
     n = q_img.shape[2]
     return {"t2i": p[:, :, :n, n:], "i2t": p[:, :, n:, :n], "t2t": p[:, :, n:, n:], "i2i": p[:, :, :n, :n]}
 

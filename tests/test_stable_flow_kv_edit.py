@@ -126,7 +126,9 @@ def test_the_published_flux_layers_are_the_papers():
 class _Removed(nn.Module):
     """A block that is not there: hands on its inputs (as the transformer's loop unpacks them)."""
 
-    def forward(self, hidden_states, encoder_hidden_states, **kwargs):
+    def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):
+        if encoder_hidden_states is None:  # Chroma's single-stream blocks take and return the joint sequence
+            return hidden_states
         return encoder_hidden_states, hidden_states
 
 

@@ -6,6 +6,7 @@ from conftest import tiny_inputs
 from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import apply_rotary_emb
 
+from mmdit_probe._notices import internal_deprecations_hidden
 from mmdit_probe.taps import TapProcessor
 from mmdit_probe.validation import InvalidInput
 
@@ -17,7 +18,8 @@ def latents_of(result) -> torch.Tensor:
 
 
 def test_installing_taps_changes_no_output_bit(probe, kind, tiny_dirs):
-    stock = DiffusionPipeline.from_pretrained(tiny_dirs[kind])
+    with internal_deprecations_hidden():
+        stock = DiffusionPipeline.from_pretrained(tiny_dirs[kind])
     stock.set_progress_bar_config(disable=True)
     inputs = tiny_inputs(probe, kind, PROMPTS)
     expected = latents_of(stock(**inputs))

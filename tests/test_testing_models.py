@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from mmdit_probe._notices import internal_deprecations_hidden
 from mmdit_probe.testing import (
     TINY_GENERATION_KWARGS,
     TINY_KINDS,
@@ -35,7 +36,10 @@ def kind_and_pipe(request):
 
 def generate(pipe, kind):
     generator = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, generator=generator, output_type="latent", **TINY_GENERATION_KWARGS[kind]).images
+    kw = TINY_GENERATION_KWARGS[kind]
+    # Kontext sizes its output to max_area (default 1024^2), whatever height and width say.
+    extra = {"max_area": kw["height"] * kw["width"]} if kind == "flux-kontext" else {}
+    return pipe(prompt=PROMPT, generator=generator, output_type="latent", **kw, **extra).images
 
 
 def test_generation_is_bit_identical_after_save_and_reload(kind_and_pipe, tmp_path):
@@ -47,7 +51,8 @@ def test_generation_is_bit_identical_after_save_and_reload(kind_and_pipe, tmp_pa
 
     pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
     for path in (tmp_path / "saved", save_tiny_pipeline(kind, tmp_path / "fresh")):
-        reloaded = type(pipe).from_pretrained(path)
+        with internal_deprecations_hidden():
+            reloaded = type(pipe).from_pretrained(path)
         reloaded.set_progress_bar_config(disable=True)
         assert torch.equal(generate(reloaded, kind), latents)
 
@@ -72,11 +77,13 @@ def test_components(kind_and_pipe):
     elif kind == "qwen-image":
         assert transformer.config.joint_attention_dim == pipe.text_encoder.config.text_config.hidden_size
         assert pipe.vae_scale_factor == 8 and transformer.config.in_channels == 4 * pipe.vae.config.z_dim == 64
+    elif kind == "chroma":  # T5 alone, no CLIP, no pooled projection
+        assert transformer.config.joint_attention_dim == pipe.text_encoder.config.d_model
         assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
     else:
         assert transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
         assert transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
-        assert transformer.config.guidance_embeds == (kind == "flux-dev")
+        assert transformer.config.guidance_embeds == (kind in ("flux-dev", "flux-kontext"))
         assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
 
 
@@ -95,6 +102,13 @@ def test_text_layout(kind_and_pipe):
         elif kind == "qwen-image":  # the prompt after the chat template's prefix, cut at n: no padding, no mask
             embeds, mask = pipe.encode_prompt(PROMPT, max_sequence_length=n)
             assert embeds.shape == (1, n, pipe.text_encoder.config.text_config.hidden_size) and mask is None
+            return
+        elif kind == "chroma":
+            embeds, text_ids, mask = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False,
+                                                        max_sequence_length=n)[:3]
+            assert embeds.shape == (1, n, pipe.text_encoder.config.d_model) and text_ids.shape == (n, 3)
+            real = len(pipe.tokenizer(PROMPT).input_ids)  # with </s>; the first pad token is kept too
+            assert mask.tolist() == [[1.0] * (real + 1) + [0.0] * (n - real - 1)]
             return
         else:
             embeds, pooled, text_ids = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=n)
@@ -115,6 +129,8 @@ def test_tokenizers_round_trip(kind_and_pipe):
         return
     if kind.startswith("sd3"):
         clips, t5 = [pipe.tokenizer, pipe.tokenizer_2], pipe.tokenizer_3
+    elif kind == "chroma":
+        clips, t5 = [], pipe.tokenizer
     else:
         clips, t5 = [pipe.tokenizer], pipe.tokenizer_2
     for tokenizer in [*clips, t5]:

@@ -128,7 +128,7 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
                 raise validation.InvalidInput(f"{name}= makes the mask from the edited words' maps, so it is unused "
                                               f"with mask=: leave it out, or leave mask out")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
-    validation.one_call_per_step(inputs)
+    probe.family.check_one_call_per_step(inputs)
     height, width = inputs["height"], inputs["width"]
     theta = validation.fraction("theta", probe.preset.theta if theta is None else theta, " (the threshold on "
                                 "max-normalised maps)")

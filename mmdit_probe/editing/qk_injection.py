@@ -113,7 +113,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     user_callback = generation.pop("callback_on_step_end", None)
     user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
     inputs = probe.inputs([source, target], seed=seed, **generation)
-    validation.one_call_per_step(inputs)
+    probe.family.check_one_call_per_step(inputs)
     start_from(inputs, latents)
     if user_callback is not None:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from .base import Attention, Family, TextSegment, single_streams
+from .chroma import ChromaFamily
 from .flux import FluxFamily
+from .kontext import FluxKontextFamily
 from .qwen_image import QwenImageFamily
 from .sd3 import SD3Family
 
-FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily, "qwen_image": QwenImageFamily}
-_TRANSFORMERS = {family.transformer_class: name for name, family in FAMILIES.items()}
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily, "chroma": ChromaFamily,
+                                     "flux-kontext": FluxKontextFamily, "qwen_image": QwenImageFamily}
+# A transformer class marks the first family that names it (Kontext shares Flux.1's: its pipeline tells them apart).
+_TRANSFORMERS: dict[str, str] = {}
+for _name, _family in FAMILIES.items():
+    _TRANSFORMERS.setdefault(_family.transformer_class, _name)
 
 
 def supported() -> str:
@@ -25,7 +31,9 @@ def family_name_for_class(pipeline_class: str) -> str:
 def family_for(pipeline) -> Family:
     """The adapter for a diffusers pipeline; raises naming the supported pipelines otherwise."""
     transformer = type(getattr(pipeline, "transformer", None)).__name__
-    name = _TRANSFORMERS.get(transformer) or family_name_for_class(type(pipeline).__name__)
+    by_pipeline = [name for name, family in FAMILIES.items() if type(pipeline).__name__ in family.pipeline_classes]
+    name = by_pipeline[0] if by_pipeline else _TRANSFORMERS.get(transformer) or family_name_for_class(
+        type(pipeline).__name__)
     return FAMILIES[name](pipeline)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import validation
-from ..names import STREAMS, TAP_ORDER, TAPPED, leaf, parse_tap, tap
+from ..names import REFERENCE, STREAMS, TAP_ORDER, TAP_ORDER_REFERENCE, TAPPED, leaf, parse_tap, tap
 from ..taps import TapProcessor
 
 
@@ -57,6 +57,11 @@ class Family:
     # diffusers can fuse the q/k/v projections (`fuse_qkv_projections()`) and the stock processors use them.
     fuses_qkv = True
     min_steps, min_steps_why = 1, ""  # the fewest denoising steps whose schedule is defined
+    # Whether the image stream may end with reference tokens (a context image): they get their own taps
+    # ("q_ref", ...) and maps (`constants.REFERENCE_KINDS`); `reference_length` says how many there are.
+    has_reference = False
+    # Whether the pipeline passes an attention mask (Chroma's padded text): recorded maps apply it as the kernel does.
+    masks_attention = False
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -88,6 +93,11 @@ class Family:
     def check_block(self, block: int) -> int:
         """One block index of this model, else `validation.BlockIndexError`."""
         return self.check_blocks("block", block)[0]
+
+    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+        """Refuse inputs that make the pipeline call the transformer more than once per step (recording, patching and
+        editing count calls as steps); see `validation.one_call_per_step`."""
+        validation.one_call_per_step(inputs)
 
     def check_blocks(self, name: str, values: Any, **template: Any) -> list[int]:
         """Distinct block indices of this model (see `validation.blocks`; `template` passes its message)."""
@@ -125,20 +135,41 @@ class Family:
         module = self.transformer.get_submodule(self.block_path(self.check_block(block)))
         return module.register_forward_hook(self.bypass_output, with_kwargs=True)
 
+    def concept_call(self, block: int, call: dict[str, Any], state: torch.Tensor, dummy: torch.Tensor):
+        """A block's concept call (`mmdit_probe.concepts`): its keyword arguments with the concept stream `state` as
+        the text and the one-token `dummy` as the image, and a function taking the block's output to the new state.
+        Every MM-DiT block of diffusers 0.42 here takes both streams and returns the text first."""
+        return {**call, "hidden_states": dummy, "encoder_hidden_states": state}, lambda output: output[0]
+
     # -- hook points -------------------------------------------------------
+    def streams(self, attention: Attention) -> tuple[str, ...]:
+        """The streams one attention has taps for: img, txt where it sees text, ref where the family has references."""
+        streams = STREAMS if attention.has_text else ("img",)
+        return (*streams, REFERENCE) if self.has_reference else streams
+
     def tap_names(self) -> list[str]:
         """Every hook point's stable name, in execution order (nnsight reads must follow it); lse taps left out."""
         names = []
+        order = TAP_ORDER_REFERENCE if self.has_reference else TAP_ORDER
         for a in self.attentions:
-            streams = STREAMS if a.has_text else ("img",)
-            names += [tap(a.block, short, a.name) for short in TAP_ORDER if short.rpartition("_")[2] in streams]
+            streams = self.streams(a)
+            names += [tap(a.block, short, a.name) for short in order if short.rpartition("_")[2] in streams]
         return names
+
+    def reference_length(self, call: dict[str, Any]) -> int:
+        """How many tokens at the end of the image stream are reference tokens in this transformer call (its keyword
+        arguments); 0 for families without references."""
+        return 0
+
+    def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """The token grid (rows, cols) of the reference image these pipeline inputs carry; None without one."""
+        return None
 
     def tap_path(self, name: str) -> str:
         """The module path inside the transformer of a hook point, e.g. for nnsight or torch hooks."""
         parsed = parse_tap(name)
         attention = self.attention(parsed.block, parsed.attention)
-        streams = STREAMS if attention.has_text else ("img",)
+        streams = self.streams(attention)
         valid = [leaf(activation, s) for activation in TAPPED for s in streams]
         if parsed.leaf not in valid:
             raise ValueError(f"{parsed.attention} of block {parsed.block} has no {parsed.leaf!r}; it has "
@@ -181,6 +212,10 @@ class Family:
     def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The inverse of `pack_latents`, for an image of this size."""
         return latents
+
+    def pipeline_arguments(self, height: int, width: int) -> dict[str, Any]:
+        """Pipeline keywords this family needs to generate at this size (Kontext: its `max_area`)."""
+        return {}
 
     latent_channels_divisor = 1  # Flux packs 2x2 latent patches into one token of 4x the channels
 

@@ -11,6 +11,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..kernels import attention_with_lse
+from ..names import REFERENCE, STREAMS
 from ..taps import TapProcessor, project_qkv
 from .base import Attention, Family, TextSegment
 
@@ -18,8 +19,10 @@ from .base import Attention, Family, TextSegment
 class FluxTapProcessor(TapProcessor):
     """`FluxAttnProcessor` with taps, for double-stream and single-stream blocks.
 
-    A single-stream block hands its attention one joint [text | image] sequence; the block knows
-    the text length and sets `text_length` before each call (see `FluxFamily.install_taps`).
+    A single-stream block hands its attention one joint [text | image] sequence; the family sets
+    `text_length` before each call (see `FluxFamily.install_taps`). Where the family has a reference
+    region (Kontext), the image stream ends with `reference_length` reference tokens, tapped as the
+    "ref" stream; the family sets that length before each transformer call.
     Attention runs through diffusers' `dispatch_attention_fn`, so GPU backends stay selectable.
     """
 
@@ -27,9 +30,13 @@ class FluxTapProcessor(TapProcessor):
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
+        super().__init__(streams)
         self.text_length: int | None = None
+        self.reference_length = 0
+        # While recording: the attention mask of the last call as (batch, 1, queries, keys) in joint order, a
+        # view of the pipeline's own; the recorder applies its slices to its logits as the kernel does.
+        self.recorded_mask: torch.Tensor | None = None
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                 image_rotary_emb=None, **kwargs):
@@ -55,17 +62,25 @@ class FluxTapProcessor(TapProcessor):
 
         # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that
         # changes nothing leaves the attention inputs bit-identical.
+        reference = REFERENCE in self.streams
+        n_image = q.shape[1] - n_text - (self.reference_length if reference else 0)
         text = [t[:, :n_text].transpose(1, 2) for t in (q, k, v)]
-        image = [t[:, n_text:].transpose(1, 2) for t in (q, k, v)]
-        image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
+        image = [t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)]
+        image = self.tap_qkv("img", *image)
+        if reference:
+            ref = self.tap_qkv(REFERENCE, *(t[:, n_text + n_image:].transpose(1, 2) for t in (q, k, v)))
+            image = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
+        text = self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
-        if self.record_lse and attention_mask is not None:
-            raise NotImplementedError("attention maps cannot be recorded with an attention mask (Flux text masks)")
         if self.record_lse:
-            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
+            self.recorded_mask = mask
+            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
             out = out.transpose(1, 2)
-            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
+            if reference:
+                self.hook_lse_ref(lse[:, :, n_text + n_image:])
             self.hook_lse_txt(lse[:, :, :n_text])
         else:
             # parallel_config only where set: older diffusers releases do not take it.
@@ -74,13 +89,23 @@ class FluxTapProcessor(TapProcessor):
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
-            self.concepts.keep(*(i.transpose(1, 2) for i in (q[:, n_text:], k[:, n_text:], v[:, n_text:])), image)
+            self.concepts.keep(*(i.transpose(1, 2) for i in (q[:, n_text:n_text + n_image],
+                                                               k[:, n_text:n_text + n_image],
+                                                               v[:, n_text:n_text + n_image])),
+                               image[:, :n_image])
         if joint:
-            image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+            image = self._tap_image_out(attn.to_out[1](attn.to_out[0](image.contiguous())), n_image, reference)
             text = attn.to_add_out(text.contiguous())
-            return self.hook_out_img(image), self.hook_out_txt(text)
-        image = self.hook_out_img(image)
+            return image, self.hook_out_txt(text)
+        image = self._tap_image_out(image, n_image, reference)
         return torch.cat([self.hook_out_txt(text), image], dim=1)
+
+    def _tap_image_out(self, image: torch.Tensor, n_image: int, reference: bool) -> torch.Tensor:
+        """The image stream's output through its taps: the image tokens', then the reference tokens'. The output
+        projection has run on the whole stream, as in the stock processor, so its rounding is the stock one."""
+        if not reference:
+            return self.hook_out_img(image)
+        return torch.cat([self.hook_out_img(image[:, :n_image]), self.hook_out_ref(image[:, n_image:])], dim=1)
 
     def _concepts_forward(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
         """The block's concept call: the concept tokens, projected and normed as the text is (single-stream
@@ -98,6 +123,14 @@ class FluxTapProcessor(TapProcessor):
         if joint:
             return torch.zeros_like(hidden_states), attn.to_add_out(out)
         return torch.cat([out, torch.zeros_like(hidden_states[:, self.text_length:])], dim=1)
+
+
+def _joint_mask(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    """An attention mask as (batch, 1, queries, keys) over the joint sequence, a view (no copy): the 2-D key masks
+    `dispatch_attention_fn` also takes, and Chroma's (batch, 1, tokens, tokens) outer-product masks."""
+    if mask.ndim == 2:
+        mask = mask[:, None, None, :]
+    return mask.expand(batch, 1, tokens, tokens)
 
 
 def _set_text_length(block, args, kwargs) -> None:
@@ -157,7 +190,7 @@ class FluxFamily(Family):
         return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
 
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
-        processor = FluxTapProcessor()
+        processor = FluxTapProcessor(self.streams(attention))
         processor._attention_backend = getattr(stock, "_attention_backend", None)
         processor._parallel_config = getattr(stock, "_parallel_config", None)
         return processor

@@ -119,7 +119,7 @@ class QwenImageTapProcessor(TapProcessor):
             out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                         backend=self._attention_backend, parallel_config=self._parallel_config)
             if self.record_lse:
-                lse = chunked_logsumexp(q.transpose(1, 2), k.transpose(1, 2), key_mask=mask[:, 0, 0])
+                lse = chunked_logsumexp(q.transpose(1, 2), k.transpose(1, 2), attn_mask=mask)
         if self.record_lse:
             self.hook_lse_img(lse[:, :, n_text:])
             self.hook_lse_txt(lse[:, :, :n_text])

@@ -107,7 +107,7 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
     # One check of the generation settings and the whole plan before any model call.
     inputs = probe.inputs([clean, corrupt], seed=seed, steps=num_steps, guidance=guidance,
                           output_type=OUTPUTS[output], **generation)
-    validation.one_call_per_step(inputs)
+    probe.family.check_one_call_per_step(inputs)
     n_steps = inputs["num_inference_steps"]
     length = inputs.get("max_sequence_length") or probe.preset.max_sequence_length
     tables = (probe.tokens(clean, length), probe.tokens(corrupt, length))

@@ -49,6 +49,7 @@ class _Velocity:
     """dx/dσ as the sampler computes it: the pipeline's transformer call, with its guidance."""
 
     def __init__(self, probe, inputs: dict) -> None:
+        probe.family.check_one_call_per_step(inputs)  # one captured call is the whole velocity only then
         self.transformer = probe.pipeline.transformer
         self.call = _transformer_call(probe, inputs)
         scheduler = probe.pipeline.scheduler
@@ -60,9 +61,15 @@ class _Velocity:
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         batch = torch.cat([x, x]) if self.doubled else x
+        # Tokens the pipeline appends to the latents (Kontext's context image) stay as captured; the velocity is
+        # the latents' rows of the output, as the pipeline slices it.
+        extra = self.call["hidden_states"][:, x.shape[1]:] if x.ndim == 3 else None
+        if extra is not None and extra.shape[1]:
+            batch = torch.cat([batch, extra], dim=1)
         t = torch.full((batch.shape[0],), sigma * 1000 * self.timestep_scale, dtype=self.call["timestep"].dtype,
                        device=x.device)
         v = self.transformer(**{**self.call, "hidden_states": batch, "timestep": t})[0]
+        v = v[:, :x.shape[1]] if x.ndim == 3 else v
         if self.doubled:
             uncond, cond = v.chunk(2)
             v = uncond + self.guidance * (cond - uncond)

@@ -1,5 +1,7 @@
 """An ipywidgets explorer of recorded maps: block, step, word (or concept), T2I/I2T/concept, smoothing, opacity;
-with I2I maps, a grid of the token patches to click: the clicked query patch's I2I map.
+with I2I maps, a grid of the token patches to click: the clicked query patch's I2I map. Reference maps (Flux.1
+Kontext) join the map choices where recorded: R2I / I2R of a reference patch (or the whole reference) on the output,
+and T2R, a word's map over the reference grid (shown without the output image under it).
 
 Everything is precomputed by the recording; a slider move only re-colours one small map, so it
 is instant. With masks, a bar chart ranks the blocks, which is why a few layers are averaged.
@@ -42,10 +44,15 @@ class Explorer:
         self.concept = widgets.Dropdown(options=concepts, value=concepts[0] if concepts else None,
                                         description="concept", disabled=not concepts)
         i2i = ("i2i",) if maps.i2i is not None else ()
-        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds + maps.concept_kinds + i2i],
-                                          description="map")
+        self.kind = widgets.ToggleButtons(options=[k.upper() for k in maps.kinds + maps.concept_kinds + i2i
+                                                   + maps.reference_kinds], description="map")
         self.query = maps.query_patches[len(maps.queries) // 2] if i2i else None  # the I2I query patch shown
         self.buttons: dict[tuple[int, int], widgets.Button] = {}  # the picker's buttons of recorded patches
+        grid = maps.reference_grid or (0, 0)
+        patches = [("whole reference", None)] + [(f"reference ({r}, {c})", (r, c)) for r in range(grid[0])
+                                                 for c in range(grid[1])]
+        self.patch = widgets.Dropdown(options=patches, value=None, description="patch",
+                                      disabled=not maps.reference_kinds)
         self.block = widgets.SelectionSlider(options=maps.blocks, description="block")
         self.top = widgets.Checkbox(value=False, description=f"mean of top layers {list(maps.top_layers)}",
                                     disabled=not set(maps.top_layers) <= set(maps.blocks) or not maps.top_layers)
@@ -56,7 +63,7 @@ class Explorer:
         self.image = widgets.Image(format="png", layout=widgets.Layout(width=f"{size}px", height=f"{size}px"))
         self.caption = widgets.HTML()
         controls = [self.word, self.concept, self.kind, self.block, self.top, self.step, self.all_steps,
-                    self.smoothing, self.opacity]
+                    self.smoothing, self.opacity, *([self.patch] if maps.reference_kinds else [])]
         for control in controls:
             control.observe(lambda change: self.update(), names="value")
         panels = [widgets.VBox([self.image, self.caption])]
@@ -110,15 +117,19 @@ class Explorer:
         steps = None if self.all_steps.value else [self.step.value]
         if kind == "i2i":
             m = self.maps.patch(self.query, prompt=self.prompt, blocks=blocks, steps=steps)
-            return smooth(m) if self.smoothing.value else m
-        name = self.concept.value if kind in self.maps.concept_kinds else self.word.value
-        m = self.maps.word(name, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
+        elif kind in ("r2i", "i2r"):
+            patches = None if self.patch.value is None else [self.patch.value]
+            m = self.maps.reference(patches, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
+        else:
+            name = self.concept.value if kind in self.maps.concept_kinds else self.word.value
+            m = self.maps.word(name, prompt=self.prompt, kind=kind, blocks=blocks, steps=steps)
         return smooth(m) if self.smoothing.value else m
 
     def update(self) -> None:
         m = self.current_map()
         self.block.disabled, self.step.disabled = self.top.value, self.all_steps.value
         image = self.maps.images[self.prompt] if len(self.maps.images) > self.prompt else None
+        image = None if self.kind.value.lower() == "t2r" else image  # over the reference grid, not the output
         rgb = overlay(image, m, self.opacity.value) if image is not None else colourise(m)
         if self.kind.value == "I2I":
             rgb = outline(rgb, self.query, self.maps.grid)
@@ -127,6 +138,8 @@ class Explorer:
         when = "all steps" if self.all_steps.value else f"step {self.step.value}"
         name = self.concept.value if self.kind.value.lower() in self.maps.concept_kinds else self.word.value
         name = f"patch {self.query}" if self.kind.value == "I2I" else name
+        if self.kind.value.lower() in ("r2i", "i2r"):
+            name = "the whole reference" if self.patch.value is None else f"reference patch {self.patch.value}"
         self.caption.value = (f"<b>{self.kind.value}</b> of <b>{name}</b>, {where}, {when}; "
                               f"max {float(m.max()):.3f}")
 

@@ -1,0 +1,80 @@
+"""Chroma (`ChromaTransformer2DModel`): Flux.1's blocks and processors, text = T5 only, with an attention mask.
+
+`ChromaPipeline` keeps each prompt's real T5 tokens and the first pad token (the key vector m); every
+block builds the outer product m m^T, (batch, 1, tokens, tokens) over [text | image], and passes it to
+`FluxAttnProcessor`, which hands it to `dispatch_attention_fn` (diffusers 0.42.1). The pipeline makes m
+in the text encoder's floating dtype, so the kernel *adds* m_i m_j to the logits (1 between two kept
+tokens, 0 where a pad token is involved) rather than masking: recorded maps apply the same mask the same
+way. Single-stream blocks take the joint sequence alone (no text argument) and return it; classifier-free
+guidance is a second transformer call per step (not a doubled batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import validation
+from .base import TextSegment
+from .flux import FluxFamily
+
+
+class ChromaFamily(FluxFamily):
+    name = "chroma"
+    pipeline_classes = ("ChromaPipeline",)
+    transformer_class = "ChromaTransformer2DModel"
+    masks_attention = True
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self._text_hook = None
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        return [TextSegment("t5", "tokenizer", "text_encoder", 0, max_sequence_length)]
+
+    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+        super().check_one_call_per_step(inputs)
+        if inputs.get("guidance_scale", 1.0) > 1:
+            raise validation.InvalidInput(
+                f"Chroma runs classifier-free guidance (guidance_scale={inputs['guidance_scale']} > 1) as a second "
+                f"transformer call per step, and recording, patching and editing count calls as steps: use "
+                f"guidance=1 here (probe.generate without recording takes any guidance)")
+
+    def bypass(self, block: int):
+        """Make one block hand on its inputs unchanged; a single-stream block takes and returns the joint sequence."""
+        if not self.is_single(block):
+            return super().bypass(block)
+        module = self.transformer.get_submodule(self.block_path(block))
+        return module.register_forward_hook(
+            lambda m, args, kwargs, output: kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+            with_kwargs=True)
+
+    def concept_call(self, block: int, call: dict[str, Any], state, dummy):
+        """A single-stream block's concept call: the concepts then the dummy image as its one joint sequence, the
+        prompt's mask left out (it is the prompt's, not the concepts'); its output's concept rows are the new state."""
+        if not self.is_single(block):
+            return super().concept_call(block, call, state, dummy)
+        import torch
+
+        module = self.transformer.get_submodule(self.block_path(block))
+        module.attn.processor.text_length = state.shape[1]
+        call = {k: v for k, v in call.items() if k != "attention_mask"}
+        call["hidden_states"] = torch.cat([state, dummy], dim=1)
+        return call, lambda output: output[:, :state.shape[1]]
+
+    def _set_text_length(self, transformer, args, kwargs) -> None:
+        n = kwargs["encoder_hidden_states"].shape[1]
+        for processor in self._tapped.values():
+            processor.text_length = n  # read by the single-stream blocks' processors only
+
+    def install_taps(self) -> None:
+        # The base's block hooks read a text argument Chroma's single-stream blocks do not take: one transformer hook
+        # gives them the text length instead.
+        super(FluxFamily, self).install_taps()
+        if self._text_hook is None:
+            self._text_hook = self.transformer.register_forward_pre_hook(self._set_text_length, with_kwargs=True)
+
+    def remove_taps(self) -> None:
+        super().remove_taps()
+        if self._text_hook is not None:
+            self._text_hook.remove()
+            self._text_hook = None

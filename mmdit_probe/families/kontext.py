@@ -1,0 +1,92 @@
+"""Flux.1 Kontext (`FluxKontextPipeline` over `FluxTransformer2DModel`): Flux.1 with a context image.
+
+The context image's packed latents follow the output's in the image stream, so each block sees
+[text | image | reference]; the pipeline marks the reference tokens with 1 on RoPE axis 0 of their
+position ids (the output's are 0), the rows and columns of both grids counting from 0 (diffusers 0.42).
+Those tokens are the "reference" region: taps `hook_q_ref`, ... and the maps R2I, I2R and T2R.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import validation
+from .flux import FluxFamily
+
+
+def _ids(call: dict[str, Any]) -> torch.Tensor | None:
+    ids = call.get("img_ids")
+    return None if ids is None else (ids[0] if ids.ndim == 3 else ids)  # 3-D ids are deprecated, still taken
+
+
+class FluxKontextFamily(FluxFamily):
+    name = "flux-kontext"
+    pipeline_classes = ("FluxKontextPipeline",)
+    has_reference = True
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self._reference_hook = None
+
+    def reference_length(self, call: dict[str, Any]) -> int:
+        """The reference tokens of a transformer call: the image-stream tokens whose RoPE axis 0 is not 0."""
+        ids = _ids(call)
+        return 0 if ids is None else int((ids[:, 0] != 0).sum())
+
+    def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """The context image's token grid as `FluxKontextPipeline.__call__` sizes it: the image's own size, or with
+        `_auto_resize` (the default) the preferred Kontext resolution of the nearest aspect ratio, cut to whole
+        tokens."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        image = inputs.get("image")
+        if image is None:
+            return None
+        pipe = self.pipeline
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == pipe.latent_channels:
+            return image.shape[2] // 2, image.shape[3] // 2  # latents: packed 2x2
+        first = image[0] if isinstance(image, list) else image
+        height, width = pipe.image_processor.get_default_height_width(first)
+        if inputs.get("_auto_resize", True):
+            _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return self.grid(height, width)  # whole tokens: the pipeline cuts the sides to multiples of a token too
+
+    def pipeline_arguments(self, height: int, width: int) -> dict[str, Any]:
+        """The pipeline sizes its output to `max_area` (default 1024^2), whatever height and width say: keep the
+        asked size."""
+        return {"max_area": height * width}
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """As the pipeline draws it: `prepare_latents` of Kontext takes the context image first (none here)."""
+        pipe = self.pipeline
+        channels = self.transformer.config.in_channels // self.latent_channels_divisor
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
+                                     generator)[0]
+        return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
+
+    def _set_reference_length(self, transformer, args, kwargs) -> None:
+        n = self.reference_length(kwargs)
+        for processor in self._tapped.values():
+            processor.reference_length = n
+
+    def install_taps(self) -> None:
+        super().install_taps()
+        if self._reference_hook is None:
+            self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,
+                                                                              with_kwargs=True)
+
+    def remove_taps(self) -> None:
+        super().remove_taps()
+        if self._reference_hook is not None:
+            self._reference_hook.remove()
+            self._reference_hook = None
+
+    def check_reference(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The reference grid of inputs that must carry a context image, else `InvalidInput`."""
+        grid = self.reference_grid(inputs)
+        if grid is None:
+            raise validation.InvalidInput("reference maps need a context image: pass image=... (the image to edit)")
+        return grid
