@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd3" or "flux"
+    family: str  # "sd3", "flux" or "flux2"
     hub_id: str | None
     steps: int
     guidance: float
@@ -49,6 +49,20 @@ PRESETS: dict[str, Preset] = {
         Preset("flux.1-schnell", "flux", "black-forest-labs/FLUX.1-schnell", 4, 0.0, 1024, 256,
                (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
                notes="few-step; T5 length 256"),
+        # Flux.2: steps, guidance and size from the model cards' diffusers examples; top_layers and Klein's
+        # inject_blocks are first guesses (late double-stream and early single-stream blocks), to be replaced by a
+        # sweep's top_layers.json (`mmdit-probe sweep` on a GPU).
+        Preset("flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", 28, 4.0, 1024, 512, (6, 7, 8, 9, 5),
+               theta=0.3, notes="8 double + 48 single blocks; Mistral-3 text encoder, chat template; distilled "
+                                "guidance: no batch doubling; top_layers a guess"),
+        Preset("flux.2-klein-4b", "flux2", "black-forest-labs/FLUX.2-klein-4B", 4, 1.0, 1024, 512, (3, 4, 5, 6, 2),
+               tau=0.25, theta=0.3, inject_blocks=tuple(range(16)),
+               notes="step-distilled (4 steps, no guidance); Qwen3 text encoder, chat template; top_layers and "
+                     "inject_blocks a guess"),
+        Preset("flux.2-klein-9b", "flux2", "black-forest-labs/FLUX.2-klein-9B", 4, 1.0, 1024, 512, (6, 7, 8, 9, 5),
+               tau=0.25, theta=0.3, inject_blocks=tuple(range(20)),
+               notes="step-distilled (4 steps, no guidance); Qwen3 text encoder, chat template; top_layers and "
+                     "inject_blocks a guess"),
         # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
         # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json). A higher θ
         # breaks background edits (README, "Editing on the Shapes world").
@@ -60,6 +74,7 @@ PRESETS: dict[str, Preset] = {
 FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
     "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
+    "flux2": replace(PRESETS["flux.2-dev"], name="flux2 (family defaults)", hub_id=None),
 }
 
 _HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
@@ -102,6 +117,11 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["toy"]  # a toy model from a training run (python -m mmdit_probe.toy.train --export)
     if family == "flux" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
+    if family == "flux2" and (layers, config.get("num_single_layers"), heads) == (8, 48, 48):
+        return PRESETS["flux.2-dev"]
+    if family == "flux2" and not config.get("guidance_embeds"):
+        # Klein (no guidance embedding); only the name tells 9B from 4B.
+        return PRESETS["flux.2-klein-9b" if "9b" in source else "flux.2-klein-4b"]
     return None
 
 

@@ -2,7 +2,8 @@
 
 Words are matched by character offsets, so punctuation never sticks to a word ("pig," and "pig."
 are the word "pig") and every tokenizer (CLIP with its BOS token, T5 sentencepiece pieces) is
-handled the same way.
+handled the same way. A prompt the pipeline wraps in a chat template (Flux.2) is tokenized inside it, so
+positions count the template's tokens too.
 
 >>> table = probe.tokens("a photo of a pig, sitting")
 >>> table.positions("pig")          # CLIP and T5 positions of "pig"
@@ -101,12 +102,23 @@ def tokenize(prompt: str, segments, pipeline) -> TokenTable:
         tokenizer = getattr(pipeline, segment.tokenizer, None)
         if tokenizer is None or getattr(pipeline, segment.text_encoder, None) is None:
             continue  # e.g. SD3 without T5: zero rows, no tokens
-        enc = tokenizer(prompt, padding="max_length", max_length=segment.length, truncation=True,
-                        return_offsets_mapping=True)
+        text, shift = prompt, 0
+        if segment.template is not None:
+            # The prompt inside a chat template: the template writes its own special tokens, and the prompt's
+            # characters sit after its prefix (the user turn comes last).
+            text = segment.template(prompt)
+            shift = text.rfind(prompt)
+            if shift < 0:
+                raise ValueError(f"the chat template changes the prompt {prompt!r} (Flux.2 dev drops '[IMG]'); "
+                                 f"its words cannot be found: rephrase the prompt")
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor tokenizes with its tokenizer
+        enc = tokenizer(text, padding="max_length", max_length=segment.length, truncation=True,
+                        return_offsets_mapping=True, add_special_tokens=segment.template is None)
         pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"])
         for i, (mask, (start, end), piece) in enumerate(zip(enc["attention_mask"], enc["offset_mapping"], pieces)):
             if not mask:
                 continue
+            start, end = start - shift, end - shift
             word = next(((w, j) for s, e, w, j in spans if min(end, e) > max(start, s)), (None, None))
             tokens.append(Token(segment.start + i, segment.encoder, piece, *word))
     total = segments[-1].start + segments[-1].length if segments else 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .base import Attention, Family, TextSegment, single_streams
 from .flux import FluxFamily
+from .flux2 import Flux2Family
 from .sd3 import SD3Family
 
-FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily}
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily, "flux2": Flux2Family}
 _TRANSFORMERS = {family.transformer_class: name for name, family in FAMILIES.items()}
 
 

@@ -27,22 +27,21 @@ def as_image(image, size: tuple[int, int], quiet: bool = False) -> Image.Image:
 
 
 def encode(probe, image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """A PIL image to sampler-layout latents, as the pipeline's VAE encodes (its mode, shifted and scaled)."""
+    """A PIL image to sampler-layout latents, as the pipeline's VAE encodes (its mode, normalised as the family
+    does: shifted and scaled, or Flux.2's batch norm)."""
     pipe = probe.pipeline
     pixels = pipe.image_processor.preprocess(image, height=height, width=width)
     pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
     with torch.no_grad():
         z = pipe.vae.encode(pixels).latent_dist.mode()
-    z = (z - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
-    return probe.family.pack_latents(z)
+    return probe.family.latents_from_vae(z)
 
 
 @torch.no_grad()
 def decode(probe, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
     """Sampler-layout latents to PIL images, as the pipeline decodes them."""
     pipe = probe.pipeline
-    z = probe.family.unpack_latents(latents, height, width).to(pipe.vae.dtype)
-    z = z / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+    z = probe.family.latents_to_vae(latents, height, width).to(pipe.vae.dtype)
     return pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pil")
 
 

@@ -50,6 +50,7 @@ class _Velocity:
 
     def __init__(self, probe, inputs: dict) -> None:
         self.transformer = probe.pipeline.transformer
+        self.family = probe.family
         self.call = _transformer_call(probe, inputs)
         scheduler = probe.pipeline.scheduler
         # Flux feeds σ, SD3 feeds 1000 σ: read the convention off the captured call.
@@ -59,10 +60,11 @@ class _Velocity:
         self.device, self.dtype = self.call["hidden_states"].device, self.call["hidden_states"].dtype
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        batch = torch.cat([x, x]) if self.doubled else x
+        batch = self.family.transformer_input(torch.cat([x, x]) if self.doubled else x)
         t = torch.full((batch.shape[0],), sigma * 1000 * self.timestep_scale, dtype=self.call["timestep"].dtype,
                        device=x.device)
-        v = self.transformer(**{**self.call, "hidden_states": batch, "timestep": t})[0]
+        v = self.family.transformer_output(self.transformer(**{**self.call, "hidden_states": batch, "timestep": t})[0],
+                                           x)
         if self.doubled:
             uncond, cond = v.chunk(2)
             v = uncond + self.guidance * (cond - uncond)
