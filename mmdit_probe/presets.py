@@ -52,9 +52,10 @@ PRESETS: dict[str, Preset] = {
         # Flux.2: steps, guidance and size from the model cards' diffusers examples; top_layers and Klein's
         # inject_blocks are first guesses (late double-stream and early single-stream blocks), to be replaced by a
         # sweep's top_layers.json (`mmdit-probe sweep` on a GPU).
-        Preset("flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", 28, 4.0, 1024, 512, (6, 7, 8, 9, 5),
+        Preset("flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", 50, 4.0, 1024, 512, (6, 7, 8, 9, 5),
                theta=0.3, notes="8 double + 48 single blocks; Mistral-3 text encoder, chat template; distilled "
-                                "guidance: no batch doubling; top_layers a guess"),
+                                "guidance: no batch doubling; 28 steps a good trade-off (model card); top_layers a "
+                                "guess"),
         Preset("flux.2-klein-4b", "flux2", "black-forest-labs/FLUX.2-klein-4B", 4, 1.0, 1024, 512, (3, 4, 5, 6, 2),
                tau=0.25, theta=0.3, inject_blocks=tuple(range(16)),
                notes="step-distilled (4 steps, no guidance); Qwen3 text encoder, chat template; top_layers and "

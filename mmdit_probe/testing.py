@@ -42,6 +42,9 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -409,11 +412,6 @@ def mistral3_tokenizer() -> PreTrainedTokenizerFast:
     text the processor renders the same template and tokenizes with this tokenizer, without adding special tokens
     (the template writes <s>), as `tokenizer.apply_chat_template` does.
     """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
-    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-
     # The system message's words are whole tokens too, as in Mistral's vocabulary: the template stays short.
     words, merges = _byte_level_bpe(dict.fromkeys((*WORDS, *re.findall(r"\w+", SYSTEM_MESSAGE))))
     vocab = {token: i for i, token in enumerate(_MISTRAL_SPECIALS)}

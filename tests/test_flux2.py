@@ -1,6 +1,10 @@
 """Flux.2 (`families.flux2`) on the tiny dev and Klein pipelines: maps against the stock processors' own q and k, taps
 and recording change no bit, the chat templates' tokens, Flux.2's latent normalisation, and what is refused."""
 
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import tiny_inputs
@@ -9,9 +13,12 @@ from PIL import Image
 
 import mmdit_probe
 from mmdit_probe.attention import AttentionRecorder
+from mmdit_probe.editing import kv_edit
 from mmdit_probe.editing.inversion import invert_latents
-from mmdit_probe.presets import find_preset
+from mmdit_probe.presets import find_preset, preset
 from mmdit_probe.sampling.images import decode, encode
+from mmdit_probe.sweep import sweep
+from mmdit_probe.testing import TINY_GENERATION_KWARGS
 from mmdit_probe.validation import InvalidInput
 
 KIND = "flux2-klein"
@@ -55,17 +62,16 @@ def stock_qk(probe, inputs, monkeypatch):
 
 
 def test_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypatch):
-    klein = flux2
-    inputs = non_square(klein, kind=klein.kind)
-    seen, stock = stock_qk(klein, inputs, monkeypatch)
-    recorder = AttentionRecorder(klein, inputs, heads="all", positions="all", dtype=torch.float32)
-    with klein.model.generate(**inputs) as tracer:
+    inputs = non_square(flux2, kind=flux2.kind)
+    seen, stock = stock_qk(flux2, inputs, monkeypatch)
+    recorder = AttentionRecorder(flux2, inputs, heads="all", positions="all", dtype=torch.float32)
+    with flux2.model.generate(**inputs) as tracer:
         for step in tracer.iter[0:inputs["num_inference_steps"]]:
             recorder.record(step)
-        output = klein.model.output.save()
+        output = flux2.model.output.save()
     maps = recorder.maps()
     assert torch.equal(output.images, stock)  # recording changes no bit either
-    n_blocks, n_text = klein.family.num_blocks, inputs["max_sequence_length"]
+    n_blocks, n_text = flux2.family.num_blocks, inputs["max_sequence_length"]
     assert maps.grid == (4, 6) and len(seen) == n_blocks * inputs["num_inference_steps"]
     for step in range(inputs["num_inference_steps"]):
         for block in range(n_blocks):
@@ -78,25 +84,23 @@ def test_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypat
 
 
 def test_taps_change_no_output_bit(flux2, monkeypatch):
-    klein = flux2
-    inputs = non_square(klein, kind=klein.kind)
-    _, stock = stock_qk(klein, inputs, monkeypatch)
-    assert torch.equal(klein.pipeline(**inputs).images, stock)
-    with klein.model.generate(**inputs):
-        output = klein.model.output.save()
+    inputs = non_square(flux2, kind=flux2.kind)
+    _, stock = stock_qk(flux2, inputs, monkeypatch)
+    assert torch.equal(flux2.pipeline(**inputs).images, stock)
+    with flux2.model.generate(**inputs):
+        output = flux2.model.output.save()
     assert torch.equal(output.images, stock)
 
 
 def test_patching_every_tap_with_itself_changes_nothing(flux2):
-    klein = flux2
-    inputs = non_square(klein, kind=klein.kind)
-    plain = klein.pipeline(**inputs).images
-    with klein.model.generate(**inputs) as tracer:
+    inputs = non_square(flux2, kind=flux2.kind)
+    plain = flux2.pipeline(**inputs).images
+    with flux2.model.generate(**inputs) as tracer:
         for _ in tracer.iter[0:inputs["num_inference_steps"]]:
-            for name in klein.hook_names:
-                hook = klein.hook(name)
+            for name in flux2.hook_names:
+                hook = flux2.hook(name)
                 hook.output = hook.output.clone()
-        output = klein.model.output.save()
+        output = flux2.model.output.save()
     assert torch.equal(output.images, plain)
 
 
@@ -128,25 +132,24 @@ def test_word_positions_are_the_pipelines_own_tokens(flux2):
 
 
 def test_encode_and_decode_follow_the_pipelines_normalisation(flux2):
-    klein = flux2
-    inputs = non_square(klein, [PROMPTS[0]], kind=klein.kind)
+    inputs = non_square(flux2, [PROMPTS[0]], kind=flux2.kind)
     final = {}
 
     def keep(pipe, step, timestep, tensors):
         final["latents"] = tensors["latents"].clone()
         return {}
 
-    image = klein.pipeline(**{**inputs, "output_type": "pil", "callback_on_step_end": keep}).images[0]
+    image = flux2.pipeline(**{**inputs, "output_type": "pil", "callback_on_step_end": keep}).images[0]
     packed = final["latents"]  # the sampler's tokens after the last step
-    grid = klein.family.unpack_tokens(packed, 4, 6)
-    assert torch.equal(klein.family.transformer_input(grid), packed)
+    grid = flux2.family.unpack_tokens(packed, 4, 6)
+    assert torch.equal(flux2.family.transformer_input(grid), packed)
     for latents in (grid, packed):
-        assert decode(klein, latents, 64, 96)[0].tobytes() == image.tobytes()
+        assert decode(flux2, latents, 64, 96)[0].tobytes() == image.tobytes()
     # Encoding: the VAE's mode, patchified and normalised by its batch norm, as the pipeline encodes references.
-    pipe = klein.pipeline
+    pipe = flux2.pipeline
     pixels = pipe.image_processor.preprocess(image, height=64, width=96)
     expected = pipe._encode_vae_image(pixels, generator=None)
-    assert torch.equal(encode(klein, image, 64, 96), expected)
+    assert torch.equal(encode(flux2, image, 64, 96), expected)
     assert expected.shape == (1, 128, 4, 6)
 
 
@@ -189,3 +192,60 @@ def test_layout_labels_and_presets(klein):
     assert find_preset("/models/x", "flux2", dev).name == "flux.2-dev"
     assert find_preset("black-forest-labs/FLUX.2-klein-9B", "flux2").steps == 4
     assert find_preset("some/finetune", "flux2").name == "flux2 (family defaults)"
+
+
+def test_image_maps_by_noising_at_sigma_one_are_the_first_steps_maps(flux2):
+    # At sigma = 1 the noised image is the noise itself, so the one captured transformer call is the generation's
+    # first: its maps (through the sampler's velocity, which packs Flux.2's grid) equal the recorded step 0.
+    generation = {"steps": 2, "guidance": TINY_GENERATION_KWARGS[flux2.kind]["guidance_scale"], "height": 64,
+                  "width": 96, "max_sequence_length": TINY_GENERATION_KWARGS[flux2.kind]["max_sequence_length"]}
+    out = flux2.generate(PROMPTS[0], record={"dtype": torch.float32}, concepts=["cat", "background"], **generation)
+    maps = flux2.image_maps(out.images[0], PROMPTS[0], ["cat", "background"], sigma=1.0,
+                            record={"dtype": torch.float32}, **generation)
+    assert maps.grid == out.maps.grid == (4, 6)
+    for kind in ("t2i", "i2t", "concept", "concept_xattn"):
+        torch.testing.assert_close(maps.tensor(kind)[0], out.maps.tensor(kind)[0], rtol=0, atol=1e-5)
+
+
+def test_a_sweep_and_the_explorer_run_on_flux2(tiny_dirs, tmp_path):
+    from mmdit_probe.sweep.masks import FolderMasks
+    from mmdit_probe.viz import Explorer
+
+    probe = mmdit_probe.load(tiny_dirs[KIND], preset=replace(preset("flux.2-klein-4b"), max_sequence_length=32))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat on a mat\n")
+    (tmp_path / "masks" / "p00000").mkdir(parents=True)
+    square = np.zeros((64, 64), np.uint8)
+    square[16:48, 16:48] = 255
+    Image.fromarray(square).save(tmp_path / "masks" / "p00000" / "cat.png")
+    result = sweep(probe, str(prompts), tmp_path / "out", masks=FolderMasks(tmp_path / "masks"), words=["cat"],
+                   resolution=64, num_steps=2, progress=False)
+    table = pq.read_table(result.table).to_pandas()
+    assert result.complete and set(table["word"]) == {"cat"} and set(table["block"]) == set(range(4))
+    maps = probe.generate("a red cat on a mat", steps=2, height=64, width=64, max_sequence_length=32,
+                          record=True).maps
+    explorer = Explorer(maps)
+    assert explorer.word.value == "red"  # the first content word, not the article
+    flat = explorer.image.value
+    explorer.block.value = 3
+    assert explorer.image.value != flat and "block 3" in explorer.caption.value
+
+
+def test_kv_edit_of_a_real_image_keeps_its_encoded_background(flux2):
+    # The last step pastes the encoded image's background, which Flux.2's step callbacks need packed into tokens.
+    kw = TINY_GENERATION_KWARGS[flux2.kind]
+    generation = {"steps": 2, "guidance": kw["guidance_scale"], "height": 64, "width": 96,
+                  "max_sequence_length": kw["max_sequence_length"], "output_type": "latent"}
+    image = flux2.generate(PROMPTS[0], **{**generation, "output_type": "pil"}).images[0]
+    mask = np.zeros((4, 6))
+    mask[:2, :3] = 1
+    result = kv_edit(flux2, PROMPTS[0], "a blue dog on a mat", mask=mask, image=image, **generation)
+    clean = encode(flux2, image, 64, 96)
+    edited = result.edited_image if result.edited_image.ndim == 4 else result.edited_image[None]
+    if flux2.kind == "flux2-klein":  # the VAE's latents: back to the grid
+        edited = flux2.family.pack_latents(edited)
+    else:
+        edited = flux2.family.unpack_tokens(edited, 4, 6)
+    background = torch.tensor(mask == 0)[None, None].expand_as(clean)
+    torch.testing.assert_close(edited[background], clean[background], rtol=0, atol=1e-5)
+    assert not torch.allclose(edited[~background], clean[~background])

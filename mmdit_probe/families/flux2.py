@@ -36,16 +36,12 @@ class Flux2TapProcessor(TapProcessor):
     concept stream's share, over q/k/v of the joint [text | image] sequence after norms and RoPE.
 
     Attention runs through diffusers' `dispatch_attention_fn`, as in `Flux2AttnProcessor`, so GPU backends stay
-    selectable. `text_length` is the number of text rows of the joint sequence.
+    selectable.
     """
 
     # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
     _attention_backend = None
     _parallel_config = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.text_length: int | None = None
 
     def _attend(self, q, k, v, n_text: int, attention_mask):
         """(text, image) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads, dim)."""
@@ -106,7 +102,12 @@ class Flux2DoubleTapProcessor(Flux2TapProcessor):
 class Flux2SingleTapProcessor(Flux2TapProcessor):
     """`Flux2ParallelSelfAttnProcessor` (single-stream blocks) with taps. One fused projection gives q/k/v and
     the MLP input; out taps hold the attention output before the fused output projection, which mixes it with
-    the MLP's. The block sets `text_length` before each call (see `Flux2Family.install_taps`)."""
+    the MLP's. The block sets `text_length`, the joint sequence's text rows, before each call (see
+    `Flux2Family.install_taps`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_length: int | None = None
 
     def forward(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
         n_text = self.text_length
