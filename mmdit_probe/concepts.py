@@ -119,7 +119,8 @@ def concept_token(probe, concept: str, max_sequence_length: int) -> Token:
     pieces = [t for t in tokens if t.encoder == encoder]
     chosen = pieces[0]
     segment = next(s for s in probe.family.text_segments(max_sequence_length) if s.encoder == encoder)
-    special = getattr(probe.pipeline, segment.tokenizer).all_special_tokens
+    tokenizer = getattr(probe.pipeline, segment.tokenizer)
+    special = getattr(tokenizer, "tokenizer", tokenizer).all_special_tokens  # a processor's own tokenizer
     text = chosen.piece
     for mark in _WORD_MARKS:
         text = text.replace(mark, "")
@@ -142,7 +143,7 @@ def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> tor
     pipe = probe.pipeline
     options = {"prompt": concepts, "device": pipe._execution_device, "max_sequence_length": max_sequence_length}
     parameters = inspect.signature(pipe.encode_prompt).parameters
-    if "prompt_2" in parameters:  # SD3, Flux (Qwen-Image and Chroma have one encoder)
+    if "prompt_2" in parameters:  # SD3, Flux (Qwen-Image, Chroma and Flux.2 have one encoder)
         options["prompt_2"] = None
     if "prompt_3" in parameters:  # SD3
         options["prompt_3"] = None
@@ -274,7 +275,10 @@ class ConceptStream:
             for p in processors:
                 p.concept_mode = True
             try:
-                self.state = take(block(**call))  # None after SD3's last (context_pre_only) block
+                out = block(**call)
+                # (text, image) from joint blocks, None for the text after SD3's last (context_pre_only) block; the
+                # joint [text | image] sequence from Flux.2's single-stream blocks.
+                self.state = out[0] if isinstance(out, tuple) else out[:, :self.state.shape[1]]
             finally:
                 self._inside = False
                 for p in processors:

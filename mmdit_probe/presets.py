@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd3", "flux", "chroma" or "flux-kontext"
+    family: str  # "sd3", "flux", "chroma", "flux-kontext", "qwen_image" or "flux2"
     hub_id: str | None
     steps: int
     guidance: float
@@ -65,6 +65,21 @@ PRESETS: dict[str, Preset] = {
                (18, 17, 12, 14, 11), theta=0.3,
                notes="distilled guidance; a context image (image=...) adds reference tokens after the image tokens; "
                      "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
+        # Flux.2: steps, guidance and size from the model cards' diffusers examples; top_layers and Klein's
+        # inject_blocks are first guesses (late double-stream and early single-stream blocks), to be replaced by a
+        # sweep's top_layers.json (`mmdit-probe sweep` on a GPU).
+        Preset("flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", 50, 4.0, 1024, 512, (6, 7, 8, 9, 5),
+               theta=0.3, notes="8 double + 48 single blocks; Mistral-3 text encoder, chat template; distilled "
+                                "guidance: no batch doubling; 28 steps a good trade-off (model card); top_layers a "
+                                "guess"),
+        Preset("flux.2-klein-4b", "flux2", "black-forest-labs/FLUX.2-klein-4B", 4, 1.0, 1024, 512, (3, 4, 5, 6, 2),
+               tau=0.25, theta=0.3, inject_blocks=tuple(range(16)),
+               notes="step-distilled (4 steps, no guidance); Qwen3 text encoder, chat template; top_layers and "
+                     "inject_blocks a guess"),
+        Preset("flux.2-klein-9b", "flux2", "black-forest-labs/FLUX.2-klein-9B", 4, 1.0, 1024, 512, (6, 7, 8, 9, 5),
+               tau=0.25, theta=0.3, inject_blocks=tuple(range(20)),
+               notes="step-distilled (4 steps, no guidance); Qwen3 text encoder, chat template; top_layers and "
+                     "inject_blocks a guess"),
         # The Shapes-world model shipped in the package (mmdit_probe/toy): 32x32 pixels, 8x8 tokens.
         # Top blocks by T2I mIoU against generated-image masks (reports/toy/report.json). A higher θ
         # breaks background edits (README, "Editing on the Shapes world").
@@ -79,6 +94,7 @@ FAMILY_DEFAULTS: dict[str, Preset] = {
     "qwen_image": replace(PRESETS["qwen-image"], name="qwen_image (family defaults)", hub_id=None),
     "chroma": replace(PRESETS["chroma1-hd"], name="chroma (family defaults)", hub_id=None),
     "flux-kontext": replace(PRESETS["flux.1-kontext-dev"], name="flux-kontext (family defaults)", hub_id=None),
+    "flux2": replace(PRESETS["flux.2-dev"], name="flux2 (family defaults)", hub_id=None),
 }
 
 _HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
@@ -127,6 +143,11 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["chroma1-hd"]
     if family == "flux-kontext" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
         return PRESETS["flux.1-kontext-dev"]
+    if family == "flux2" and (layers, config.get("num_single_layers"), heads) == (8, 48, 48):
+        return PRESETS["flux.2-dev"]
+    if family == "flux2" and not config.get("guidance_embeds"):
+        # Klein (no guidance embedding); only the name tells 9B from 4B.
+        return PRESETS["flux.2-klein-9b" if "9b" in source else "flux.2-klein-4b"]
     return None
 
 

@@ -274,6 +274,7 @@ class Probe:
             tokenizer = getattr(self.pipeline, segment.tokenizer, None)
             if tokenizer is None or getattr(self.pipeline, segment.text_encoder, None) is None:
                 continue
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's (Flux.2 dev) own tokenizer
             unknown = tokenizer.unk_token_id
             if unknown is None:
                 continue

@@ -1,4 +1,4 @@
-"""Tiny random SD3 / SD3.5 / Flux.1 pipelines for tests, built offline from the real classes.
+"""Tiny random SD3 / SD3.5 / Flux.1 / Flux.2 pipelines for tests, built offline from the real classes.
 
 Every pipeline keeps the real model's *structure* -- the same diffusers and transformers classes,
 text encoders, tokenizer conventions, token layout, VAE scale factor 8, 16 latent channels and
@@ -22,11 +22,16 @@ defaults, 256 for SD3 and 512 for Flux, work too but are slower):
   tokens: ``[text, image, reference]``. Pass ``_auto_resize=False`` to keep a tiny context image tiny
   (the pipeline otherwise resizes it to about 1024x1024).
 
+* Flux.2 Klein: the text is N Qwen3 tokens of the prompt inside Qwen3's chat template (N = 32 here), three
+  hidden states side by side; ``[text tokens, image tokens]``; 64x64 pixels give 4x4 = 16 image tokens of 128
+  channels (32 latent channels patchified 2x2).
+
 `FluxPipeline` hard-codes a 1024x1024 default, so pass the sizes in `TINY_GENERATION_KWARGS`.
 """
 
 from __future__ import annotations
 
+import re
 import string
 import tempfile
 from pathlib import Path
@@ -34,11 +39,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     ChromaPipeline,
     ChromaTransformer2DModel,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -47,21 +56,31 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
 from transformers import (
     AddedToken,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
 
-from ._bpe import word_merges
+from ._bpe import _bpe, word_merges
 from ._notices import internal_deprecations_hidden
 
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
@@ -72,6 +91,8 @@ _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "qwen-image": QwenImagePipeline,
     "chroma": ChromaPipeline,
     "flux-kontext": FluxKontextPipeline,
+    "flux2-dev": Flux2Pipeline,
+    "flux2-klein": Flux2KleinPipeline,
 }
 TINY_KINDS: tuple[str, ...] = tuple(_PIPELINE_CLASSES)
 
@@ -91,8 +112,13 @@ TINY_GENERATION_KWARGS: dict[str, dict] = {
                                  ("qwen-image", 1.0),
                                  # Chroma's guidance > 1 is a second transformer call per step, which recording,
                                  # patching and editing refuse; Kontext's is distilled, like Flux-dev's.
-                                 ("chroma", 1.0), ("flux-kontext", 2.5))
+                                 ("chroma", 1.0), ("flux-kontext", 2.5), ("flux2-dev", 4.0), ("flux2-klein", 1.0))
 }
+
+# Flux.2's chat templates put tokens around the prompt (Klein a dozen; dev's system message about 35): the pipelines
+# pad to 512.
+TINY_GENERATION_KWARGS["flux2-dev"]["max_sequence_length"] = 64
+TINY_GENERATION_KWARGS["flux2-klein"]["max_sequence_length"] = 32
 
 _COMMON_WORDS = """
     a an the of on in at to by for from with without and or but not no is are was be it its this that
@@ -156,7 +182,8 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0) -> Path:
     torch.set_default_dtype(torch.float32)
     try:
         with torch.random.fork_rng(devices=[]), internal_deprecations_hidden():
-            builders = {"chroma": _build_chroma, "qwen-image": _build_qwen}
+            builders = {"chroma": _build_chroma, "qwen-image": _build_qwen, "flux2-dev": _build_flux2,
+                        "flux2-klein": _build_flux2}
             pipe = (_build_sd3 if kind.startswith("sd3") else builders.get(kind, _build_flux))(kind, seed)
     finally:
         torch.set_default_dtype(dtype)
@@ -444,3 +471,169 @@ def _build_chroma(kind: str, seed: int) -> ChromaPipeline:
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+# Qwen3's chat template reduced to the messages Flux.2 Klein sends (one user turn, generation prompt, thinking
+# off); it renders them exactly as Qwen3-4B's tokenizer_config.json does.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def _byte_level_bpe(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A GPT-2-style byte-level BPE vocabulary (bytes, then merges) in which each word is one token, with or
+    without its leading space ("Ġcat", "cat")."""
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    space = _bytes_to_unicode()[ord(" ")]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in (form for w in words for form in (space + w, w)):
+        # Merge each word's first remaining pair until it is one token (see `_bpe.word_merges`).
+        while len(pieces := _bpe(list(word), ranks)) > 1:
+            ranks[pieces[0], pieces[1]] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+    return vocab, merges
+
+
+def qwen3_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE `Qwen2Tokenizer` laid out like Qwen3's: bytes, merges, then the chat tokens.
+
+    Every word of `WORDS` is one token, with or without its leading space ("Ġcat", "cat"); <|endoftext|> pads,
+    <|im_start|> / <|im_end|> are special and <think> / </think> plain added tokens, as in Qwen3-4B, with
+    `QWEN3_CHAT_TEMPLATE`.
+    """
+    # The chat roles are whole words too, as in Qwen3's vocabulary.
+    vocab, merges = _byte_level_bpe((*WORDS, "user", "assistant", "system"))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+# Mistral-Small-3.1's chat template (which Flux.2 dev's processor carries), reduced to the messages Flux.2 dev
+# sends (a system message, then one user turn of text blocks); it renders them as the real one does.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set text = message['content'] if message['content'] is string "
+    "else message['content'] | map(attribute='text') | join('') %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+_MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                     "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+
+
+def mistral3_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer laid out like Flux.2 dev's: byte-level BPE (as Mistral's Tekken is) with Mistral's control tokens
+    first (<unk>, <s>, </s>, [INST], ..., <pad>), each word of `WORDS` one token, right padding with <pad>, and
+    `MISTRAL3_CHAT_TEMPLATE`.
+
+    The real pipeline holds a `PixtralProcessor` around its tokenizer, which needs torchvision (absent here); for
+    text the processor renders the same template and tokenizes with this tokenizer, without adding special tokens
+    (the template writes <s>), as `tokenizer.apply_chat_template` does.
+    """
+    # The system message's words are whole tokens too, as in Mistral's vocabulary: the template stays short.
+    words, merges = _byte_level_bpe(dict.fromkeys((*WORDS, *re.findall(r"\w+", SYSTEM_MESSAGE))))
+    vocab = {token: i for i, token in enumerate(_MISTRAL_SPECIALS)}
+    vocab |= {piece: len(_MISTRAL_SPECIALS) + i for piece, i in words.items()}
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", model_max_length=131072,
+                                        extra_special_tokens=list(_MISTRAL_SPECIALS[3:]))
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _mistral3(tokenizer: PreTrainedTokenizerFast, hidden_size: int) -> Mistral3ForConditionalGeneration:
+    text = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        # Flux.2 dev reads hidden states 10, 20 and 30 of Mistral-Small-3.1's 40 layers.
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = PixtralVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=hidden_size // 2, image_size=64, patch_size=16)
+    config = Mistral3Config(vision_config=vision, text_config=text,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    return Mistral3ForConditionalGeneration(config)
+
+
+def _qwen3(tokenizer: Qwen2Tokenizer, hidden_size: int) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        # Klein reads hidden states 9, 18 and 27, as Qwen3-4B's 36 layers give them.
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def _flux2_vae() -> AutoencoderKLFlux2:
+    # Scale factor 8, 32 latent channels and the batch-norm statistics of 2x2-patchified latents, as the real one.
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=32,
+                             norm_num_groups=4, sample_size=64)
+    # Non-trivial statistics, so a missing (de)normalisation shows in the tests.
+    vae.bn.running_mean.normal_(0.0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
+def _build_flux2(kind: str, seed: int) -> DiffusionPipeline:
+    text_width = 16
+    tokenizer = qwen3_tokenizer() if kind == "flux2-klein" else mistral3_tokenizer()
+    _seed(seed, 0)
+    text_encoder = _qwen3(tokenizer, text_width) if kind == "flux2-klein" else _mistral3(tokenizer, text_width)
+    _seed(seed, 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        # 32 latent channels packed 2x2.
+        in_channels=128,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        # Three text-encoder hidden states side by side.
+        joint_attention_dim=3 * text_width,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=kind != "flux2-klein",
+    )
+    _seed(seed, 2)
+    vae = _flux2_vae()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    if kind == "flux2-dev":
+        return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    # The distilled Klein models (4 steps, no guidance); the base ones differ only in `is_distilled`.
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=True)

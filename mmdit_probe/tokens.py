@@ -2,7 +2,8 @@
 
 Words are matched by character offsets, so punctuation never sticks to a word ("pig," and "pig."
 are the word "pig") and every tokenizer (CLIP with its BOS token, T5 sentencepiece pieces) is
-handled the same way.
+handled the same way. A prompt the pipeline wraps in a chat template (Flux.2) is tokenized inside it, so
+positions count the template's tokens too.
 
 >>> table = probe.tokens("a photo of a pig, sitting")
 >>> table.positions("pig")          # CLIP and T5 positions of "pig"
@@ -101,14 +102,19 @@ def tokenize(prompt: str, segments, pipeline) -> TokenTable:
         tokenizer = getattr(pipeline, segment.tokenizer, None)
         if tokenizer is None or getattr(pipeline, segment.text_encoder, None) is None:
             continue  # e.g. SD3 without T5: zero rows, no tokens
-        if segment.template is None:
-            enc = tokenizer(prompt, padding="max_length", max_length=segment.length, truncation=True,
-                            return_offsets_mapping=True)
-            shift = 0
-        else:  # the prompt inside a template whose first `drop` tokens the pipeline drops (Qwen-Image)
-            enc = tokenizer(segment.template.format(prompt), max_length=segment.length + segment.drop,
-                            truncation=True, return_offsets_mapping=True)
-            shift = segment.template.index("{}")
+        text, shift = prompt, 0
+        if segment.template is not None:
+            # The prompt inside a chat template: the template writes its own special tokens, and the prompt's
+            # characters follow the template's prefix.
+            text = segment.template(prompt)
+            prefix, _, suffix = segment.template("\x00").partition("\x00")
+            if text != prefix + prompt + suffix:
+                raise ValueError(f"the chat template changes the prompt {prompt!r} (Flux.2 dev drops '[IMG]'); "
+                                 f"its words cannot be found: rephrase the prompt")
+            shift = len(prefix)
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor tokenizes with its tokenizer
+        enc = tokenizer(text, padding="max_length", max_length=segment.length + segment.drop, truncation=True,
+                        return_offsets_mapping=True, add_special_tokens=segment.template is None)
         pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"])
         for i, (mask, (start, end), piece) in enumerate(zip(enc["attention_mask"], enc["offset_mapping"], pieces)):
             if not mask or i < segment.drop:

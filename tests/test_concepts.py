@@ -90,6 +90,29 @@ def _reference_qwen_block(block, c, temb, k_img, v_img, freqs):
     return c + gate2[:, None] * block.txt_mlp(m), o, k
 
 
+def _reference_flux2_block(block, single: bool, c, temb, k_img, v_img):
+    """Flux.2's blocks by hand: modulation chunks (shift, scale, gate) of the block's temb_mod; single-stream blocks
+    project q/k/v and the MLP input with one fused linear layer and project both back with another."""
+    attn = block.attn
+    chunks = (temb.unsqueeze(1) if temb.ndim == 2 else temb).chunk(3 if single else 6, dim=-1)
+    shift, scale, gate = chunks[:3]
+    if single:
+        n = block.norm(c) * (1 + scale) + shift
+        qkv, mlp = attn.to_qkv_mlp_proj(n).split([3 * attn.inner_dim, 2 * attn.mlp_hidden_dim], dim=-1)
+        q, k, v = (_heads(x, attn.heads) for x in qkv.chunk(3, dim=-1))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    else:
+        n = block.norm1_context(c) * (1 + scale) + shift
+        q, k, v = (_heads(f(n), attn.heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        q, k = attn.norm_added_q(q), attn.norm_added_k(k)
+    o = _attention(q, torch.cat([k_img, k], 2), torch.cat([v_img, v], 2))  # zero ids: RoPE is the identity
+    if single:
+        return c + gate * attn.to_out(torch.cat([o, attn.mlp_act_fn(mlp)], dim=-1)), o, k
+    c = c + gate * attn.to_add_out(o)
+    shift_mlp, scale_mlp, gate_mlp = chunks[3:]
+    return c + gate_mlp * block.ff_context(block.norm2_context(c) * (1 + scale_mlp) + shift_mlp), o, k
+
+
 def _reference_block(block, single: bool, c, temb, k_img, v_img, freqs=None):
     """The concept stream through one block by hand: (stream out or None, concept attention output, concept keys)."""
     if hasattr(block, "txt_mod"):
@@ -141,9 +164,13 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
                 elif kwargs.get("attention_mask") is not None:
                     masks.setdefault(b, []).append(kwargs["attention_mask"])
                 return
-            if kwargs["encoder_hidden_states"].shape[1] == len(CONCEPTS):  # the concept call
-                calls.setdefault(b, []).append((kwargs["encoder_hidden_states"].clone(), kwargs["temb"],
-                                                None if output[0] is None else output[0].clone()))
+            text = kwargs["encoder_hidden_states"]  # None in Flux.2's single-stream blocks' own calls
+            if text is not None and text.shape[1] == len(CONCEPTS):  # the concept call
+                # Flux.2: the blocks take modulations (temb_mod_txt, temb_mod); single-stream ones return the joint
+                # [text | image] sequence.
+                temb = kwargs.get("temb", kwargs.get("temb_mod_txt", kwargs.get("temb_mod")))
+                stream = output[0] if isinstance(output, tuple) else output[:, :len(CONCEPTS)]
+                calls.setdefault(b, []).append((text.clone(), temb, None if stream is None else stream.clone()))
             elif kwargs.get("attention_mask") is not None:  # Chroma's key vector over [text | image]
                 masks.setdefault(b, []).append(kwargs["attention_mask"])
         handles.append(block.register_forward_hook(seen, with_kwargs=True))
@@ -171,7 +198,10 @@ def test_concept_stream_and_maps_equal_an_independent_computation(probe, kind):
             if family.name == "chroma" and not single:
                 temb = temb[:, 6:]  # Chroma's double blocks modulate the text with the second half
             with torch.no_grad():
-                expected, o, k_concepts = _reference_block(block, single, c, temb, k_img, v_img, freqs)
+                if family.name == "flux2":
+                    expected, o, k_concepts = _reference_flux2_block(block, single, c, temb, k_img, v_img)
+                else:
+                    expected, o, k_concepts = _reference_block(block, single, c, temb, k_img, v_img, freqs)
                 image_out = _attention(q_img, torch.cat([k_img, k_txt], 2), torch.cat([v_img, v_txt], 2), bias)
             if expected is None:
                 assert stream_out is None

@@ -25,8 +25,12 @@ def test_inversion_recovers_the_initial_noise(probe, kind):
     noise = inputs["latents"]
     clean = probe.pipeline(**inputs).images
     clean = probe.family.pack_latents(clean) if clean.ndim == 4 and kind.startswith("flux") else clean
-    errors = {m: ((invert_latents(probe, clean, PROMPT, method=m, **generation(kind)) - noise).abs().mean()
-                  / noise.abs().mean()).item() for m in METHODS}
+    clean = probe.family.transformer_output(clean, noise)  # Flux.2 dev's latent output is packed, its noise a grid
+    # Flux.2's schedule (its empirical mu) ends on a long step (sigma 0.7 -> 0 at 4 steps), so its fixed point
+    # contracts more slowly per iteration; tests/test_flux2.py checks it converges to float rounding.
+    iterations = 6 if kind.startswith("flux2") else 3
+    errors = {m: ((invert_latents(probe, clean, PROMPT, method=m, iterations=iterations, **generation(kind)) - noise)
+                  .abs().mean() / noise.abs().mean()).item() for m in METHODS}
     # The fixed point inverts the sampler's own Euler steps: near exact even with 4 steps.
     assert errors["fixed-point"] < 1e-2 < errors["heun"] < errors["euler"]
 

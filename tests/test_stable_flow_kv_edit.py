@@ -127,7 +127,7 @@ class _Removed(nn.Module):
     """A block that is not there: hands on its inputs (as the transformer's loop unpacks them)."""
 
     def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):
-        if encoder_hidden_states is None:  # Chroma's single-stream blocks take and return the joint sequence
+        if encoder_hidden_states is None:  # Chroma's and Flux.2's single-stream blocks: one joint sequence in and out
             return hidden_states
         return encoder_hidden_states, hidden_states
 
@@ -278,11 +278,14 @@ def test_kv_edit_equals_hand_hooked_background_keys_and_values(probe, kind):
     result = kv_edit(probe, SOURCE, TARGET, mask=mask, **generation(probe, kind))
     background = torch.tensor(np.flatnonzero(mask.flatten() == 0))
     taps = [f"blocks.{a.block}.{a.name}.hook_{t}_img" for a in probe.family.attentions for t in ("k", "v")]
-    keep = probe.family.mask_to_latents(torch.tensor(mask, dtype=torch.float32), result.source_image.shape) == 0
+    mask_tensor = torch.tensor(mask, dtype=torch.float32)
+    keep = probe.family.mask_to_latents(mask_tensor, result.source_image.shape) == 0
 
     def paste_background(pipeline, step, timestep, tensors):
         latents = tensors["latents"].clone()
-        latents[1] = torch.where(keep, latents[0], latents[1])
+        # The sampler's latents (Flux.2 Klein's latent output is the VAE's, not the sampler's).
+        kept = probe.family.mask_to_latents(mask_tensor, latents.shape[1:]) == 0
+        latents[1] = torch.where(kept, latents[0], latents[1])
         return {"latents": latents}
 
     expected = run_with_hooks(probe, result.inputs, taps, background, paste_background)

@@ -164,6 +164,10 @@ def test_taps_equal_independently_computed_sdpa_inputs(probe, kind):
                     for n, (text_norm, image_norm) in norms.items():
                         x = joint[n].unflatten(-1, (h, -1))
                         joint[n] = torch.cat([text_norm(x[:, :n_text]), image_norm(x[:, n_text:])], dim=1).flatten(2)
+                elif hasattr(attn, "to_qkv_mlp_proj"):  # Flux.2 single-stream: q, k, v lead the fused projection
+                    joint = dict(zip("qkv", attn.to_qkv_mlp_proj(hidden)[..., :3 * attn.inner_dim].chunk(3, dim=-1)))
+                    joint["q"] = attn.norm_q(joint["q"].unflatten(-1, (h, -1))).flatten(2)
+                    joint["k"] = attn.norm_k(joint["k"].unflatten(-1, (h, -1))).flatten(2)
                 else:  # single-stream: the block already joined [text | image]
                     joint = {n: getattr(attn, f"to_{n}")(hidden) for n in "qkv"}
                     joint["q"] = attn.norm_q(joint["q"].unflatten(-1, (h, -1))).flatten(2)

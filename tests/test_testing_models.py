@@ -45,8 +45,11 @@ def generate(pipe, kind):
 def test_generation_is_bit_identical_after_save_and_reload(kind_and_pipe, tmp_path):
     kind, pipe = kind_and_pipe
     latents = generate(pipe, kind)
-    # SD3 latents are 16 x 8 x 8; Flux packs them 2x2 into 16 tokens of 64 channels.
-    assert latents.shape == ((1, 16, 8, 8) if kind.startswith("sd3") else (1, 16, 64))
+    # SD3 latents are 16 x 8 x 8; Flux packs them 2x2 into 16 tokens of 64 channels, Flux.2 dev 32 channels into 16
+    # tokens of 128; Flux.2 Klein returns its VAE's 32 x 8 x 8.
+    # Qwen-Image, Chroma and Kontext pack like Flux.
+    expected = {"sd3": (1, 16, 8, 8), "sd3.5": (1, 16, 8, 8), "flux2-dev": (1, 16, 128), "flux2-klein": (1, 32, 8, 8)}
+    assert latents.shape == expected.get(kind, (1, 16, 64))
     assert latents.isfinite().all()
 
     pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
@@ -80,6 +83,21 @@ def test_components(kind_and_pipe):
     elif kind == "chroma":  # T5 alone, no CLIP, no pooled projection
         assert transformer.config.joint_attention_dim == pipe.text_encoder.config.d_model
         assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+    elif kind.startswith("flux2"):
+        # Three of Qwen3's hidden states side by side; 32 latent channels patchified 2x2; the VAE's batch-norm
+        # statistics are not the identity, so a missing normalisation shows.
+        klein = kind == "flux2-klein"
+        text_config = pipe.text_encoder.config if klein else pipe.text_encoder.config.text_config
+        assert transformer.config.joint_attention_dim == 3 * text_config.hidden_size
+        assert transformer.config.in_channels == 4 * pipe.vae.config.latent_channels == 128
+        assert transformer.config.guidance_embeds == (not klein)  # dev's guidance is distilled into an input
+        assert pipe.config.get("is_distilled", False) == klein
+        # Klein reads hidden state 27 of Qwen3, dev 30 of Mistral-3's language model.
+        assert text_config.num_hidden_layers >= (28 if klein else 30)
+        assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+        assert len(transformer.config.axes_dims_rope) == 4
+        assert pipe.vae.bn.running_mean.abs().sum() > 0 and not torch.equal(pipe.vae.bn.running_var,
+                                                                            torch.ones_like(pipe.vae.bn.running_var))
     else:
         assert transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
         assert transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
@@ -91,6 +109,12 @@ def test_text_layout(kind_and_pipe):
     kind, pipe = kind_and_pipe
     n = TINY_GENERATION_KWARGS[kind]["max_sequence_length"]
     with torch.no_grad():
+        if kind.startswith("flux2"):
+            embeds, text_ids = pipe.encode_prompt(PROMPT, max_sequence_length=n)
+            assert embeds.shape == (1, n, pipe.transformer.config.joint_attention_dim)
+            # Text positions run along RoPE's last axis (T, H, W, L).
+            assert torch.equal(text_ids[0, :, 3], torch.arange(n)) and not text_ids[0, :, :3].any()
+            return
         if kind.startswith("sd3"):
             embeds, _, pooled, _ = pipe.encode_prompt(
                 PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False, max_sequence_length=n
@@ -126,6 +150,30 @@ def test_tokenizers_round_trip(kind_and_pipe):
         assert all(len(tokenizer.tokenize(w)) == len(tokenizer.tokenize(" " + w)) == 1 for w in WORDS)
         assert len(tokenizer.tokenize("xylophones")) > 1
         assert tokenizer.tokenize("<|im_start|>user") == ["<|im_start|>", "user"]
+        return
+    if kind == "flux2-dev":
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        tokenizer = pipe.tokenizer
+        text = tokenizer.apply_chat_template(format_input([PROMPT], pipe.system_message)[0], tokenize=False)
+        assert text == f"<s>[SYSTEM_PROMPT]{pipe.system_message}[/SYSTEM_PROMPT][INST]{PROMPT}[/INST]"
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+        assert pieces[:3] == ["<s>", "[SYSTEM_PROMPT]", "You"] and pieces[-3:] == ["Ġsitting", ".", "[/INST]"]
+        assert all(len(tokenizer.tokenize(" " + word)) == 1 for word in WORDS)
+        assert len(tokenizer.tokenize(" xylophones")) > 1
+        return
+    if kind.startswith("flux2"):
+        tokenizer = pipe.tokenizer
+        decoded = tokenizer.decode(tokenizer(PROMPT).input_ids, skip_special_tokens=True)
+        assert re.findall(r"\w+", decoded) == ["a", "photo", "of", "a", "red", "cat", "sitting"]
+        assert all(len(tokenizer.tokenize(" " + word)) == 1 for word in WORDS)
+        assert len(tokenizer.tokenize(" xylophones")) > 1
+        text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=False)
+        assert text == f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+        assert pieces[:4] == ["<|im_start|>", "user", "Ċ", "a"] and pieces[-6:] == ["<think>", "Ċ", "Ċ", "</think>",
+                                                                                     "Ċ", "Ċ"]
         return
     if kind.startswith("sd3"):
         clips, t5 = [pipe.tokenizer, pipe.tokenizer_2], pipe.tokenizer_3

@@ -158,7 +158,8 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
     def keep_background(pipeline, step, timestep, tensors):
         latents = tensors["latents"]
         keep = family.mask_to_latents(fg, latents.shape[1:]).to(latents.device) == 0
-        kept = clean[0].to(latents) if clean is not None and step == last else latents[0]
+        # The encoded image in the step's layout (Flux.2's callbacks see its grid packed into tokens).
+        kept = family.transformer_input(clean)[0].to(latents) if clean is not None and step == last else latents[0]
         latents = latents.clone()
         latents[1] = torch.where(keep, kept, latents[1])
         return {"latents": latents}

@@ -5,12 +5,14 @@ from __future__ import annotations
 from .base import Attention, Family, TextSegment, single_streams
 from .chroma import ChromaFamily
 from .flux import FluxFamily
+from .flux2 import Flux2Family
 from .kontext import FluxKontextFamily
 from .qwen_image import QwenImageFamily
 from .sd3 import SD3Family
 
 FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily, "chroma": ChromaFamily,
-                                     "flux-kontext": FluxKontextFamily, "qwen_image": QwenImageFamily}
+                                     "flux-kontext": FluxKontextFamily, "qwen_image": QwenImageFamily,
+                                     "flux2": Flux2Family}
 # A transformer class marks the first family that names it (Kontext shares Flux.1's: its pipeline tells them apart).
 _TRANSFORMERS: dict[str, str] = {}
 for _name, _family in FAMILIES.items():

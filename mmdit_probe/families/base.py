@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +33,9 @@ class TextSegment:
     text_encoder: str  # attribute of the pipeline; when it is None the rows are zeros, not tokens
     start: int
     length: int
-    # Where the pipeline encodes the prompt inside a template (Qwen-Image's chat template) and drops its first `drop`
-    # tokens: the template, with "{}" where the prompt goes.
-    template: str | None = None
-    drop: int = 0
+    # The text the tokenizer reads where the pipeline wraps the prompt (a chat template); None: the prompt itself.
+    template: Callable[[str], str] | None = None
+    drop: int = 0  # template tokens the pipeline drops from the front (Qwen-Image)
 
 
 def single_streams(family) -> int:
@@ -216,6 +215,24 @@ class Family:
     def pipeline_arguments(self, height: int, width: int) -> dict[str, Any]:
         """Pipeline keywords this family needs to generate at this size (Kontext: its `max_area`)."""
         return {}
+
+    def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (the encoder's mode) as the sampler's latents: shifted, scaled and packed."""
+        config = self.pipeline.vae.config
+        return self.pack_latents((z - (config.shift_factor or 0.0)) * config.scaling_factor)
+
+    def latents_to_vae(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of `latents_from_vae`, for an image of this size: what the VAE decodes."""
+        config = self.pipeline.vae.config
+        return self.unpack_latents(latents, height, width) / config.scaling_factor + (config.shift_factor or 0.0)
+
+    def transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler latents as the transformer takes them (Flux.2 packs its grid into tokens)."""
+        return latents
+
+    def transformer_output(self, velocity: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The transformer's output in the layout of the sampler latents `like`."""
+        return velocity
 
     latent_channels_divisor = 1  # Flux packs 2x2 latent patches into one token of 4x the channels
 

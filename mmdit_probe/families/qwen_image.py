@@ -174,7 +174,7 @@ class QwenImageFamily(Family):
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         pipe = self.pipeline
         return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length,
-                            template=pipe.prompt_template_encode, drop=pipe.prompt_template_encode_start_idx)]
+                            template=pipe.prompt_template_encode.format, drop=pipe.prompt_template_encode_start_idx)]
 
     def embed_text(self, embeds: torch.Tensor) -> torch.Tensor:
         """The transformer's own text input: RMSNorm, then the linear `txt_in`."""
@@ -212,6 +212,23 @@ class QwenImageFamily(Family):
     def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents to the VAE's (batch, channels, 1, height, width)."""
         return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
+
+    def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        """The video VAE's latents normalised per channel by `latents_mean` / `latents_std` (no shift and scale),
+        then packed."""
+        mean, inverse_std = self._latent_stats(z)
+        return self.pack_latents((z - mean) * inverse_std)
+
+    def latents_to_vae(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        z = self.unpack_latents(latents, height, width)
+        mean, inverse_std = self._latent_stats(z)
+        return z / inverse_std + mean
+
+    def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel mean and 1 / std, computed as the Qwen-Image pipelines compute them (same rounding)."""
+        config, shape = self.pipeline.vae.config, (1, -1, 1, 1, 1)
+        return (torch.tensor(config.latents_mean).view(shape).to(z.device, z.dtype),
+                (1.0 / torch.tensor(config.latents_std).view(shape)).to(z.device, z.dtype))
 
     def make_processor(self, attention: Attention, stock) -> QwenImageTapProcessor:
         processor = QwenImageTapProcessor()

@@ -27,45 +27,29 @@ def as_image(image, size: tuple[int, int], quiet: bool = False) -> Image.Image:
 
 
 def encode(probe, image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """A PIL image to sampler-layout latents, as the pipeline's VAE encodes (its mode, shifted and scaled)."""
+    """A PIL image to sampler-layout latents, as the pipeline's VAE encodes (its mode, normalised as the family
+    does: shifted and scaled, or Flux.2's batch norm)."""
     pipe = probe.pipeline
     pixels = pipe.image_processor.preprocess(image, height=height, width=width)
     pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
     video = _is_video(pipe.vae)
     with torch.no_grad():
         z = pipe.vae.encode(pixels[:, :, None] if video else pixels).latent_dist.mode()
-    if video:
-        mean, inverse_std = _video_stats(pipe.vae, z)
-        return probe.family.pack_latents((z - mean) * inverse_std)
-    z = (z - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
-    return probe.family.pack_latents(z)
+    return probe.family.latents_from_vae(z)
 
 
 @torch.no_grad()
 def decode(probe, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
     """Sampler-layout latents to PIL images, as the pipeline decodes them."""
     pipe = probe.pipeline
-    z = probe.family.unpack_latents(latents, height, width).to(pipe.vae.dtype)
-    if _is_video(pipe.vae):
-        mean, inverse_std = _video_stats(pipe.vae, z)
-        pixels = pipe.vae.decode(z / inverse_std + mean).sample[:, :, 0]
-    else:
-        z = z / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
-        pixels = pipe.vae.decode(z).sample
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
+    z = probe.family.latents_to_vae(latents, height, width).to(pipe.vae.dtype)
+    pixels = pipe.vae.decode(z).sample
+    return pipe.image_processor.postprocess(pixels[:, :, 0] if _is_video(pipe.vae) else pixels, output_type="pil")
 
 
 def _is_video(vae) -> bool:
-    """A video VAE (Qwen-Image's, Wan's): 5-D latents (batch, channels, frames, h, w), an image is one frame, and
-    latents are normalised per channel by `latents_mean` / `latents_std` instead of a shift and a scale."""
+    """A video VAE (Qwen-Image's, Wan's): 5-D latents (batch, channels, frames, h, w), an image is one frame."""
     return "temperal_downsample" in vae.config and vae.config.get("latents_mean") is not None
-
-
-def _video_stats(vae, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel mean and 1 / std, computed as the Qwen-Image pipelines compute them (same rounding)."""
-    shape = (1, -1, 1, 1, 1)
-    return (torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype),
-            (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(z.device, z.dtype))
 
 
 def pixel_error(a, b) -> float:

@@ -51,6 +51,7 @@ class _Velocity:
     def __init__(self, probe, inputs: dict) -> None:
         probe.family.check_one_call_per_step(inputs)  # one captured call is the whole velocity only then
         self.transformer = probe.pipeline.transformer
+        self.family = probe.family
         self.call = _transformer_call(probe, inputs)
         scheduler = probe.pipeline.scheduler
         # Flux feeds σ, SD3 feeds 1000 σ: read the convention off the captured call.
@@ -60,16 +61,16 @@ class _Velocity:
         self.device, self.dtype = self.call["hidden_states"].device, self.call["hidden_states"].dtype
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        batch = torch.cat([x, x]) if self.doubled else x
-        # Tokens the pipeline appends to the latents (Kontext's context image) stay as captured; the velocity is
+        batch = self.family.transformer_input(torch.cat([x, x]) if self.doubled else x)
+        # Tokens the pipeline appends to the latents' (Kontext's context image) stay as captured; the velocity is
         # the latents' rows of the output, as the pipeline slices it.
-        extra = self.call["hidden_states"][:, x.shape[1]:] if x.ndim == 3 else None
-        if extra is not None and extra.shape[1]:
-            batch = torch.cat([batch, extra], dim=1)
+        n = batch.shape[1] if batch.ndim == 3 else None
+        if n is not None and self.call["hidden_states"].shape[1] > n:
+            batch = torch.cat([batch, self.call["hidden_states"][:, n:]], dim=1)
         t = torch.full((batch.shape[0],), sigma * 1000 * self.timestep_scale, dtype=self.call["timestep"].dtype,
                        device=x.device)
         v = self.transformer(**{**self.call, "hidden_states": batch, "timestep": t})[0]
-        v = v[:, :x.shape[1]] if x.ndim == 3 else v
+        v = self.family.transformer_output(v if n is None else v[:, :n], x)
         if self.doubled:
             uncond, cond = v.chunk(2)
             v = uncond + self.guidance * (cond - uncond)

@@ -1,0 +1,301 @@
+"""Flux.2 (`Flux2Transformer2DModel`): Flux.2 dev (`Flux2Pipeline`, Mistral-3 text encoder) and Flux.2 Klein
+(`Flux2KleinPipeline`, Qwen3 text encoder).
+
+Joint sequence [text | image] (reference images, not supported yet, would follow the image: [text | image |
+reference]). The text is the prompt inside the text encoder's chat template, padded to `max_sequence_length`
+(512) with no attention mask; the transformer reads three hidden states of the encoder side by side.
+Global block numbering: double-stream blocks 0..D-1, then single-stream blocks D..D+S-1 (dev: 8 + 48, Klein 4B:
+5 + 20). Single-stream blocks run attention and MLP in parallel from one fused projection
+(`Flux2ParallelSelfAttention`); their q/k/v taps hold the attention part of it. RoPE has four axes (T, H, W, L)
+and is applied after the qk-norms, so q/k taps hold rotated vectors, as for Flux.1.
+
+Latents: the VAE's 32 channels are patchified 2x2 into 128, normalised by the VAE's batch-norm statistics, and
+packed into tokens. The pipeline's `latents=` argument, `initial_noise`, `pack_latents` and the sampling paths
+(`mmdit_probe.sampling`) use the patchified normalised grid (batch, 128, rows, cols); the transformer and the
+step callbacks see it packed (batch, rows x cols, 128).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from .. import validation
+from ..kernels import attention_with_lse
+from ..taps import TapProcessor, project_qkv
+from .base import Attention, Family, TextSegment
+
+# Reference images sit at T = 10 + 10 i on RoPE's first axis (`Flux2Pipeline._prepare_image_ids`); the generated
+# image at T = 0.
+_TIME_AXIS = 0
+
+
+class Flux2TapProcessor(TapProcessor):
+    """Shared part of Flux.2's tapped processors: taps, attention (with its log-sum-exp while recording) and the
+    concept stream's share, over q/k/v of the joint [text | image] sequence after norms and RoPE.
+
+    Attention runs through diffusers' `dispatch_attention_fn`, as in `Flux2AttnProcessor`, so GPU backends stay
+    selectable.
+    """
+
+    # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
+    _attention_backend = None
+    _parallel_config = None
+
+    def _attend(self, q, k, v, n_text: int, attention_mask):
+        """(text, image) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads, dim)."""
+        # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that changes
+        # nothing leaves the attention inputs bit-identical.
+        text = [t[:, :n_text].transpose(1, 2) for t in (q, k, v)]
+        image = [t[:, n_text:].transpose(1, 2) for t in (q, k, v)]
+        image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
+        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
+        if self.record_lse:
+            if attention_mask is not None:
+                raise NotImplementedError("attention maps cannot be recorded with an attention mask")
+            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out.transpose(1, 2)
+            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_txt(lse[:, :, :n_text])
+        else:
+            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(q.dtype)
+        if self.concepts is not None:
+            self.concepts.keep(*(t[:, n_text:].transpose(1, 2) for t in (q, k, v)), out[:, n_text:])
+        return out[:, :n_text], out[:, n_text:]
+
+    def _concept_attention(self, cq, ck, cv, image_rotary_emb):
+        """The concept call's attention: concept q/k/v (normed like the text) rotated by the identity rotation of
+        zero ids, over the image keys kept from the block's own call and the concept keys. No taps."""
+        if image_rotary_emb is not None:
+            cq = apply_rotary_emb(cq, image_rotary_emb, sequence_dim=1)
+            ck = apply_rotary_emb(ck, image_rotary_emb, sequence_dim=1)
+        return self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
+
+
+class Flux2DoubleTapProcessor(Flux2TapProcessor):
+    """`Flux2AttnProcessor` (double-stream blocks) with taps; out taps after each stream's output projection."""
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                **kwargs):
+        if self.concept_mode:
+            cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim))
+                          for t in project_qkv(attn, encoder_hidden_states, "txt"))
+            out = self._concept_attention(attn.norm_added_q(cq), attn.norm_added_k(ck), cv, image_rotary_emb)
+            return torch.zeros_like(hidden_states), attn.to_add_out(out)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, hidden_states, "img"))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        tq, tk, tv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, encoder_hidden_states, "txt"))
+        tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
+        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        text, image = self._attend(q, k, v, encoder_hidden_states.shape[1], attention_mask)
+        text = attn.to_add_out(text)
+        image = attn.to_out[1](attn.to_out[0](image))
+        return self.hook_out_img(image), self.hook_out_txt(text)
+
+
+class Flux2SingleTapProcessor(Flux2TapProcessor):
+    """`Flux2ParallelSelfAttnProcessor` (single-stream blocks) with taps. One fused projection gives q/k/v and
+    the MLP input; out taps hold the attention output before the fused output projection, which mixes it with
+    the MLP's. The block sets `text_length`, the joint sequence's text rows, before each call (see
+    `Flux2Family.install_taps`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_length: int | None = None
+
+    def forward(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
+        n_text = self.text_length
+        if n_text is None:
+            raise RuntimeError("single-stream tap processor called without its block setting text_length")
+        if self.concept_mode:  # only the concept rows: the one-token dummy image after them gets zeros
+            return torch.cat([self._parallel(attn, hidden_states[:, :n_text], image_rotary_emb, None, None),
+                              torch.zeros_like(hidden_states[:, n_text:])], dim=1)
+        return self._parallel(attn, hidden_states, image_rotary_emb, attention_mask, n_text)
+
+    def _parallel(self, attn, hidden_states, image_rotary_emb, attention_mask, n_text):
+        projected = attn.to_qkv_mlp_proj(hidden_states)
+        # Split by the global QKV:MLP ratio, as the stock processor does (it holds under column sharding too).
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if n_text is None:  # concept call
+            out = self._concept_attention(q, k, v, image_rotary_emb)
+        else:
+            if image_rotary_emb is not None:
+                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            text, image = self._attend(q, k, v, n_text, attention_mask)
+            image = self.hook_out_img(image)  # the image output's tap fires first, as in every family
+            out = torch.cat([self.hook_out_txt(text), image], dim=1)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+class Flux2Family(Family):
+    name = "flux2"
+    pipeline_classes = ("Flux2Pipeline", "Flux2KleinPipeline")
+    transformer_class = "Flux2Transformer2DModel"
+    image_first = False
+    latent_channels_divisor = 4  # in_channels are the VAE's channels patchified 2x2
+    # Flux.2 dev is guidance-distilled (guidance is an input); Klein's classifier-free guidance runs two
+    # transformer calls per step, never a doubled batch, and is refused (see `_before_transformer`).
+    batched_guidance = False
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self._hooks: list = []
+        self._text_length: int | None = None
+
+    @property
+    def num_double(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    def _attentions(self) -> list[Attention]:
+        double = self.num_double
+        found = [Attention(i, "attn", f"transformer_blocks.{i}.attn", True) for i in range(double)]
+        found += [Attention(double + j, "attn", f"single_transformer_blocks.{j}.attn", True)
+                  for j in range(len(self.transformer.single_transformer_blocks))]
+        return found
+
+    def is_single(self, block: int) -> bool:
+        return self.check_block(block) >= self.num_double
+
+    def block_labels(self) -> list[str]:
+        """A name per block: its global index, and whether it is double- or single-stream."""
+        return [f"{b} double" if b < self.num_double else f"{b} single {b - self.num_double}"
+                for b in range(self.num_blocks)]
+
+    @staticmethod
+    def bypass_output(module, args, kwargs, output):
+        """Single-stream blocks return the joint [text | image] sequence alone: hand on its input."""
+        if isinstance(output, torch.Tensor):
+            return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return Family.bypass_output(module, args, kwargs, output)
+
+    # -- text --------------------------------------------------------------
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        klein = type(self.pipeline).__name__ == "Flux2KleinPipeline"
+        return [TextSegment("qwen3" if klein else "mistral3", "tokenizer", "text_encoder", 0, max_sequence_length,
+                            template=self.chat_text)]
+
+    def chat_text(self, prompt: str) -> str:
+        """The prompt inside the text encoder's chat template, as the pipeline renders it before tokenizing."""
+        pipe = self.pipeline
+        if type(pipe).__name__ == "Flux2KleinPipeline":  # `Flux2KleinPipeline._get_qwen3_prompt_embeds`
+            return pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True, enable_thinking=False)
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        return pipe.tokenizer.apply_chat_template(format_input([prompt], pipe.system_message)[0], tokenize=False,
+                                                  add_generation_prompt=False)
+
+    # -- latents -----------------------------------------------------------
+    @property
+    def token_pixels(self) -> int:
+        """The side in pixels of the square an image token covers: latents are patchified 2x2 into one token."""
+        return self.pipeline.vae_scale_factor * 2
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """One initial latent as the pipeline draws it for `seed`, in the (batch, 128, rows, cols) grid its
+        `latents=` argument takes, repeated `batch` times."""
+        packed = super().initial_noise(1, height, width, seed)
+        rows, cols = self.grid(height, width)
+        return self.unpack_tokens(packed, rows, cols).repeat(batch, 1, 1, 1)
+
+    @staticmethod
+    def unpack_tokens(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Packed (batch, rows x cols, channels) tokens as the (batch, channels, rows, cols) grid."""
+        return tokens.transpose(1, 2).unflatten(2, (rows, cols))
+
+    def transformer_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Grid latents packed into tokens, as the pipeline hands them to the transformer (tokens pass)."""
+        return self.pipeline._pack_latents(latents) if latents.ndim == 4 else latents
+
+    def transformer_output(self, velocity: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The transformer's packed output in the layout of `like` (grid or tokens)."""
+        return self.unpack_tokens(velocity, *like.shape[2:]) if velocity.ndim == 3 and like.ndim == 4 else velocity
+
+    def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        # Packed latents (step callbacks) are (tokens, channels) in the grid's raster order; grid latents
+        # (channels, rows, cols); VAE latents (Klein's latent output) (channels, 2 rows, 2 cols).
+        if len(latent_shape) == 2:
+            return mask.flatten()[:, None]
+        factor = latent_shape[-1] // mask.shape[-1]
+        return mask.repeat_interleave(factor, 0).repeat_interleave(factor, 1)[None]
+
+    def _batch_norm(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipeline.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (batch, 32, H, W) patchified 2x2 and normalised, as `Flux2Pipeline._encode_vae_image`."""
+        patched = self.pipeline._patchify_latents(latents)
+        mean, std = self._batch_norm(patched)
+        return (patched - mean) / std
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Grid (or packed) latents back to VAE latents, as the pipelines decode them."""
+        if latents.ndim == 3:
+            latents = self.unpack_tokens(latents, *self.grid(height, width))
+        mean, std = self._batch_norm(latents)
+        return self.pipeline._unpatchify_latents(latents * std + mean)
+
+    def latents_from_vae(self, z: torch.Tensor) -> torch.Tensor:
+        # The batch norm replaces the shift and scale factors other VAEs have.
+        return self.pack_latents(z)
+
+    def latents_to_vae(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.unpack_latents(latents, height, width)
+
+    # -- taps ----------------------------------------------------------------
+    def make_processor(self, attention: Attention, stock) -> Flux2TapProcessor:
+        single = attention.block >= self.num_double
+        processor = Flux2SingleTapProcessor() if single else Flux2DoubleTapProcessor()
+        processor._attention_backend = getattr(stock, "_attention_backend", None)
+        processor._parallel_config = getattr(stock, "_parallel_config", None)
+        return processor
+
+    def _before_transformer(self, transformer, args, kwargs) -> None:
+        """Each transformer call: refuse what the taps cannot lay out, and note the text length for the
+        single-stream blocks, which receive the joint sequence alone."""
+        if getattr(self.pipeline, "do_classifier_free_guidance", False):
+            raise validation.InvalidInput(
+                "Flux.2 Klein base runs classifier-free guidance as two transformer calls per step (conditional, "
+                "then unconditional), which mmdit_probe does not lay out yet: use guidance_scale=1 or a distilled "
+                "Klein model")
+        ids = kwargs.get("img_ids")
+        # Reference images: their tokens would follow the image ones, at T != 0. Supporting them means giving the
+        # processors the image length (tokens at T = 0) and a third region after it.
+        if ids is not None and bool((ids[..., _TIME_AXIS] != 0).any()):
+            raise validation.InvalidInput("Flux.2 reference images (image=...) are not supported yet: their tokens "
+                                          "join the image tokens; generate without image=")
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self._text_length = text.shape[1]
+
+    def _before_single(self, block, args, kwargs) -> None:
+        # A concept call hands the concept stream as encoder_hidden_states; the pipeline's calls hand none.
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        block.attn.processor.text_length = text.shape[1] if text is not None else self._text_length
+
+    def install_taps(self) -> None:
+        super().install_taps()
+        if not self._hooks:
+            self._hooks = [self.transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)]
+            self._hooks += [block.register_forward_pre_hook(self._before_single, with_kwargs=True)
+                            for block in self.transformer.single_transformer_blocks]
+
+    def remove_taps(self) -> None:
+        super().remove_taps()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

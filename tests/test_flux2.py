@@ -1,0 +1,251 @@
+"""Flux.2 (`families.flux2`) on the tiny dev and Klein pipelines: maps against the stock processors' own q and k, taps
+and recording change no bit, the chat templates' tokens, Flux.2's latent normalisation, and what is refused."""
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import tiny_inputs
+from diffusers.models.transformers import transformer_flux2
+from PIL import Image
+
+import mmdit_probe
+from mmdit_probe.attention import AttentionRecorder
+from mmdit_probe.editing import kv_edit
+from mmdit_probe.editing.inversion import invert_latents
+from mmdit_probe.presets import find_preset, preset
+from mmdit_probe.sampling.images import decode, encode
+from mmdit_probe.sweep import sweep
+from mmdit_probe.testing import TINY_GENERATION_KWARGS
+from mmdit_probe.validation import InvalidInput
+
+KIND = "flux2-klein"
+PROMPTS = ["a red cat on a mat", "a blue dog, sitting"]
+
+
+@pytest.fixture(params=["flux2-dev", "flux2-klein"])
+def flux2(request, tiny_dirs):
+    probe = mmdit_probe.load(tiny_dirs[request.param])
+    probe.kind = request.param
+    return probe
+
+
+@pytest.fixture
+def klein(tiny_dirs):
+    return mmdit_probe.load(tiny_dirs[KIND])
+
+
+def non_square(probe, prompts=PROMPTS, kind=KIND, **overrides):
+    return tiny_inputs(probe, kind, prompts, width=96, **overrides)  # a 4 x 6 token grid
+
+
+def stock_qk(probe, inputs, monkeypatch):
+    """The stock processors' q and k, as they hand them to `dispatch_attention_fn`, one pair per block and step,
+    with the taps removed; and the stock output."""
+    seen = []
+
+    def keep(query, key, value, **kwargs):
+        seen.append((query.detach().clone(), key.detach().clone()))
+        return dispatch(query, key, value, **kwargs)
+
+    dispatch = transformer_flux2.dispatch_attention_fn
+    probe.family.remove_taps()
+    monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", keep)
+    try:
+        images = probe.pipeline(**inputs).images
+    finally:
+        monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", dispatch)
+        probe.family.install_taps()
+    return seen, images
+
+
+def test_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypatch):
+    inputs = non_square(flux2, kind=flux2.kind)
+    seen, stock = stock_qk(flux2, inputs, monkeypatch)
+    recorder = AttentionRecorder(flux2, inputs, heads="all", positions="all", dtype=torch.float32)
+    with flux2.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:inputs["num_inference_steps"]]:
+            recorder.record(step)
+        output = flux2.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, stock)  # recording changes no bit either
+    n_blocks, n_text = flux2.family.num_blocks, inputs["max_sequence_length"]
+    assert maps.grid == (4, 6) and len(seen) == n_blocks * inputs["num_inference_steps"]
+    for step in range(inputs["num_inference_steps"]):
+        for block in range(n_blocks):
+            q, k = (t.double().transpose(1, 2) for t in seen[step * n_blocks + block])  # (batch, heads, tokens, d)
+            p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            assert p.shape[-1] == n_text + 24
+            t2i, i2t = p[:, :, n_text:, :n_text], p[:, :, :n_text, n_text:].transpose(-1, -2)
+            torch.testing.assert_close(maps.t2i[step, block].double(), t2i, rtol=0, atol=2e-6)
+            torch.testing.assert_close(maps.i2t[step, block].double(), i2t, rtol=0, atol=2e-6)
+
+
+def test_taps_change_no_output_bit(flux2, monkeypatch):
+    inputs = non_square(flux2, kind=flux2.kind)
+    _, stock = stock_qk(flux2, inputs, monkeypatch)
+    assert torch.equal(flux2.pipeline(**inputs).images, stock)
+    with flux2.model.generate(**inputs):
+        output = flux2.model.output.save()
+    assert torch.equal(output.images, stock)
+
+
+def test_patching_every_tap_with_itself_changes_nothing(flux2):
+    inputs = non_square(flux2, kind=flux2.kind)
+    plain = flux2.pipeline(**inputs).images
+    with flux2.model.generate(**inputs) as tracer:
+        for _ in tracer.iter[0:inputs["num_inference_steps"]]:
+            for name in flux2.hook_names:
+                hook = flux2.hook(name)
+                hook.output = hook.output.clone()
+        output = flux2.model.output.save()
+    assert torch.equal(output.images, plain)
+
+
+def test_word_positions_are_the_pipelines_own_tokens(flux2):
+    prompt, length = "a photo of a red cat, sitting.", {"flux2-dev": 64, "flux2-klein": 32}[flux2.kind]
+    ids = []
+    handle = flux2.pipeline.text_encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: ids.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    try:
+        flux2.pipeline.encode_prompt(prompt, max_sequence_length=length)
+    finally:
+        handle.remove()
+    table = flux2.tokens(prompt, max_sequence_length=length)
+    tokenizer = flux2.pipeline.tokenizer
+    pieces = tokenizer.convert_ids_to_tokens(ids[0][0].tolist())
+    assert [t.piece for t in table.tokens] == [pieces[t.position] for t in table.tokens]
+    # The chat template's tokens come first (dev: <s>, the system message, [INST]; Klein: <|im_start|> user \n),
+    # then the prompt's; its words are only the prompt's; padding is not a real token.
+    first = table.positions(0)[0]  # the prompt's first word
+    assert pieces[first - 1] == {"flux2-dev": "[INST]", "flux2-klein": "Ċ"}[flux2.kind]
+    assert pieces[:2] == {"flux2-dev": ["<s>", "[SYSTEM_PROMPT]"], "flux2-klein": ["<|im_start|>", "user"]}[flux2.kind]
+    assert table.positions("a") == [first, first + 3] and pieces[first] == "a"
+    assert table.positions("cat") == [first + 5] and pieces[first + 5] == "Ġcat"
+    assert [t.word for t in table.tokens if t.word] == ["a", "photo", "of", "a", "red", "cat", "sitting"]
+    with pytest.raises(KeyError, match="not in the prompt"):
+        table.positions("pig")
+    assert len(table.tokens) < length and all(pieces[p] == tokenizer.pad_token for p in range(len(table.tokens),
+                                                                                              length))
+
+
+def test_encode_and_decode_follow_the_pipelines_normalisation(flux2):
+    inputs = non_square(flux2, [PROMPTS[0]], kind=flux2.kind)
+    final = {}
+
+    def keep(pipe, step, timestep, tensors):
+        final["latents"] = tensors["latents"].clone()
+        return {}
+
+    image = flux2.pipeline(**{**inputs, "output_type": "pil", "callback_on_step_end": keep}).images[0]
+    packed = final["latents"]  # the sampler's tokens after the last step
+    grid = flux2.family.unpack_tokens(packed, 4, 6)
+    assert torch.equal(flux2.family.transformer_input(grid), packed)
+    for latents in (grid, packed):
+        assert decode(flux2, latents, 64, 96)[0].tobytes() == image.tobytes()
+    # Encoding: the VAE's mode, patchified and normalised by its batch norm, as the pipeline encodes references.
+    pipe = flux2.pipeline
+    pixels = pipe.image_processor.preprocess(image, height=64, width=96)
+    expected = pipe._encode_vae_image(pixels, generator=None)
+    assert torch.equal(encode(flux2, image, 64, 96), expected)
+    assert expected.shape == (1, 128, 4, 6)
+
+
+def test_fixed_point_inversion_converges_to_float_rounding(klein):
+    inputs = tiny_inputs(klein, KIND, PROMPTS[0], num_inference_steps=4)
+    clean = klein.family.pack_latents(klein.pipeline(**inputs).images)  # Klein's latent output is the VAE's
+    generation = {"steps": 4, "guidance": 1.0, "height": 64, "width": 64, "max_sequence_length": 32}
+    noise = inputs["latents"]
+    errors = [((invert_latents(klein, clean, PROMPTS[0], iterations=n, **generation) - noise).abs().mean()
+               / noise.abs().mean()).item() for n in (3, 6, 20)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
+
+
+def test_reference_images_are_refused(flux2):
+    inputs = non_square(flux2, [PROMPTS[0]], kind=flux2.kind)
+    with pytest.raises(InvalidInput, match="reference images"):
+        flux2.pipeline(**inputs, image=Image.new("RGB", (64, 64)))
+
+
+def test_two_call_guidance_is_refused(klein):
+    inputs = non_square(klein, [PROMPTS[0]])
+    klein.pipeline.register_to_config(is_distilled=False)  # a Klein base model
+    try:
+        with pytest.raises(InvalidInput, match="two transformer calls per step"):
+            klein.pipeline(**{**inputs, "guidance_scale": 4.0})
+        assert klein.pipeline(**inputs).images.isfinite().all()  # guidance 1: one call per step
+    finally:
+        klein.pipeline.register_to_config(is_distilled=True)
+
+
+def test_layout_labels_and_presets(klein):
+    family = klein.family
+    assert family.name == "flux2" and family.num_double == 2 and family.num_blocks == 4
+    assert family.block_labels() == ["0 double", "1 double", "2 single 0", "3 single 1"]
+    assert klein.module_path("blocks.2.attn.hook_q_txt") == (
+        "transformer.single_transformer_blocks.0.attn.processor.hook_q_txt")
+    assert family.max_image_side is None and family.token_pixels == 16
+    assert klein.preset.name == "flux.2-klein-4b" and klein.preset.steps == 4 and klein.preset.guidance == 1.0
+    dev = {"num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48, "guidance_embeds": True}
+    assert find_preset("/models/x", "flux2", dev).name == "flux.2-dev"
+    assert find_preset("black-forest-labs/FLUX.2-klein-9B", "flux2").steps == 4
+    assert find_preset("some/finetune", "flux2").name == "flux2 (family defaults)"
+
+
+def test_image_maps_by_noising_at_sigma_one_are_the_first_steps_maps(flux2):
+    # At sigma = 1 the noised image is the noise itself, so the one captured transformer call is the generation's
+    # first: its maps (through the sampler's velocity, which packs Flux.2's grid) equal the recorded step 0.
+    generation = {"steps": 2, "guidance": TINY_GENERATION_KWARGS[flux2.kind]["guidance_scale"], "height": 64,
+                  "width": 96, "max_sequence_length": TINY_GENERATION_KWARGS[flux2.kind]["max_sequence_length"]}
+    out = flux2.generate(PROMPTS[0], record={"dtype": torch.float32}, concepts=["cat", "background"], **generation)
+    maps = flux2.image_maps(out.images[0], PROMPTS[0], ["cat", "background"], sigma=1.0,
+                            record={"dtype": torch.float32}, **generation)
+    assert maps.grid == out.maps.grid == (4, 6)
+    for kind in ("t2i", "i2t", "concept", "concept_xattn"):
+        torch.testing.assert_close(maps.tensor(kind)[0], out.maps.tensor(kind)[0], rtol=0, atol=1e-5)
+
+
+def test_a_sweep_and_the_explorer_run_on_flux2(tiny_dirs, tmp_path):
+    from mmdit_probe.sweep.masks import FolderMasks
+    from mmdit_probe.viz import Explorer
+
+    probe = mmdit_probe.load(tiny_dirs[KIND], preset=replace(preset("flux.2-klein-4b"), max_sequence_length=32))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat on a mat\n")
+    (tmp_path / "masks" / "p00000").mkdir(parents=True)
+    square = np.zeros((64, 64), np.uint8)
+    square[16:48, 16:48] = 255
+    Image.fromarray(square).save(tmp_path / "masks" / "p00000" / "cat.png")
+    result = sweep(probe, str(prompts), tmp_path / "out", masks=FolderMasks(tmp_path / "masks"), words=["cat"],
+                   resolution=64, num_steps=2, progress=False)
+    table = pq.read_table(result.table).to_pandas()
+    assert result.complete and set(table["word"]) == {"cat"} and set(table["block"]) == set(range(4))
+    maps = probe.generate("a red cat on a mat", steps=2, height=64, width=64, max_sequence_length=32,
+                          record=True).maps
+    explorer = Explorer(maps)
+    assert explorer.word.value == "red"  # the first content word, not the article
+    flat = explorer.image.value
+    explorer.block.value = 3
+    assert explorer.image.value != flat and "block 3" in explorer.caption.value
+
+
+def test_kv_edit_of_a_real_image_keeps_its_encoded_background(flux2):
+    # The last step pastes the encoded image's background, which Flux.2's step callbacks need packed into tokens.
+    kw = TINY_GENERATION_KWARGS[flux2.kind]
+    generation = {"steps": 2, "guidance": kw["guidance_scale"], "height": 64, "width": 96,
+                  "max_sequence_length": kw["max_sequence_length"], "output_type": "latent"}
+    image = flux2.generate(PROMPTS[0], **{**generation, "output_type": "pil"}).images[0]
+    mask = np.zeros((4, 6))
+    mask[:2, :3] = 1
+    result = kv_edit(flux2, PROMPTS[0], "a blue dog on a mat", mask=mask, image=image, **generation)
+    clean = encode(flux2, image, 64, 96)
+    edited = result.edited_image if result.edited_image.ndim == 4 else result.edited_image[None]
+    if flux2.kind == "flux2-klein":  # the VAE's latents: back to the grid
+        edited = flux2.family.pack_latents(edited)
+    else:
+        edited = flux2.family.unpack_tokens(edited, 4, 6)
+    background = torch.tensor(mask == 0)[None, None].expand_as(clean)
+    torch.testing.assert_close(edited[background], clean[background], rtol=0, atol=1e-5)
+    assert not torch.allclose(edited[~background], clean[~background])
