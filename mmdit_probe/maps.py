@@ -515,7 +515,7 @@ class AttentionMaps:
     def _check_tensors(self) -> None:
         """Tensor shapes against the metadata (steps, blocks, rows, grid, positions) and finite values."""
         if not self.region_kinds:
-            raise ValueError("it holds no attention-region maps (t2i, i2t, t2t, i2i, r2i, i2r, t2r)")
+            raise ValueError("it holds neither t2i nor i2t maps (nor t2t, i2i, r2i, i2r, t2r)")
         if ("i2i" in self.tensors) != bool(self.queries):
             raise ValueError("its I2I maps and its metadata's query patches ('queries') come only together")
         if any(not 0 <= q < self.grid[0] * self.grid[1] for q in self.queries) or sorted(set(self.queries)) != \
