@@ -62,15 +62,22 @@ class FluxTapProcessor(TapProcessor):
 
         if self.record_lse and attention_mask is not None:
             raise NotImplementedError("attention maps cannot be recorded with an attention mask (Flux text masks)")
-        if self.record_lse:
-            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            out = out.transpose(1, 2)
-            self.hook_lse_img(lse[:, :, n_text:])
-            self.hook_lse_txt(lse[:, :, :n_text])
-        else:
+        def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
+            if self.record_lse:
+                return attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             # parallel_config only where set: older diffusers releases do not take it.
             extra = {"parallel_config": self._parallel_config} if self._parallel_config is not None else {}
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
+            return out.transpose(1, 2), None
+
+        if self.region_replacement is not None and attention_mask is not None:
+            raise NotImplementedError("attention regions cannot be replaced with an attention mask (Flux text masks)")
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, None)}
+        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock)
+        out = out.transpose(1, 2)
+        if self.record_lse:
+            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_txt(lse[:, :, :n_text])
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
