@@ -10,9 +10,9 @@ image first) and Flux (24 heads of 128, 512 T5 tokens, text first); `--resolutio
 - explicit: the released code's way, the full (L+S)^2 score matrix per head, the region copied from the source's,
   softmax, times the values.
 
-Each mode's time is the median of interleaved runs; its peak memory is the GPU's peak allocation (`--device
-cuda`), or on the CPU (Linux) the rise of the peak RSS over one run after a warm-up, in a fresh child process. The largest
-difference between ours and explicit (float32) is reported too.
+Each mode's time is the median of interleaved runs; its peak memory is the GPU's peak allocation above the inputs
+(`--device cuda`), or on the CPU (Linux) the rise of the peak RSS over one run after a warm-up, in a fresh child
+process (coarse: the allocator reuses freed pages). The largest difference between ours and explicit is reported.
 
     python benchmarks/region_replacement.py --resolution 256            # CPU, small: results/region_replacement.*
     python benchmarks/region_replacement.py --device cuda --resolution 1024
@@ -114,7 +114,8 @@ def main() -> None:
     for width in WIDTHS:
         tensors = layer(width, args.resolution, args.device, dtype)
         for region in args.regions:
-            seconds = median_seconds({m: (lambda m=m: run(m, *tensors, region)) for m in MODES}, args.repeats)
+            seconds = median_seconds({m: (lambda m=m, t=tensors, r=region: run(m, *t, r)) for m in MODES},
+                                     args.repeats)
             error = (ours(*tensors, region).float() - explicit(*tensors, region).float()).abs().max().item()
             memory = {m: peak_mb(width, args.resolution, region, m, args.device, args.dtype, tensors) for m in MODES}
             rows.append({"width": width, "region": region, "image_tokens": tensors[0].shape[2] - WIDTHS[width]["text"],

@@ -212,3 +212,36 @@ def test_the_cli_runs_a_region_replacement_with_the_papers_settings(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["edit", "toy", "a", "b", "--variant", "t2i"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("region", ["T2I", "I2I"])
+def test_blend_maps_under_a_region_replacement_are_the_replaced_attention(tiny_dirs, monkeypatch, region):
+    # As the released code stores them: the probabilities of the replaced score matrix, here from taps and lse.
+    from mmdit_probe.editing import qk_injection
+
+    seen = []
+
+    class Watched(qk_injection.RegionReplacement):
+        def __call__(self, q, k, v, streams, stock):
+            seen.append((self.step, q.clone(), k.clone()))
+            return super().__call__(q, k, v, streams, stock)
+
+    monkeypatch.setattr(qk_injection, "RegionReplacement", Watched)
+    probe = mmdit_probe.load(tiny_dirs["sd3"])
+    kw = tiny_inputs(probe, "sd3", [SOURCE, TARGET])
+    result = probe.edit(SOURCE, TARGET, seed=0, steps=2, guidance=kw["guidance_scale"], height=kw["height"],
+                        width=kw["width"], max_sequence_length=kw["max_sequence_length"], output_type="latent",
+                        variant=region, tau=0.5, eta=1.0, blend_blocks=[0, 1])
+    maps = result.maps
+    assert result.params["inject_steps"] == [0] and maps.blocks == [0, 1]
+    grid = probe.grid(kw["height"], kw["width"])
+    n_image = grid[0] * grid[1]
+    columns = [n_image + p for p in maps.positions]
+    for block, (step, q, k) in enumerate(seen[:2]):  # step 0, blocks 0 and 1 (both injected)
+        assert step == 0
+        rows, cols = (slice(0, n_image), slice(n_image, None) if region == "T2I" else slice(0, n_image))
+        scale = q.shape[-1] ** -0.5
+        scores = q[3].double() @ k[3].double().transpose(-1, -2) * scale  # the target's conditional row
+        scores[:, rows, cols] = (q[2].double() @ k[2].double().transpose(-1, -2) * scale)[:, rows, cols]
+        want = scores.softmax(-1)[:, :n_image][..., columns].mean(0)
+        assert (maps.t2i[0, block, 1].double() - want).abs().max() < 1e-6
