@@ -38,6 +38,9 @@ class HookPoint(nn.Module):
 class TapProcessor(nn.Module):
     """Base of the attention processors with taps: one `HookPoint` per activation and stream."""
 
+    # True where `forward` runs its attention through `attend` (region replacement needs it).
+    attends = False
+
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__()
         self.streams = streams

@@ -245,3 +245,15 @@ def test_blend_maps_under_a_region_replacement_are_the_replaced_attention(tiny_d
         scores[:, rows, cols] = (q[2].double() @ k[2].double().transpose(-1, -2) * scale)[:, rows, cols]
         want = scores.softmax(-1)[:, :n_image][..., columns].mean(0)
         assert (maps.t2i[0, block, 1].double() - want).abs().max() < 1e-6
+
+
+def test_a_region_replacement_needs_processors_that_attend(monkeypatch):
+    # A family whose processor does not run attention through `attend` would ignore the replacement: refused.
+    from mmdit_probe.families.sd3 import SD3TapProcessor
+
+    probe = mmdit_probe.load(tiny_pipeline("sd3"))
+    monkeypatch.setattr(SD3TapProcessor, "attends", False)
+    with pytest.raises(InvalidInput, match=r"variant='I2I' replaces attention scores, but the sd3 processors of "
+                                           r"blocks \[0, 1\] do not run attention through TapProcessor.attend"):
+        probe.edit(SOURCE, TARGET, variant="I2I")
+    probe.edit(SOURCE, TARGET, variant="qiki", steps=1, output_type="latent", height=64, width=64)

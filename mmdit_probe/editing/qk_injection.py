@@ -137,6 +137,11 @@ def _words(name: str, words: Any, table) -> list[str] | None:
     return list(words)
 
 
+def _processor(probe, block: int):
+    """The tap processor of a block's joint attention."""
+    return probe.pipeline.transformer.get_submodule(probe.family.attention(block).path).processor
+
+
 def _window(share: float, n_steps: int, rounding: str) -> list[int]:
     """The first `share` of `n_steps` steps: s < share * n ("ceil"), or s < int(share * n) ("floor")."""
     end = int(share * n_steps) if rounding == "floor" else share * n_steps
@@ -183,6 +188,13 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     if blend_blocks is not None:
         blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
     inject = _blocks(family, "inject_blocks", inject_blocks, preset.inject_blocks)
+    if variant in REGIONS:
+        lacking = [b for b in inject if not _processor(probe, b).attends]
+        if lacking:
+            raise validation.InvalidInput(
+                f"variant={variant!r} replaces attention scores, but the {family.name} processors of blocks "
+                f"{lacking} do not run attention through TapProcessor.attend: choose a projection variant "
+                f"({', '.join(VARIANTS)}) or other inject_blocks")
     user_callback = generation.pop("callback_on_step_end", None)
     user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
     inputs = probe.inputs([source, target], seed=seed, **generation)
@@ -260,8 +272,7 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     region = None
     if plan.variant in REGIONS and plan.inject_steps:
         region = RegionReplacement(plan.variant, plan.inject_steps)
-    swapped = [probe.pipeline.transformer.get_submodule(family.attention(b).path).processor
-               for b in plan.inject] if region is not None else []
+    swapped = [_processor(probe, b) for b in plan.inject] if region is not None else []
 
     def blend_latents(pipeline, step, timestep, tensors):
         if region is not None:

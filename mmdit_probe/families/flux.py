@@ -26,6 +26,7 @@ class FluxTapProcessor(TapProcessor):
     # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
     _attention_backend = None
     _parallel_config = None
+    attends = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -33,6 +33,8 @@ class SD3TapProcessor(TapProcessor):
     Also serves modules whose projections were fused by `fuse_qkv_projections()`.
     """
 
+    attends = True
+
     def __init__(self, has_text: bool = True) -> None:
         super().__init__(("img", "txt") if has_text else ("img",))
 
