@@ -190,6 +190,7 @@ def test_masks_from_the_last_steps(tiny_dirs, n_prev_steps, pool, theta):
     ({"n_prev_steps": "last"}, "n_prev_steps"),
     ({"step_rounding": "round"}, "step_rounding='round' is not allowed: choose one of 'ceil', 'floor'"),
     ({"paper": True}, "paper=True is not allowed: choose one of 'printed', 'run'"),
+    ({"local_blend": False, "n_prev_steps": 2}, "n_prev_steps= shapes the local blend's masks, and local_blend=False"),
 ])
 def test_bad_options_are_refused_before_running(bad, message):
     probe = mmdit_probe.load(tiny_pipeline("sd3"))

@@ -176,6 +176,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     preset, family = probe.preset, probe.family
     if paper is not None:
         preset = paper_preset(preset, validation.choice("paper", paper, PAPER_READINGS))
+    given_blend = {"blend_pool": blend_pool, "n_prev_steps": n_prev_steps}
     blend_pool, n_prev_steps, step_rounding = _blend_options(preset, blend_pool, n_prev_steps, step_rounding)
     what = {"tau": " (the share of the steps with q/k injection)", "eta": " (the share of the steps with local "
             "blending)", "theta": " (the threshold on max-normalised maps; above 1 no token passes)"}
@@ -183,6 +184,10 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     eta = validation.fraction("eta", preset.eta if eta is None else eta, what["eta"])
     theta = validation.fraction("theta", preset.theta if theta is None else theta, what["theta"])
     local_blend = validation.boolean("local_blend", local_blend)
+    for name, value in given_blend.items():
+        if value is not None and not local_blend:
+            raise validation.InvalidInput(f"{name}= shapes the local blend's masks, and local_blend=False makes none: "
+                                          f"leave {name} out, or blend")
     if inject_blocks is not None:
         inject_blocks = validation.index_list("inject_blocks", inject_blocks, what="block indices")
     if blend_blocks is not None:
