@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from ._notices import quiet as _quiet  # moved to mmdit_probe._notices; this alias stays one release
-from .constants import VARIANTS
+from .constants import EDIT_METHODS, STEP_ROUNDINGS
 from .entry_points import ArgumentParser, checking, run_command
 from .entry_points import fraction as _fraction
 from .entry_points import positive as _positive
@@ -150,7 +150,9 @@ def _maps(args: argparse.Namespace) -> None:
 def _edit(args: argparse.Namespace) -> None:
     folder = Path(args.out)
     _check_out(args.overwrite, (folder, EDIT_FILES))
-    options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta)) if v is not None}
+    options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta), ("paper", args.paper),
+                                 ("step_rounding", args.step_rounding), ("blend_pool", args.blend_pool),
+                                 ("n_prev_steps", args.n_prev_steps)) if v is not None}
     options.update(seed=args.seed, steps=args.steps, variant=args.variant, local_blend=not args.no_blend)
     with checking():
         probe = _load(args.model)
@@ -207,12 +209,20 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit", help="output directory (default: out/edit)")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
-    edit.add_argument("--variant", default="qiki", choices=list(VARIANTS),
+    edit.add_argument("--variant", default="qiki", choices=list(EDIT_METHODS),
                       help="which activations the target takes from the source (default qiki)")
     edit.add_argument("--tau", type=_fraction, help="fraction of steps with q/k injection, 0-1 (default: preset)")
     edit.add_argument("--eta", type=_fraction, help="fraction of steps with local blending, 0-1 (default: preset)")
     edit.add_argument("--theta", type=_fraction, help="local-blend threshold, 0-1 (default: preset)")
     edit.add_argument("--no-blend", action="store_true", help="no local blending")
+    edit.add_argument("--paper", choices=("printed", "run"),
+                      help="take the options not given from the paper's released code (run: its SD3.5-M blocks as "
+                           "its code really reads them)")
+    edit.add_argument("--step-rounding", choices=STEP_ROUNDINGS,
+                      help="ceil: steps s < tau*n (default); floor: s < int(tau*n), as the released code")
+    edit.add_argument("--blend-pool", type=_positive, help="odd side of the max-pool before thresholding (1: none)")
+    edit.add_argument("--n-prev-steps", type=lambda t: t if t == "all" else _positive(t),
+                      help="masks from the maps of the last N blended steps, or 'all' (default 1)")
     edit.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     edit.set_defaults(run=_edit)
 

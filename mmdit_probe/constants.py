@@ -46,16 +46,34 @@ OUTPUT_TYPES = ("pil", "latent", "np", "pt")
 GENERATION_KEYS = ("steps", "guidance", "height", "width", "max_sequence_length")
 
 # -- editing and inversion -------------------------------------------------------------------------
-# Which activations the target takes from the source, per variant (the paper's ablations).
+# Which activations the target takes from the source, per variant (the paper's ablations). The first eight carry
+# the names of the paper's released code (utils/dit_utils.py) and replace what its variants replace; "qikt" is
+# q_img and k_txt there and here. "qikikt" (q_img, k_img and k_txt) is what this package called "qikt" before.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "qiki": ("q_img", "k_img"),
     "qk": ("q_img", "k_img", "q_txt", "k_txt"),
     "qi": ("q_img",),
     "ki": ("k_img",),
-    "qikt": ("q_img", "k_img", "k_txt"),
+    "qikt": ("q_img", "k_txt"),
+    "qtki": ("q_txt", "k_img"),
+    "qtkt": ("q_txt", "k_txt"),
     "kivi": ("k_img", "v_img"),
+    "qikikt": ("q_img", "k_img", "k_txt"),
     "none": (),
 }
+# Attention-region replacements (the released code's I2I, T2I, I2T, T2T): (query stream, key stream) of the block
+# of pre-softmax scores the target takes from the source; its rows are then softmax-normalised over all keys and
+# applied to the target's values. Named as the paper names the blocks of qk^T: "T2I" is image queries x text keys.
+REPLACEMENTS: dict[str, tuple[str, str]] = {
+    "I2I": ("img", "img"),
+    "T2I": ("img", "txt"),
+    "I2T": ("txt", "img"),
+    "T2T": ("txt", "txt"),
+}
+EDIT_METHODS = (*VARIANTS, *REPLACEMENTS)  # everything `edit(variant=...)` and `mmdit-probe edit --variant` take
+# How a share of the steps becomes steps: "ceil" keeps s < share * n (6 of 28 at 0.2; this package's default),
+# "floor" keeps s < int(share * n) (5 of 28; the paper's released code).
+STEP_ROUNDINGS = ("ceil", "floor")
 INVERSION_METHODS = ("euler", "heun", "fixed-point", "rf-solver", "fireflow")
 # Methods with their own sampler: they integrate the ODE with `solve` in both directions.
 SOLVERS = ("rf-solver", "fireflow")

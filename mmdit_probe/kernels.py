@@ -151,3 +151,24 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budge
         normaliser = lse[:, :, start:start + chunk]
         parts.append(normaliser - (torch.exp(logits - normaliser.unsqueeze(-1)) * logits).sum(-1))
     return torch.cat(parts, dim=2)
+
+
+def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_source: torch.Tensor,
+                     k_source: torch.Tensor, region: slice,
+                     rest: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries `q` over keys `k` in which the scores against the keys `region` are those of `q_source`
+    and `k_source`: (batch, heads, tokens, dim) inputs; the keys `region` and `rest` (a range or an index of
+    positions) together are all keys.
+
+    Each row is softmax(concat(q_source k_source[region]^T, q k[rest]^T) / sqrt(d)) @ concat(v[region], v[rest]),
+    computed as two attention calls over the key subsets, each with its log-sum-exp, combined through them: no
+    score matrix is built. Returns the output (float32) and each row's log-sum-exp over all keys (float32).
+
+    >>> out, lse = region_attention(q, k, v, q_src, k_src, region=slice(0, 16), rest=slice(16, None))
+    """
+    kept, kept_lse = attention_with_lse(q_source, k_source[:, :, region], v[:, :, region])
+    own, own_lse = attention_with_lse(q, k[:, :, rest], v[:, :, rest])
+    lse = torch.logaddexp(kept_lse, own_lse)
+    out = (torch.exp(kept_lse - lse).unsqueeze(-1) * kept.float()
+           + torch.exp(own_lse - lse).unsqueeze(-1) * own.float())
+    return out, lse

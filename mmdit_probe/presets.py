@@ -28,6 +28,17 @@ class Preset:
     theta: float = 0.3  # local-blend mask threshold
     inject_blocks: tuple[int, ...] | None = None  # None: every block
     notes: str = ""
+    # Local blend and step windows (see `mmdit_probe.editing.qk_injection.edit`); these defaults are this package's,
+    # `paper(preset)` gives the released code's.
+    blend_pool: int = 1  # side of the max-pool of the aggregated map before thresholding (1: none)
+    n_prev_steps: int | str = 1  # a mask from the maps of the last n blended steps ("all": every one so far)
+    step_rounding: str = "ceil"  # "ceil": steps s < share * n; "floor": s < int(share * n)
+    # The blocks the paper's released code really aggregates, where it differs from `top_layers`: its indices count
+    # `transformer.attn_processors`, in which SD3.5-M's attn2 processors (blocks 0-12) take indices of their own.
+    # There 7, 9, 8, 5, 10 name block 3 attn2, block 4 attn2, block 4 attn, block 2 attn2 and block 5 attn (the
+    # order of diffusers 0.42's attn_processors; tests/test_paper_parity.py derives it). Its attn2 processors
+    # store nothing, so it averaged blocks 4 and 5 only. None: the same as `top_layers`.
+    run_top_layers: tuple[int, ...] | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -36,9 +47,9 @@ PRESETS: dict[str, Preset] = {
         Preset("sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 28, 7.0, 1024, 256,
                (7, 8, 5, 4, 9), theta=0.3, notes="24 joint blocks, no qk-norm"),
         Preset("sd3.5-medium", "sd3", "stabilityai/stable-diffusion-3.5-medium", 28, 7.0, 1024, 256,
-               (7, 9, 8, 5, 10), theta=0.2,
+               (7, 9, 8, 5, 10), theta=0.2, run_top_layers=(4, 5),
                notes="blocks 0-12 also have attn2 (image-only); the paper's code counted attn2 "
-                     "processors, so its block numbers here may be shifted"),
+                     "processors: as run, its top-5 averaged blocks 4 and 5 only (run_top_layers)"),
         Preset("sd3.5-large", "sd3", "stabilityai/stable-diffusion-3.5-large", 28, 7.0, 1024, 256,
                (18, 21, 20, 24, 16), theta=0.5, notes="38 joint blocks, qk rms-norm"),
         Preset("sd3.5-large-turbo", "sd3", "stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0, 1024, 256,
@@ -87,6 +98,30 @@ PRESETS: dict[str, Preset] = {
                notes="trained on the Shapes world; CLIP only, T5 zeros of length 4"),
     ]
 }
+
+# The paper's released code (SNU-VGILab/exploring-mmdit, utils/dit_utils.py): SD3's local blend max-pools the
+# smoothed map 3x3 before thresholding, Flux's does not; masks average every blended step so far; a share of the
+# steps keeps s < int(share * n).
+PAPER_EDIT: dict[str, dict] = {
+    "sd3": {"blend_pool": 3, "n_prev_steps": "all", "step_rounding": "floor"},
+    "flux": {"blend_pool": 1, "n_prev_steps": "all", "step_rounding": "floor"},
+}
+PAPER_READINGS = ("printed", "run")
+
+
+def paper(p: Preset, reading: str = "printed") -> Preset:
+    """The preset with the released code's local blend and step windows. reading: "printed" keeps the top blocks
+    as the paper prints them (block numbers); "run" takes the blocks its code really aggregates (`run_top_layers`:
+    differs on SD3.5-M only).
+
+    >>> paper(preset("sd3.5-medium"), "run").top_layers
+    (4, 5)
+    """
+    if reading not in PAPER_READINGS:
+        raise ValueError(f"unknown reading {reading!r}; choose from {', '.join(PAPER_READINGS)}")
+    top = p.run_top_layers if reading == "run" and p.run_top_layers is not None else p.top_layers
+    return replace(p, top_layers=top, **{**PAPER_EDIT["flux"], **PAPER_EDIT.get(p.family, {})})
+
 
 FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),

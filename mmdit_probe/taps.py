@@ -19,6 +19,8 @@ of the text stream, then the image and text outputs; nnsight reads must follow t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -36,6 +38,9 @@ class HookPoint(nn.Module):
 class TapProcessor(nn.Module):
     """Base of the attention processors with taps: one `HookPoint` per activation and stream."""
 
+    # True where `forward` runs its attention through `attend` (region replacement needs it).
+    attends = False
+
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__()
         self.streams = streams
@@ -48,12 +53,28 @@ class TapProcessor(nn.Module):
         # attention output; `concept_mode` marks the block's second call, which carries the concepts.
         self.concepts = None
         self.concept_mode = False
+        # Set by an edit's attention-region replacement (`mmdit_probe.editing.qk_injection`): it takes the place of
+        # the attention step, see `attend`.
+        self.region_replacement = None
 
     def hook(self, activation: str, stream: str) -> HookPoint:
         return getattr(self, leaf(activation, stream))
 
     def tap_qkv(self, stream: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return self.hook("q", stream)(q), self.hook("k", stream)(k), self.hook("v", stream)(v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, streams: dict[str, slice],
+               stock: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]):
+        """The attention step every family's processor runs: `stock()`, the processor's own attention, giving the
+        output (batch, heads, tokens, dim) and, while `record_lse` is set, each query's log-sum-exp (else None).
+
+        q, k, v: the joint sequence, (batch, heads, tokens, dim), after the taps; `streams` names each stream's
+        tokens in it ({"img": slice, "txt": slice}). An edit's `region_replacement`, where set, is called instead
+        with the same arguments and returns the same pair.
+        """
+        if self.region_replacement is None:
+            return stock()
+        return self.region_replacement(q, k, v, streams, stock)
 
 
 def project_qkv(attn, x: torch.Tensor, stream: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ def test_an_all_zero_blend_mask_gives_the_source(probe, kind, monkeypatch):
     # theta > 1 (no map value reaches it) is refused now; an all-zero mask comes from the mask function.
     from mmdit_probe.editing import qk_injection
 
-    monkeypatch.setattr(qk_injection, "blend_mask", lambda maps, columns, grid, theta: torch.zeros(grid))
+    monkeypatch.setattr(qk_injection, "blend_mask", lambda maps, columns, grid, theta, pool=1: torch.zeros(grid))
     result, _ = edit(probe, kind, tau=0.0, eta=1.0, theta=1.0)
     assert result.masks and all(m.sum() == 0 for m in result.masks)
     assert torch.equal(result.edited_image, result.source_image)
@@ -92,3 +92,26 @@ def test_row_primitives():
     z = zero_rows(x, [0, 1], positions=[0])
     assert z[:2, :, 0].abs().sum() == 0 and torch.equal(z[:, :, 1:], x[:, :, 1:])
     assert (set_rows(x, torch.ones(3), [1], positions=[2])[1, :, 2] == 1).all()
+
+
+def test_every_region_replacement_edits_the_target_only(probe, kind):
+    from mmdit_probe.constants import REPLACEMENTS
+
+    plain = None
+    for region in REPLACEMENTS:
+        result, inputs = edit(probe, kind, variant=region, tau=1.0, local_blend=False)
+        plain = probe.pipeline(**inputs).images if plain is None else plain
+        assert torch.equal(result.source_image, plain[0])
+        assert not torch.equal(result.edited_image, plain[1])
+        assert result.params["variant"] == region and result.params["inject_steps"] == [0, 1]
+
+
+def test_qikt_is_the_released_codes_and_qikikt_the_former_qikt(tiny_dirs):
+    # The released code's qikt replaces q_img and k_txt; the three-tap one, this package's former qikt, is qikikt.
+    import mmdit_probe
+
+    probe = mmdit_probe.load(tiny_dirs["sd3"])
+    runs = {v: edit(probe, "sd3", variant=v, tau=1.0, local_blend=False)[0].edited_image
+            for v in ("qikt", "qikikt", "qiki")}
+    assert VARIANTS["qikt"] == ("q_img", "k_txt") and VARIANTS["qikikt"] == ("q_img", "k_img", "k_txt")
+    assert not torch.equal(runs["qikt"], runs["qikikt"]) and not torch.equal(runs["qikikt"], runs["qiki"])

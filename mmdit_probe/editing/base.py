@@ -41,11 +41,15 @@ def edited_words(source: str, target: str) -> tuple[list[str], list[str]]:
     return left, right
 
 
-def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], theta: float) -> torch.Tensor:
+def blend_mask(maps: torch.Tensor, columns: list[int], grid: tuple[int, int], theta: float,
+               pool: int = 1) -> torch.Tensor:
     """Binary mask from (block, image, text) T2I maps: mean over blocks and the word columns,
-    Gaussian-smoothed, max-normalised, thresholded at theta."""
-    m = maps[..., columns].float().mean(dim=(0, -1)).reshape(grid)
-    return (normalise(smooth(m)) >= theta).float()
+    Gaussian-smoothed, max-pooled over `pool` x `pool` tokens (1: not pooled; the paper's SD3 code: 3),
+    max-normalised, thresholded at theta. Maps of several steps stacked on the first dimension are averaged too."""
+    m = smooth(maps[..., columns].float().mean(dim=(0, -1)).reshape(grid))
+    if pool > 1:
+        m = torch.nn.functional.max_pool2d(m[None, None], pool, stride=1, padding=pool // 2)[0, 0]
+    return (normalise(m) >= theta).float()
 
 
 def source_and_target(x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ class FluxTapProcessor(TapProcessor):
     # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
     _attention_backend = None
     _parallel_config = None
+    attends = True
 
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__(streams)
@@ -73,19 +74,27 @@ class FluxTapProcessor(TapProcessor):
         text = self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
+        def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
+            if self.record_lse:
+                mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
+                self.recorded_mask = mask
+                return attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+            # parallel_config only where set: older diffusers releases do not take it.
+            extra = {"parallel_config": self._parallel_config} if self._parallel_config is not None else {}
+            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
+            return out.transpose(1, 2), None
+
+        if self.region_replacement is not None and attention_mask is not None:
+            raise NotImplementedError("attention regions cannot be replaced under an attention mask (Chroma's)")
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
+                   **({REFERENCE: slice(n_text + n_image, None)} if reference else {})}
+        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock)
+        out = out.transpose(1, 2)
         if self.record_lse:
-            mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
-            self.recorded_mask = mask
-            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-            out = out.transpose(1, 2)
             self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
             if reference:
                 self.hook_lse_ref(lse[:, :, n_text + n_image:])
             self.hook_lse_txt(lse[:, :, :n_text])
-        else:
-            # parallel_config only where set: older diffusers releases do not take it.
-            extra = {"parallel_config": self._parallel_config} if self._parallel_config is not None else {}
-            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:

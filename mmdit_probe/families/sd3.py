@@ -33,6 +33,8 @@ class SD3TapProcessor(TapProcessor):
     Also serves modules whose projections were fused by `fuse_qkv_projections()`.
     """
 
+    attends = True
+
     def __init__(self, has_text: bool = True) -> None:
         super().__init__(("img", "txt") if has_text else ("img",))
 
@@ -46,13 +48,18 @@ class SD3TapProcessor(TapProcessor):
             tq, tk, tv = self.tap_qkv("txt", *_project(attn, encoder_hidden_states, "txt"))
             q, k, v = torch.cat([q, tq], dim=2), torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
 
+        def stock():
+            if self.record_lse:
+                return attention_with_lse(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False), None
+
+        streams = {"img": slice(0, n_image), **({"txt": slice(n_image, None)} if encoder_hidden_states is not None
+                                                else {})}
+        out, lse = self.attend(q, k, v, streams, stock)
         if self.record_lse:
-            out, lse = attention_with_lse(q, k, v)
             self.hook_lse_img(lse[:, :, :n_image])
             if encoder_hidden_states is not None:
                 self.hook_lse_txt(lse[:, :, n_image:])
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(q.dtype)
 
         if self.concepts is not None:

@@ -2,6 +2,7 @@
 
     python -m mmdit_probe.toy.evaluate_edits --n 16 --out reports/toy_edits
     python -m mmdit_probe.toy.evaluate_edits --study variants --n 36 --out reports/toy_edit_variants
+    python -m mmdit_probe.toy.evaluate_edits --study parity --n 16 --out reports/toy_edit_parity
 
 Held-out scenes, each with one edit: an object's colour, an object's shape, or the background.
 The default study ("methods") runs every method on every edit twice: on the scene *generated* from
@@ -15,6 +16,9 @@ RF-Solver-Edit, FireFlow's edit, Stable Flow and KV-Edit. Per method:
 - cost: transformer forward calls per edit (a batch of rows is one call) and wall time.
 The "variants" study compares q/k injection variants (none, qiki, qk, kivi), with and without local
 blending, and qiki + blending after the Euler-sampler inversions, against FlowEdit.
+The "parity" study runs every projection variant and attention-region replacement of `probe.edit`
+(`constants.EDIT_METHODS`: the paper's released code's eight, qikikt, none, I2I, T2I, I2T, T2T), each with
+local blending, on the same generated edits, with the methods study's success, preservation and cost.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..constants import EDIT_METHODS
 from ..editing.fireflow import fireflow_edit
 from ..editing.flowedit import flowedit
 from ..editing.inversion import pixel_error
@@ -205,6 +210,29 @@ def method_study(probe, n: int = 16, seed: int = 0) -> dict:
             "steps": probe.preset.steps, "notes": notes, "results": {k: _mean(v) for k, v in results.items()}}
 
 
+def parity_study(probe, n: int = 16, seed: int = 0, methods=EDIT_METHODS) -> dict:
+    """Every variant and region replacement of `probe.edit`, with local blending, on the same generated edits."""
+    rng = np.random.default_rng(seed)
+    edits = [sample_edit(rng) for _ in range(n)]
+    results: dict[str, list[dict]] = defaultdict(list)
+    counter = CallCounter(probe)
+    try:
+        for i, (scene, target, kind, index) in enumerate(tqdm(edits, desc="edits (every variant)")):
+            for method in methods:
+                counter.calls = 0
+                start = time.perf_counter()
+                r = probe.edit(caption(scene), caption(target), seed=seed + i, variant=method)
+                cost = {"model_calls": float(counter.calls), "seconds": time.perf_counter() - start}
+                row = {**score(r.source_image, r.edited_image, scene, target, kind, index), **cost}
+                results[f"generated/{method}+blend"].append(row)
+                results[f"generated/{method}+blend/{kind}"].append(row)
+    finally:
+        counter.handle.remove()
+    types, counts = np.unique([e[2] for e in edits], return_counts=True)
+    return {"study": "parity", "n": n, "seed": seed, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
+            "steps": probe.preset.steps, "results": {k: _mean(v) for k, v in results.items()}}
+
+
 def table(report: dict) -> list[str]:
     """The report's main rows as a Markdown table."""
     if report["study"] == "variants":
@@ -253,13 +281,17 @@ def figure(report: dict, out) -> None:
     plt.close(fig)
 
 
+STUDIES = {"methods": method_study, "variants": variant_study, "parity": parity_study}
+
+
 def main(argv: list[str] | None = None) -> None:
     def study_option(parser):
-        parser.add_argument("--study", choices=("methods", "variants"), default="methods",
-                            help="every editing method (default), or q/k injection variants")
+        parser.add_argument("--study", choices=tuple(STUDIES), default="methods",
+                            help="every editing method (default), q/k injection variants, or every variant and "
+                                 "region replacement (parity)")
 
     args, probe = command_line(__doc__, 16, "reports/toy_edits", argv, study_option)
-    study = method_study if args.study == "methods" else variant_study
+    study = STUDIES[args.study]
     report = study(probe, n=args.n, seed=args.seed)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     lines = table(report)
