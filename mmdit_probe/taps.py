@@ -85,3 +85,8 @@ def project_qkv(attn, x: torch.Tensor, stream: str) -> tuple[torch.Tensor, torch
         return attn.to_q(x), attn.to_k(x), attn.to_v(x)
     return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
 
+
+def qk_norms(attn, stream: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k after one stream's qk-norms, where the attention has them (SD3.5, Qwen-Image; SD3 has none)."""
+    norm_q, norm_k = (attn.norm_q, attn.norm_k) if stream == "img" else (attn.norm_added_q, attn.norm_added_k)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k))

@@ -200,9 +200,16 @@ class Family:
         """The largest image side in pixels the transformer's positions cover; None: any (Flux's RoPE has no table)."""
         return None
 
+    @property
+    def token_pixels(self) -> int:
+        """The side in pixels of the square an image token covers. Most families pack 2x2 latent patches into one
+        token (Flux, Qwen-Image, Flux.2); SD3 patchifies inside its transformer and says so itself."""
+        return self.pipeline.vae_scale_factor * 2
+
     def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """A (rows, cols) token-grid mask, broadcastable to one prompt's latents of this shape."""
-        raise NotImplementedError
+        """A (rows, cols) token-grid mask, broadcastable to one prompt's latents of this shape: by default packed
+        latents, (tokens, channels) with the tokens in the grid's raster order."""
+        return mask.flatten()[:, None]
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents (batch, channels, height, width) in the layout the pipeline's sampler uses."""
@@ -269,3 +276,27 @@ class Family:
     def taps_installed(self) -> bool:
         return all(isinstance(self.transformer.get_submodule(a.path).processor, TapProcessor)
                    for a in self.attentions)
+
+
+class DoubleAndSingleBlocks(Family):
+    """A Flux-style block list: double-stream `transformer_blocks`, then single-stream `single_transformer_blocks`,
+    numbered globally (Flux.1, Chroma, Kontext, Flux.2)."""
+
+    @property
+    def num_double(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    def _attentions(self) -> list[Attention]:
+        double = self.num_double
+        found = [Attention(i, "attn", f"transformer_blocks.{i}.attn", True) for i in range(double)]
+        found += [Attention(double + j, "attn", f"single_transformer_blocks.{j}.attn", True)
+                  for j in range(len(self.transformer.single_transformer_blocks))]
+        return found
+
+    def is_single(self, block: int) -> bool:
+        return self.check_block(block) >= self.num_double
+
+    def block_labels(self) -> list[str]:
+        """A name per block: its global index, and whether it is double- or single-stream."""
+        return [f"{b} double" if b < self.num_double else f"{b} single {b - self.num_double}"
+                for b in range(self.num_blocks)]

@@ -13,7 +13,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..kernels import attention_with_lse
 from ..names import REFERENCE, STREAMS
 from ..taps import TapProcessor, project_qkv
-from .base import Attention, Family, TextSegment
+from .base import Attention, DoubleAndSingleBlocks, TextSegment
 
 
 class FluxTapProcessor(TapProcessor):
@@ -147,7 +147,7 @@ def _set_text_length(block, args, kwargs) -> None:
     block.attn.processor.text_length = encoder_hidden_states.shape[1]
 
 
-class FluxFamily(Family):
+class FluxFamily(DoubleAndSingleBlocks):
     name = "flux"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     transformer_class = "FluxTransformer2DModel"
@@ -161,36 +161,8 @@ class FluxFamily(Family):
         super().__init__(pipeline)
         self._block_hooks: list = []
 
-    @property
-    def num_double(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    def _attentions(self) -> list[Attention]:
-        double = self.num_double
-        found = [Attention(i, "attn", f"transformer_blocks.{i}.attn", True) for i in range(double)]
-        found += [Attention(double + j, "attn", f"single_transformer_blocks.{j}.attn", True)
-                  for j in range(len(self.transformer.single_transformer_blocks))]
-        return found
-
-    def is_single(self, block: int) -> bool:
-        return self.check_block(block) >= self.num_double
-
-    def block_labels(self) -> list[str]:
-        """A name per block: its global index, and whether it is double- or single-stream."""
-        return [f"{b} double" if b < self.num_double else f"{b} single {b - self.num_double}"
-                for b in range(self.num_blocks)]
-
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]
-
-    @property
-    def token_pixels(self) -> int:
-        """The side in pixels of the square an image token covers: latents are packed 2x2 into one token."""
-        return self.pipeline.vae_scale_factor * 2
-
-    def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        # Packed latents are (tokens, channels), tokens in the grid's raster order.
-        return mask.flatten()[:, None]
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline._pack_latents(latents, *latents.shape)

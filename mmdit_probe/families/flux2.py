@@ -24,7 +24,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from .. import validation
 from ..kernels import attention_with_lse
 from ..taps import TapProcessor, project_qkv
-from .base import Attention, Family, TextSegment
+from .base import Attention, DoubleAndSingleBlocks, Family, TextSegment
 
 # Reference images sit at T = 10 + 10 i on RoPE's first axis (`Flux2Pipeline._prepare_image_ids`); the generated
 # image at T = 0.
@@ -139,7 +139,7 @@ class Flux2SingleTapProcessor(Flux2TapProcessor):
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-class Flux2Family(Family):
+class Flux2Family(DoubleAndSingleBlocks):
     name = "flux2"
     pipeline_classes = ("Flux2Pipeline", "Flux2KleinPipeline")
     transformer_class = "Flux2Transformer2DModel"
@@ -153,25 +153,6 @@ class Flux2Family(Family):
         super().__init__(pipeline)
         self._hooks: list = []
         self._text_length: int | None = None
-
-    @property
-    def num_double(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    def _attentions(self) -> list[Attention]:
-        double = self.num_double
-        found = [Attention(i, "attn", f"transformer_blocks.{i}.attn", True) for i in range(double)]
-        found += [Attention(double + j, "attn", f"single_transformer_blocks.{j}.attn", True)
-                  for j in range(len(self.transformer.single_transformer_blocks))]
-        return found
-
-    def is_single(self, block: int) -> bool:
-        return self.check_block(block) >= self.num_double
-
-    def block_labels(self) -> list[str]:
-        """A name per block: its global index, and whether it is double- or single-stream."""
-        return [f"{b} double" if b < self.num_double else f"{b} single {b - self.num_double}"
-                for b in range(self.num_blocks)]
 
     @staticmethod
     def bypass_output(module, args, kwargs, output):
@@ -198,11 +179,6 @@ class Flux2Family(Family):
                                                   add_generation_prompt=False)
 
     # -- latents -----------------------------------------------------------
-    @property
-    def token_pixels(self) -> int:
-        """The side in pixels of the square an image token covers: latents are patchified 2x2 into one token."""
-        return self.pipeline.vae_scale_factor * 2
-
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
         """One initial latent as the pipeline draws it for `seed`, in the (batch, 128, rows, cols) grid its
         `latents=` argument takes, repeated `batch` times."""

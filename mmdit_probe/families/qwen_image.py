@@ -22,7 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .. import validation
 from ..kernels import attention_with_lse, chunked_logsumexp
-from ..taps import TapProcessor, project_qkv
+from ..taps import TapProcessor, project_qkv, qk_norms
 from .base import Attention, Family, TextSegment
 
 
@@ -43,12 +43,7 @@ def _project(attn, states: torch.Tensor, stream: str) -> tuple[torch.Tensor, ...
     """One stream's q, k, v (batch, tokens, heads, dim), q and k after that stream's RMSNorm."""
     head_dim = attn.inner_dim // attn.heads
     q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in project_qkv(attn, states, stream))
-    norm_q, norm_k = (attn.norm_q, attn.norm_k) if stream == "img" else (attn.norm_added_q, attn.norm_added_k)
-    if norm_q is not None:
-        q = norm_q(q)
-    if norm_k is not None:
-        k = norm_k(k)
-    return q, k, v
+    return (*qk_norms(attn, stream, q, k), v)
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, freqs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,15 +189,6 @@ class QwenImageFamily(Family):
         mask = torch.tensor([[p in r for p in positions] for r in real], dtype=torch.bool)
         every = all(len(r) == length for r in real)
         return None if every else mask
-
-    @property
-    def token_pixels(self) -> int:
-        """The side in pixels of the square an image token covers: latents are packed 2x2 into one token."""
-        return self.pipeline.vae_scale_factor * 2
-
-    def mask_to_latents(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        # Packed latents are (tokens, channels), tokens in the grid's raster order.
-        return mask.flatten()[:, None]
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents (batch, channels, 1, height, width), or without the frame axis, packed as the pipeline packs."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import attention_with_lse
-from ..taps import TapProcessor, project_qkv
+from ..taps import TapProcessor, project_qkv, qk_norms
 from .base import Attention, Family, TextSegment
 
 
@@ -18,12 +18,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _project(attn, states: torch.Tensor, stream: str) -> tuple[torch.Tensor, ...]:
     """One stream's q, k, v in heads, q and k after that stream's norms (SD3.5's RMSNorm; SD3 has none)."""
     q, k, v = (_heads(t, attn.heads) for t in project_qkv(attn, states, stream))
-    norm_q, norm_k = (attn.norm_q, attn.norm_k) if stream == "img" else (attn.norm_added_q, attn.norm_added_k)
-    if norm_q is not None:
-        q = norm_q(q)
-    if norm_k is not None:
-        k = norm_k(k)
-    return q, k, v
+    return (*qk_norms(attn, stream, q, k), v)
 
 
 class SD3TapProcessor(TapProcessor):
