@@ -153,22 +153,37 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budge
     return torch.cat(parts, dim=2)
 
 
+def _no_key(mask: torch.Tensor) -> torch.Tensor:
+    """The rows (batch, 1 or heads, queries or 1) in which `mask` removes every key."""
+    return ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
+
+
 def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_source: torch.Tensor,
-                     k_source: torch.Tensor, region: slice,
-                     rest: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     k_source: torch.Tensor, region: slice, rest: slice | torch.Tensor,
+                     attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries `q` over keys `k` in which the scores against the keys `region` are those of `q_source`
     and `k_source`: (batch, heads, tokens, dim) inputs; the keys `region` and `rest` (a range or an index of
-    positions) together are all keys.
+    positions) together are all keys. `attn_mask`, where given, is the mask of `q`'s rows over all keys,
+    (batch, 1 or heads, queries or 1, keys), applied to the replaced scores as to the others (as `masked` does).
 
-    Each row is softmax(concat(q_source k_source[region]^T, q k[rest]^T) / sqrt(d)) @ concat(v[region], v[rest]),
-    computed as two attention calls over the key subsets, each with its log-sum-exp, combined through them: no
-    score matrix is built. Returns the output (float32) and each row's log-sum-exp over all keys (float32).
+    Each row is softmax(concat(q_source k_source[region]^T, q k[rest]^T) / sqrt(d) + mask) @ concat(v[region],
+    v[rest]), computed as two attention calls over the key subsets, each with its slice of the mask and its
+    log-sum-exp, combined through them: no score matrix is built. Returns the output (float32) and each row's
+    log-sum-exp over all keys (float32).
 
     >>> out, lse = region_attention(q, k, v, q_src, k_src, region=slice(0, 16), rest=slice(16, None))
     """
-    kept, kept_lse = attention_with_lse(q_source, k_source[:, :, region], v[:, :, region])
-    own, own_lse = attention_with_lse(q, k[:, :, rest], v[:, :, rest])
+    region_mask = rest_mask = None
+    if attn_mask is not None:
+        region_mask, rest_mask = attn_mask[..., region], attn_mask[..., rest]
+    kept, kept_lse = attention_with_lse(q_source, k_source[:, :, region], v[:, :, region], attn_mask=region_mask)
+    own, own_lse = attention_with_lse(q, k[:, :, rest], v[:, :, rest], attn_mask=rest_mask)
+    if attn_mask is not None:  # a row the mask leaves no key of a subset: the CPU kernel's log-sum-exp reads 0 there
+        kept_lse = kept_lse.masked_fill(_no_key(region_mask), -torch.inf)
+        own_lse = own_lse.masked_fill(_no_key(rest_mask), -torch.inf)
     lse = torch.logaddexp(kept_lse, own_lse)
-    out = (torch.exp(kept_lse - lse).unsqueeze(-1) * kept.float()
-           + torch.exp(own_lse - lse).unsqueeze(-1) * own.float())
-    return out, lse
+    # A subset the mask removes entirely from a row weighs 0 there, whatever its (undefined) output reads.
+    parts = [torch.where(weight > 0, weight * part.float(), 0.0)
+             for weight, part in ((torch.exp(kept_lse - lse).unsqueeze(-1), kept),
+                                  (torch.exp(own_lse - lse).unsqueeze(-1), own))]
+    return parts[0] + parts[1], lse

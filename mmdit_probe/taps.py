@@ -64,18 +64,19 @@ class TapProcessor(nn.Module):
         return self.hook("q", stream)(q), self.hook("k", stream)(k), self.hook("v", stream)(v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, streams: dict[str, slice],
-               stock: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]):
+               stock: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], mask: torch.Tensor | None = None):
         """The attention step every family's processor runs: `stock()`, the processor's own attention, giving the
         output (batch, heads, tokens, dim) and, while `record_lse` is set, each query's log-sum-exp (else None).
 
         q, k, v: the joint sequence, (batch, heads, tokens, dim), after the taps; `streams` names each stream's
-        tokens in it ({"img": slice, "txt": slice}). An edit's `region_replacement`, where set, is called instead
-        with the same arguments and returns the same pair.
+        tokens in it ({"img": slice, "txt": slice}); `mask`: the attention mask `stock()` applies, in the same token
+        order as (batch, 1 or heads, queries or 1, keys) (boolean: keep where True; float: added to the scores),
+        None where it applies none. An edit's `region_replacement`, where set, is called instead with the same
+        arguments and returns the same pair.
         """
         if self.region_replacement is None:
             return stock()
-        return self.region_replacement(q, k, v, streams, stock)
-
+        return self.region_replacement(q, k, v, streams, stock, mask)
 
 def project_qkv(attn, x: torch.Tensor, stream: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v projections of one stream, through the fused projection when `fuse_qkv_projections()` made one."""

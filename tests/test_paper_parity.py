@@ -19,13 +19,16 @@ from mmdit_probe.validation import InvalidInput
 SOURCE, TARGET = "a red cat on a mat", "a blue dog on a mat"
 
 
-def explicit(q, k, v, q_source, k_source, rows, cols):
+def explicit(q, k, v, q_source, k_source, rows, cols, mask=None):
     """The definition, in float64 with the whole score matrix: the target's scaled scores with the block
-    (rows x cols) taken from the source's, softmax over each row, times the target's values."""
+    (rows x cols) taken from the source's, the target's attention mask applied as scaled_dot_product_attention
+    applies it (boolean: -inf where False; float: added), softmax over each row, times the target's values."""
     q, k, v, q_source, k_source = (t.double() for t in (q, k, v, q_source, k_source))
     scale = q.shape[-1] ** -0.5
     scores = q @ k.transpose(-1, -2) * scale
     scores[..., rows, cols] = (q_source @ k_source.transpose(-1, -2) * scale)[..., rows, cols]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask.double()
     return scores.softmax(-1) @ v
 
 
@@ -42,41 +45,124 @@ def test_region_attention_kernel_is_the_definition():
         assert (lse.double() - scores.logsumexp(-1)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("region", list(REPLACEMENTS))
-def test_region_replacement_in_every_block_is_the_definition(probe, kind, region):
-    inputs = tiny_inputs(probe, kind, [SOURCE, TARGET], num_inference_steps=1)
-    replacement, seen = RegionReplacement(region, steps=[0]), []
+def replaced_calls(probe, inputs, region):
+    """One generation with `region` replaced in every block at step 0: per attention call, the processor's q, k, v,
+    its output, the stock output, and the mask of the joint sequence built here from what the block hands its
+    attention (Chroma's `attention_mask`; Qwen-Image's `encoder_hidden_states_mask`, image keys kept), or None."""
+    replacement, seen, masks, handles = RegionReplacement(region, steps=[0]), [], [], []
 
-    def watched(q, k, v, streams, stock):
-        out, lse = replacement(q, k, v, streams, stock)
+    def watched(q, k, v, streams, stock, mask=None):
+        out, lse = replacement(q, k, v, streams, stock, mask)
         seen.append((q, k, v, out, stock()[0]))
         return out, lse
 
-    processors = [probe.pipeline.transformer.get_submodule(a.path).processor for a in probe.family.attentions
-                  if a.has_text]
-    for processor in processors:
-        processor.region_replacement = watched
+    def keep_mask(module, args, kwargs):
+        text_mask, mask = kwargs.get("encoder_hidden_states_mask"), kwargs.get("attention_mask")
+        if text_mask is not None:
+            image = torch.ones(kwargs["hidden_states"].shape[:2], dtype=torch.bool)
+            mask = torch.cat([text_mask, image], dim=1)[:, None, None, :]
+        masks.append(mask)
+
+    attentions = [probe.pipeline.transformer.get_submodule(a.path) for a in probe.family.attentions if a.has_text]
+    for attention in attentions:
+        attention.processor.region_replacement = watched
+        handles.append(attention.register_forward_pre_hook(keep_mask, with_kwargs=True))
     try:
         probe.pipeline(**inputs)
     finally:
-        for processor in processors:
-            processor.region_replacement = None
-    assert len(seen) == len(processors)
-    n_image = probe.grid(inputs["height"], inputs["width"])
-    n_image = n_image[0] * n_image[1]
-    for q, k, v, out, stock in seen:  # the layout from the family's facts, not from the processor's slices
-        n_text = q.shape[2] - n_image
-        image, text = ((slice(0, n_image), slice(n_image, None)) if probe.family.image_first
-                       else (slice(n_text, None), slice(0, n_text)))
-        stream = {"img": image, "txt": text}
-        rows, cols = stream[REPLACEMENTS[region][0]], stream[REPLACEMENTS[region][1]]
-        source, target = (2, 3) if q.shape[0] == 4 else (0, 1)  # classifier-free guidance: the conditional half
-        want = explicit(q[target], k[target], v[target], q[source], k[source], rows, cols)
+        for attention, handle in zip(attentions, handles):
+            attention.processor.region_replacement = None
+            handle.remove()
+    steps = inputs["num_inference_steps"]  # the replacement's step is never advanced here: every call is replaced
+    assert len(seen) == len(masks) == steps * len(attentions)
+    return [(*call, mask) for call, mask in zip(seen, masks)]
+
+
+def check_replaced(calls, layout, region, source=0, target=1):
+    """Each call's target rows against `explicit` (float64, the target's mask); every other row bit for bit the
+    processor's own. `layout`: each stream's tokens in the joint sequence, from the family's facts."""
+    rows, cols = layout[REPLACEMENTS[region][0]], layout[REPLACEMENTS[region][1]]
+    for q, k, v, out, stock, mask in calls:
+        target_mask = None if mask is None else mask[target]
+        want = explicit(q[target], k[target], v[target], q[source], k[source], rows, cols, target_mask)
         assert (out[target].double() - want).abs().max() < 1e-5
         others = [r for r in range(q.shape[0]) if r != target]
         assert torch.equal(out[others], stock[others])  # every other row: the processor's own attention, bit for bit
-        other_rows = image if rows == text else text
+        other_rows = torch.ones(q.shape[2], dtype=torch.bool)
+        other_rows[rows] = False
         assert torch.equal(out[target][:, other_rows], stock[target][:, other_rows])
+
+
+def test_region_attention_kernel_under_a_mask_is_the_masked_definition():
+    # Masks as the families hand them: a float bias per (query, key) (Chroma's), a boolean key mask broadcast over
+    # the queries (Qwen-Image's), and a boolean mask that leaves some rows no key of one subset (weight 0 there),
+    # after one of its shape that keeps every key (the fused kernel, checked on that first call, then runs it).
+    torch.manual_seed(1)
+    q, k, v, qs, ks = (torch.randn(2, 3, 40, 16) for _ in range(5))
+    keys = torch.rand(2, 1, 1, 40) > 0.3
+    keys[..., 30:] = True
+    empty = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    empty[:, :, 26:, 24:] = False  # queries 26.. see none of the keys 24..
+    masks = [torch.rand(2, 1, 40, 40).round(), keys, torch.ones_like(empty), empty]
+    rest = torch.cat([torch.arange(0, 8), torch.arange(32, 40)])  # several ranges: an index
+    for mask in masks:
+        for rows, cols, rest_ in [(slice(24, None), slice(0, 24), slice(24, None)),
+                                  (slice(8, 32), slice(8, 32), rest)]:
+            row_mask = mask if mask.shape[2] == 1 else mask[:, :, rows]
+            out, lse = region_attention(q[:, :, rows], k, v, qs[:, :, rows], ks, cols, rest_, attn_mask=row_mask)
+            want = explicit(q, k, v, qs, ks, rows, cols, mask)[:, :, rows]
+            assert torch.isfinite(out).all() and (out.double() - want).abs().max() < 1e-6
+            full = torch.cat([qs[:, :, rows] @ ks[:, :, cols].transpose(-1, -2),
+                              q[:, :, rows] @ k[:, :, rest_].transpose(-1, -2)], -1).double() * 16 ** -0.5
+            both = torch.cat([row_mask[..., cols], row_mask[..., rest_]], -1).expand(full.shape)
+            full = full.masked_fill(~both, -torch.inf) if both.dtype == torch.bool else full + both
+            assert (lse.double() - full.logsumexp(-1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("region", list(REPLACEMENTS))
+def test_region_replacement_in_every_block_is_the_definition(probe, kind, region):
+    steps = probe.family.min_steps  # 1, or Qwen-Image's 2
+    inputs = tiny_inputs(probe, kind, [SOURCE, TARGET], num_inference_steps=steps)
+    calls = replaced_calls(probe, inputs, region)
+    n_image = probe.grid(inputs["height"], inputs["width"])
+    n_image = n_image[0] * n_image[1]
+    q = calls[0][0]
+    n_text = q.shape[2] - n_image  # the layout from the family's facts, not from the processor's slices
+    image, text = ((slice(0, n_image), slice(n_image, None)) if probe.family.image_first
+                   else (slice(n_text, None), slice(0, n_text)))
+    if probe.family.masks_attention:
+        assert all(call[-1] is not None for call in calls)  # Chroma: its mask is applied, and checked against
+    cfg = q.shape[0] == 4  # classifier-free guidance: the conditional half
+    check_replaced(calls, {"img": image, "txt": text}, region, *((2, 3) if cfg else (0, 1)))
+
+
+@pytest.mark.parametrize("region", list(REPLACEMENTS))
+@pytest.mark.parametrize("shorter", ["target", "source"])
+def test_region_replacement_under_qwen_images_key_mask(tiny_dirs, region, shorter):
+    # Prompts of different lengths: the shorter one's text is padded and its padding masked out of the keys.
+    probe = mmdit_probe.load(tiny_dirs["qwen-image"])
+    prompts = ["a red cat", "a big blue dog on a mat, sitting"]
+    prompts = prompts[::-1] if shorter == "target" else prompts
+    inputs = tiny_inputs(probe, "qwen-image", prompts, num_inference_steps=2, max_sequence_length=16)
+    calls = replaced_calls(probe, inputs, region)
+    mask = calls[0][-1]
+    assert mask is not None and not mask[1 if shorter == "target" else 0].all()  # the shorter prompt is padded
+    n_text = calls[0][0].shape[2] - 16
+    check_replaced(calls, {"txt": slice(0, n_text), "img": slice(n_text, None)}, region)
+
+
+@pytest.mark.parametrize("region", list(REPLACEMENTS))
+def test_region_replacement_with_kontexts_context_image(tiny_dirs, region):
+    # Three streams, [text | image | reference]: the replaced block is image rows against image or text keys, and
+    # every other key (text and reference, or image and reference) keeps the target's scores.
+    probe = mmdit_probe.load(tiny_dirs["flux-kontext"])
+    image = torch.rand(1, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    inputs = tiny_inputs(probe, "flux-kontext", [SOURCE, TARGET], num_inference_steps=1, image=image,
+                         _auto_resize=False)
+    calls = replaced_calls(probe, inputs, region)
+    n_text, n_image, n_ref = inputs["max_sequence_length"], 16, 15  # 64 x 64 px: 4 x 4; the 48 x 80 image: 3 x 5
+    assert calls[0][0].shape[2] == n_text + n_image + n_ref
+    check_replaced(calls, {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image)}, region)
 
 
 @pytest.mark.parametrize("method", [m for m in EDIT_METHODS if m != "none"])
@@ -223,9 +309,9 @@ def test_blend_maps_under_a_region_replacement_are_the_replaced_attention(tiny_d
     seen = []
 
     class Watched(qk_injection.RegionReplacement):
-        def __call__(self, q, k, v, streams, stock):
+        def __call__(self, q, k, v, streams, stock, mask=None):
             seen.append((self.step, q.clone(), k.clone()))
-            return super().__call__(q, k, v, streams, stock)
+            return super().__call__(q, k, v, streams, stock, mask)
 
     monkeypatch.setattr(qk_injection, "RegionReplacement", Watched)
     probe = mmdit_probe.load(tiny_dirs["sd3"])

@@ -8,8 +8,9 @@ Source and target prompts run together, from the same initial noise, in one trac
    "The first tau of the steps" are the steps s with s < tau * n (6 of 28 at tau = 0.2); with
    ``step_rounding="floor"`` those with s < int(tau * n), as the paper's released code (5 of 28).
    Other variants replace other projections (`constants.VARIANTS`); the region replacements "I2I", "T2I", "I2T",
-   "T2T" (`constants.REPLACEMENTS`) instead give the target, in one block of its pre-softmax scores, the source's scores,
-   exactly and without the score matrix (`kernels.region_attention`).
+   "T2T" (`constants.REPLACEMENTS`) instead give the target, in one block of its pre-softmax scores, the source's
+   scores, exactly and without the score matrix (`kernels.region_attention`), on every family (under its
+   attention mask where it has one).
 2. Local blending: for the first `eta` of the steps, the T2I maps of the edited words (top blocks,
    smoothed, optionally max-pooled, max-normalised, thresholded at `theta`; source words and target words united)
    give a mask, and after each scheduler step ``x_target = x_source + mask * (x_target - x_source)``. A mask comes
@@ -75,7 +76,8 @@ def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], i
 class RegionReplacement:
     """The attention step of the injected blocks under a region replacement: in the target's conditional rows, the
     scores of `region`'s queries against its keys are the source's (`kernels.region_attention`); every other row
-    and every step outside `steps` is the processor's own attention, bit for bit.
+    and every step outside `steps` is the processor's own attention, bit for bit. Under an attention mask (Chroma's,
+    Qwen-Image's over padded text) the target's mask applies to its rows' scores, the replaced ones included.
 
     Set as the tap processors' `region_replacement`; `step` is the step being run (the editor advances it).
     """
@@ -85,7 +87,7 @@ class RegionReplacement:
         self.steps = set(steps)
         self.step = 0
 
-    def __call__(self, q, k, v, streams, stock):
+    def __call__(self, q, k, v, streams, stock, mask=None):
         out, lse = stock()
         if self.step not in self.steps or self.keys not in streams or self.queries not in streams:
             return out, lse
@@ -97,8 +99,11 @@ class RegionReplacement:
         queries = streams[self.queries]
         (source,), (target,) = rows(2, q, 0), rows(2, q, 1)
         source, target = slice(source, source + 1), slice(target, target + 1)  # views, not copies
+        if mask is not None:  # the target's mask: its own padding, over the replaced scores as over the others
+            mask = mask[target] if mask.shape[0] > 1 else mask
+            mask = mask[:, :, queries] if mask.shape[2] > 1 else mask
         kept, kept_lse = region_attention(q[target, :, queries], k[target], v[target], q[source, :, queries],
-                                          k[source], region, rest)
+                                          k[source], region, rest, attn_mask=mask)
         out[target, :, queries] = kept.to(out.dtype)  # in place: `stock()` made these tensors for this call only
         if lse is not None:
             lse[target, :, queries] = kept_lse.to(lse.dtype)
@@ -196,10 +201,6 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     if blend_blocks is not None:
         blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
     inject = _blocks(family, "inject_blocks", inject_blocks, preset.inject_blocks)
-    if variant in REPLACEMENTS and family.masks_attention:
-        raise validation.InvalidInput(f"variant={variant!r} replaces attention scores, which does not yet apply the "
-                                      f"attention mask {family.name} passes over its padded text: choose a "
-                                      f"projection variant ({', '.join(VARIANTS)})")
     if variant in REPLACEMENTS:
         lacking = [b for b in inject if not _processor(probe, b).attends]
         if lacking:

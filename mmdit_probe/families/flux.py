@@ -74,9 +74,10 @@ class FluxTapProcessor(TapProcessor):
         text = self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
+        mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
+
         def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
             if self.record_lse:
-                mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
                 self.recorded_mask = mask
                 return attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
             # parallel_config only where set: older diffusers releases do not take it.
@@ -84,11 +85,9 @@ class FluxTapProcessor(TapProcessor):
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
             return out.transpose(1, 2), None
 
-        if self.region_replacement is not None and attention_mask is not None:
-            raise NotImplementedError("attention regions cannot be replaced under an attention mask (Chroma's)")
         streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
                    **({REFERENCE: slice(n_text + n_image, None)} if reference else {})}
-        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock)
+        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock, mask)
         out = out.transpose(1, 2)
         if self.record_lse:
             self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
@@ -135,11 +134,11 @@ class FluxTapProcessor(TapProcessor):
 
 
 def _joint_mask(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-    """An attention mask as (batch, 1, queries, keys) over the joint sequence, a view (no copy): the 2-D key masks
-    `dispatch_attention_fn` also takes, and Chroma's (batch, 1, tokens, tokens) outer-product masks."""
+    """An attention mask as (batch, 1 or heads, queries, keys) over the joint sequence, a view (no copy): the 2-D
+    key masks `dispatch_attention_fn` also takes, and Chroma's (batch, 1, tokens, tokens) outer-product masks."""
     if mask.ndim == 2:
         mask = mask[:, None, None, :]
-    return mask.expand(batch, 1, tokens, tokens)
+    return mask.expand(batch, -1, tokens, tokens)  # -1: a per-head mask keeps its heads
 
 
 def _set_text_length(block, args, kwargs) -> None:

@@ -25,6 +25,7 @@ from .. import validation
 from ..kernels import attention_with_lse
 from ..taps import TapProcessor, project_qkv
 from .base import Attention, DoubleAndSingleBlocks, Family, TextSegment
+from .flux import _joint_mask
 
 # Reference images sit at T = 10 + 10 i on RoPE's first axis (`Flux2Pipeline._prepare_image_ids`); the generated
 # image at T = 0.
@@ -42,6 +43,7 @@ class Flux2TapProcessor(TapProcessor):
     # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
     _attention_backend = None
     _parallel_config = None
+    attends = True
 
     def _attend(self, q, k, v, n_text: int, attention_mask):
         """(text, image) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads, dim)."""
@@ -51,16 +53,23 @@ class Flux2TapProcessor(TapProcessor):
         image = [t[:, n_text:].transpose(1, 2) for t in (q, k, v)]
         image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
-        if self.record_lse:
-            if attention_mask is not None:
-                raise NotImplementedError("attention maps cannot be recorded with an attention mask")
-            out, lse = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            out = out.transpose(1, 2)
-            self.hook_lse_img(lse[:, :, n_text:])
-            self.hook_lse_txt(lse[:, :, :n_text])
-        else:
+        mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
+
+        def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
+            if self.record_lse:
+                if attention_mask is not None:
+                    raise NotImplementedError("attention maps cannot be recorded with an attention mask")
+                return attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
                                         parallel_config=self._parallel_config)
+            return out.transpose(1, 2), None
+
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, None)}
+        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock, mask)
+        out = out.transpose(1, 2)
+        if self.record_lse:
+            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_txt(lse[:, :, :n_text])
         out = out.flatten(2, 3).to(q.dtype)
         if self.concepts is not None:
             self.concepts.keep(*(t[:, n_text:].transpose(1, 2) for t in (q, k, v)), out[:, n_text:])

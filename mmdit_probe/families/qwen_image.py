@@ -66,6 +66,7 @@ class QwenImageTapProcessor(TapProcessor):
     # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
     _attention_backend = None
     _parallel_config = None
+    attends = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,14 +108,17 @@ class QwenImageTapProcessor(TapProcessor):
         text = self.tap_qkv("txt", *(t.transpose(1, 2) for t in (tq, tk, tv)))
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
 
-        if self.record_lse and mask is None:
-            out, lse = attention_with_lse(*(t.transpose(1, 2) for t in (q, k, v)))
-            out = out.transpose(1, 2)
-        else:
+        def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
+            if self.record_lse and mask is None:
+                return attention_with_lse(*(t.transpose(1, 2) for t in (q, k, v)))
             out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                         backend=self._attention_backend, parallel_config=self._parallel_config)
-            if self.record_lse:
-                lse = chunked_logsumexp(q.transpose(1, 2), k.transpose(1, 2), attn_mask=mask)
+            lse = chunked_logsumexp(q.transpose(1, 2), k.transpose(1, 2), attn_mask=mask) if self.record_lse else None
+            return out.transpose(1, 2), lse
+
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, None)}
+        out, lse = self.attend(*(t.transpose(1, 2) for t in (q, k, v)), streams, stock, mask)
+        out = out.transpose(1, 2)
         if self.record_lse:
             self.hook_lse_img(lse[:, :, n_text:])
             self.hook_lse_txt(lse[:, :, :n_text])
