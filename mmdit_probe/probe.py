@@ -244,7 +244,8 @@ class Probe:
             # The editors and inversion take the image to edit or invert as `image`: a reference model's context
             # image comes as `context_image` there, and everywhere else too.
             if not self.family.has_reference:
-                raise validation.InvalidInput(f"context_image= is for models with a context image (Flux.1 Kontext); "
+                raise validation.InvalidInput(f"context_image= is for models with a context image (Flux.1 Kontext, "
+                                              f"Flux.2's reference images); "
                                               f"this is {self.family.name}: leave it out")
             if kwargs.get("image") is not None:
                 raise validation.InvalidInput("the context image given twice, as image= and context_image=: give it "

@@ -17,6 +17,7 @@ from mmdit_probe.editing import kv_edit
 from mmdit_probe.editing.inversion import invert_latents
 from mmdit_probe.presets import find_preset, preset
 from mmdit_probe.sampling.images import decode, encode
+from mmdit_probe.sampling.velocity import _transformer_call, sampler_velocity
 from mmdit_probe.sweep import sweep
 from mmdit_probe.testing import TINY_GENERATION_KWARGS
 from mmdit_probe.validation import InvalidInput
@@ -163,10 +164,155 @@ def test_fixed_point_inversion_converges_to_float_rounding(klein):
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
 
 
-def test_reference_images_are_refused(flux2):
-    inputs = non_square(flux2, [PROMPTS[0]], kind=flux2.kind)
-    with pytest.raises(InvalidInput, match="reference images"):
-        flux2.pipeline(**inputs, image=Image.new("RGB", (64, 64)))
+def reference_images(kind):
+    """Klein: one 64 x 80 reference (a 4 x 5 token grid); dev: two, 64 x 80 and 96 x 80, stacked into 10 x 5."""
+    generator = np.random.default_rng(0)
+    sizes = [(64, 80)] if kind == "flux2-klein" else [(64, 80), (96, 80)]
+    images = [Image.fromarray(generator.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    return images[0] if len(images) == 1 else images
+
+
+def with_references(probe, prompts=PROMPTS, **overrides):
+    return non_square(probe, prompts, kind=probe.kind, **{"image": reference_images(probe.kind), **overrides})
+
+
+def test_reference_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypatch):
+    inputs = with_references(flux2)
+    seen, stock = stock_qk(flux2, inputs, monkeypatch)
+    assert torch.equal(flux2.pipeline(**inputs).images, stock)  # the taps change no bit
+    kinds = ["t2i", "i2t", "r2i", "i2r", "t2r"]
+    recorder = AttentionRecorder(flux2, inputs, kinds=kinds, heads="all", positions="all", dtype=torch.float32)
+    with flux2.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:inputs["num_inference_steps"]]:
+            recorder.record(step)
+        output = flux2.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, stock)  # nor does recording
+    # The pipeline's own reference ids: T = 10 + 10 i, each reference's rows and columns from 0, in raster order.
+    call = _transformer_call(flux2, inputs)
+    ids = call["img_ids"][0][24:]
+    grid = (10, 5) if flux2.kind == "flux2-dev" else (4, 5)
+    assert maps.reference_grid == grid and flux2.family.reference_length(call) == len(ids) == grid[0] * grid[1]
+    times = sorted(set(ids[:, 0].tolist()))
+    assert times == [10, 20][:len(times)]
+    stacked = torch.cat([ids[ids[:, 0] == t][:, 1:3] + torch.tensor([4 * i, 0]) for i, t in enumerate(times)])  # the
+    # first reference has 4 rows
+    assert torch.equal(stacked, torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])))
+    n_blocks, n_text, n_image = flux2.family.num_blocks, inputs["max_sequence_length"], 24
+    assert len(seen) == n_blocks * inputs["num_inference_steps"]
+    text, image, ref = slice(0, n_text), slice(n_text, n_text + n_image), slice(n_text + n_image, None)
+    for step in range(inputs["num_inference_steps"]):
+        for block in range(n_blocks):
+            q, k = (t.double().transpose(1, 2) for t in seen[step * n_blocks + block])  # (batch, heads, tokens, d)
+            p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            assert p.shape[-1] == n_text + n_image + grid[0] * grid[1]
+            expected = {"t2i": p[:, :, image, text], "i2t": p[:, :, text, image].transpose(-1, -2),
+                        "r2i": p[:, :, image, ref], "i2r": p[:, :, ref, image].transpose(-1, -2),
+                        "t2r": p[:, :, ref, text]}
+            for kind, m in expected.items():
+                torch.testing.assert_close(maps.tensor(kind)[step, block].double(), m, rtol=0, atol=2e-6)
+
+
+def test_concepts_and_text_maps_with_references(flux2, monkeypatch):
+    """Concept tokens and T2I alone (the reference taps left unread) on a run with reference tokens: the images are
+    the plain ones and T2I equals the stock softmax's image x text block."""
+    inputs = with_references(flux2, [PROMPTS[0]])
+    seen, plain = stock_qk(flux2, inputs, monkeypatch)
+    recorder = AttentionRecorder(flux2, inputs, kinds=["t2i"], concepts=["cat", "red"], dtype=torch.float32,
+                                 positions="all")
+    with flux2.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:inputs["num_inference_steps"]]:
+            recorder.record(step)
+        output = flux2.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, plain)
+    assert maps.concept("cat").shape == (4, 6) and maps.reference_grid is None
+    n_text = inputs["max_sequence_length"]
+    for block in range(flux2.family.num_blocks):
+        q, k = (t.double().transpose(1, 2) for t in seen[block])
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        torch.testing.assert_close(maps.t2i[0, block].double(), p[:, :, n_text:n_text + 24, :n_text].mean(1),
+                                   rtol=0, atol=2e-6)
+
+
+def test_references_of_different_widths_are_refused_for_reference_maps(klein):
+    klein.kind = KIND
+    images = [Image.new("RGB", (80, 64)), Image.new("RGB", (96, 64))]  # 5 and 6 tokens wide
+    inputs = with_references(klein, image=images)
+    assert klein.family.reference_grids(inputs) == [(4, 5), (4, 6)]
+    with pytest.raises(InvalidInput, match="same width in tokens"):
+        AttentionRecorder(klein, inputs, kinds=["r2i"])
+    AttentionRecorder(klein, inputs, kinds=["t2i"])  # maps of the other regions need no reference grid
+    with pytest.raises(InvalidInput, match="carry no reference image"):
+        AttentionRecorder(klein, non_square(klein), kinds=["r2i"])
+
+
+def test_patching_every_tap_with_itself_changes_nothing_with_references(flux2):
+    inputs = with_references(flux2)
+    plain = flux2.pipeline(**inputs).images
+    assert any(name.endswith("hook_q_ref") for name in flux2.hook_names)
+    with flux2.model.generate(**inputs) as tracer:
+        for _ in tracer.iter[0:inputs["num_inference_steps"]]:
+            for name in flux2.hook_names:
+                hook = flux2.hook(name)
+                hook.output = hook.output.clone()
+        output = flux2.model.output.save()
+    assert torch.equal(output.images, plain)
+
+
+def test_edit_source_row_and_tau_zero_with_references(flux2):
+    kw = TINY_GENERATION_KWARGS[flux2.kind]
+    generation = {"steps": 2, "guidance": kw["guidance_scale"], "height": 64, "width": 96,
+                  "max_sequence_length": kw["max_sequence_length"], "output_type": "latent",
+                  "image": reference_images(flux2.kind)}
+    target = "a blue dog on a mat"
+    plain = flux2.pipeline(**with_references(flux2, [PROMPTS[0], target])).images
+    edited = flux2.edit(PROMPTS[0], target, tau=1.0, eta=1.0, theta=0.3, **generation)
+    assert torch.equal(edited.source_image, plain[0]) and not torch.equal(edited.edited_image, plain[1])
+    untouched = flux2.edit(PROMPTS[0], target, tau=0.0, local_blend=False, **generation)
+    assert torch.equal(untouched.source_image, plain[0]) and torch.equal(untouched.edited_image, plain[1])
+
+
+def test_the_velocity_keeps_the_reference_tokens(flux2):
+    """The sampler's velocity is the pipeline's own first noise prediction: the latents' rows of one transformer
+    call on [latents | reference latents], in the sampler's grid."""
+    inputs = with_references(flux2, [PROMPTS[0]])
+    seen = []
+    handle = flux2.pipeline.transformer.register_forward_hook(lambda m, a, k, out: seen.append(out[0]),
+                                                              with_kwargs=True)
+    try:
+        flux2.pipeline(**inputs)
+    finally:
+        handle.remove()
+    velocity, sigmas = sampler_velocity(flux2, inputs)
+    grid = flux2.family.initial_noise(1, 64, 96, 0)
+    v = velocity(grid, float(sigmas[0]))
+    assert v.shape == grid.shape and seen[0].shape[1] > 24
+    assert torch.equal(flux2.family.transformer_input(v), seen[0][:, :24])
+
+
+def test_inversion_and_solver_edits_take_references_as_context_image(klein):
+    """Inversion integrates the captured velocity, which keeps the reference tokens: its fixed point recovers the
+    noise of a latent generated with a reference; `context_image=` is the reference where `image=` is the image
+    to edit."""
+    from mmdit_probe.editing import rf_solver_edit
+
+    reference = reference_images(KIND)
+    inputs = tiny_inputs(klein, KIND, PROMPTS[0], num_inference_steps=4, image=reference)
+    clean = klein.family.pack_latents(klein.pipeline(**inputs).images)
+    generation = {"steps": 4, "guidance": 1.0, "height": 64, "width": 64, "max_sequence_length": 32}
+    noise = inputs["latents"]
+
+    def error(**extra):
+        inverted = invert_latents(klein, clean, PROMPTS[0], iterations=20, **generation, **extra)
+        return ((inverted - noise).abs().mean() / noise.abs().mean()).item()
+
+    assert error(context_image=reference) < 1e-5 < error()  # the reference matters
+    plain = rf_solver_edit(klein, PROMPTS[0], "a blue dog on a mat", **generation, output_type="latent")
+    with_reference = rf_solver_edit(klein, PROMPTS[0], "a blue dog on a mat", context_image=reference,
+                                    **generation, output_type="latent")
+    assert with_reference.source_image.shape == plain.source_image.shape
+    assert not torch.equal(with_reference.source_image, plain.source_image)
 
 
 def test_two_call_guidance_is_refused(klein):

@@ -1,9 +1,13 @@
 """Flux.2 (`Flux2Transformer2DModel`): Flux.2 dev (`Flux2Pipeline`, Mistral-3 text encoder) and Flux.2 Klein
 (`Flux2KleinPipeline`, Qwen3 text encoder).
 
-Joint sequence [text | image] (reference images, not supported yet, would follow the image: [text | image |
-reference]). The text is the prompt inside the text encoder's chat template, padded to `max_sequence_length`
-(512) with no attention mask; the transformer reads three hidden states of the encoder side by side.
+Joint sequence [text | image | reference]: the reference images' tokens (`image=`, one image or a list) follow
+the image's in the image stream, each reference's in its own raster order, the references in the order given, at
+RoPE time coordinate T = 10 + 10 i for reference i (the image at T = 0). They are the "reference" region: taps
+`hook_q_ref`, ... and the maps R2I, I2R and T2R, over a reference grid that stacks the references top to bottom
+(first on top), which needs them the same width in tokens. The text is the prompt inside the text encoder's
+chat template, padded to `max_sequence_length` (512) with no attention mask; the transformer reads three hidden
+states of the encoder side by side.
 Global block numbering: double-stream blocks 0..D-1, then single-stream blocks D..D+S-1 (dev: 8 + 48, Klein 4B:
 5 + 20). Single-stream blocks run attention and MLP in parallel from one fused projection
 (`Flux2ParallelSelfAttention`); their q/k/v taps hold the attention part of it. RoPE has four axes (T, H, W, L)
@@ -17,12 +21,15 @@ step callbacks see it packed (batch, rows x cols, 128).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import validation
 from ..kernels import attention_with_lse
+from ..names import REFERENCE
 from ..taps import TapProcessor, project_qkv
 from .base import Attention, DoubleAndSingleBlocks, Family, TextSegment
 from .flux import _joint_mask
@@ -32,9 +39,15 @@ from .flux import _joint_mask
 _TIME_AXIS = 0
 
 
+def _ids(call: dict[str, Any]) -> torch.Tensor | None:
+    ids = call.get("img_ids")
+    return None if ids is None else (ids[0] if ids.ndim == 3 else ids)  # every row has the same ids
+
+
 class Flux2TapProcessor(TapProcessor):
     """Shared part of Flux.2's tapped processors: taps, attention (with its log-sum-exp while recording) and the
-    concept stream's share, over q/k/v of the joint [text | image] sequence after norms and RoPE.
+    concept stream's share, over q/k/v of the joint [text | image | reference] sequence after norms and RoPE. The
+    image stream ends with `reference_length` reference tokens, which the family sets before each transformer call.
 
     Attention runs through diffusers' `dispatch_attention_fn`, as in `Flux2AttnProcessor`, so GPU backends stay
     selectable.
@@ -45,13 +58,22 @@ class Flux2TapProcessor(TapProcessor):
     _parallel_config = None
     attends = True
 
+    def __init__(self, streams) -> None:
+        super().__init__(streams)
+        self.reference_length = 0
+
     def _attend(self, q, k, v, n_text: int, attention_mask):
-        """(text, image) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads, dim)."""
+        """(text, image stream) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads,
+        dim); the image stream's rows are the image's, then the reference tokens'."""
         # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that changes
         # nothing leaves the attention inputs bit-identical.
+        n_image = q.shape[1] - n_text - self.reference_length
         text = [t[:, :n_text].transpose(1, 2) for t in (q, k, v)]
-        image = [t[:, n_text:].transpose(1, 2) for t in (q, k, v)]
-        image, text = self.tap_qkv("img", *image), self.tap_qkv("txt", *text)
+        image = self.tap_qkv("img", *(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)))
+        ref = self.tap_qkv(REFERENCE, *(t[:, n_text + n_image:].transpose(1, 2) for t in (q, k, v)))
+        if self.reference_length:  # without references the ref taps fire on empty tensors: no copy to make
+            image = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
+        text = self.tap_qkv("txt", *text)
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
         mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
 
@@ -64,16 +86,25 @@ class Flux2TapProcessor(TapProcessor):
                                         parallel_config=self._parallel_config)
             return out.transpose(1, 2), None
 
-        streams = {"txt": slice(0, n_text), "img": slice(n_text, None)}
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
+                   **({REFERENCE: slice(n_text + n_image, None)} if self.reference_length else {})}
         out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock, mask)
         out = out.transpose(1, 2)
         if self.record_lse:
-            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
+            self.hook_lse_ref(lse[:, :, n_text + n_image:])
             self.hook_lse_txt(lse[:, :, :n_text])
         out = out.flatten(2, 3).to(q.dtype)
         if self.concepts is not None:
-            self.concepts.keep(*(t[:, n_text:].transpose(1, 2) for t in (q, k, v)), out[:, n_text:])
+            self.concepts.keep(*(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)),
+                               out[:, n_text:n_text + n_image])
         return out[:, :n_text], out[:, n_text:]
+
+    def _tap_image_out(self, image: torch.Tensor) -> torch.Tensor:
+        """The image stream's output through its taps: the image tokens', then the reference tokens'."""
+        n_image = image.shape[1] - self.reference_length
+        image, ref = self.hook_out_img(image[:, :n_image]), self.hook_out_ref(image[:, n_image:])
+        return torch.cat([image, ref], dim=1) if self.reference_length else image
 
     def _concept_attention(self, cq, ck, cv, image_rotary_emb):
         """The concept call's attention: concept q/k/v (normed like the text) rotated by the identity rotation of
@@ -105,7 +136,7 @@ class Flux2DoubleTapProcessor(Flux2TapProcessor):
         text, image = self._attend(q, k, v, encoder_hidden_states.shape[1], attention_mask)
         text = attn.to_add_out(text)
         image = attn.to_out[1](attn.to_out[0](image))
-        return self.hook_out_img(image), self.hook_out_txt(text)
+        return self._tap_image_out(image), self.hook_out_txt(text)
 
 
 class Flux2SingleTapProcessor(Flux2TapProcessor):
@@ -114,8 +145,8 @@ class Flux2SingleTapProcessor(Flux2TapProcessor):
     the MLP's. The block sets `text_length`, the joint sequence's text rows, before each call (see
     `Flux2Family.install_taps`)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, streams) -> None:
+        super().__init__(streams)
         self.text_length: int | None = None
 
     def forward(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
@@ -143,7 +174,7 @@ class Flux2SingleTapProcessor(Flux2TapProcessor):
                 q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
                 k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
             text, image = self._attend(q, k, v, n_text, attention_mask)
-            image = self.hook_out_img(image)  # the image output's tap fires first, as in every family
+            image = self._tap_image_out(image)  # the image output's taps fire first, as in every family
             out = torch.cat([self.hook_out_txt(text), image], dim=1)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
@@ -157,6 +188,7 @@ class Flux2Family(DoubleAndSingleBlocks):
     # Flux.2 dev is guidance-distilled (guidance is an input); Klein's classifier-free guidance runs two
     # transformer calls per step, never a doubled batch, and is refused (see `_before_transformer`).
     batched_guidance = False
+    has_reference = True
 
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)
@@ -186,6 +218,41 @@ class Flux2Family(DoubleAndSingleBlocks):
 
         return pipe.tokenizer.apply_chat_template(format_input([prompt], pipe.system_message)[0], tokenize=False,
                                                   add_generation_prompt=False)
+
+    # -- reference images ----------------------------------------------------
+    def reference_length(self, call: dict[str, Any]) -> int:
+        """The reference tokens of a transformer call: the image-stream tokens whose RoPE time is not 0."""
+        ids = _ids(call)
+        return 0 if ids is None else int((ids[:, _TIME_AXIS] != 0).sum())
+
+    def reference_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+        """Each reference image's token grid, in order, as `Flux2Pipeline.__call__` sizes it: shrunk to 1024^2
+        pixels where larger, then cut to whole tokens."""
+        images = inputs.get("image")
+        if images is None:
+            return []
+        grids = []
+        for image in images if isinstance(images, list) else [images]:
+            width, height = image.size  # the pipelines take PIL images only
+            if width * height > 1024 * 1024:
+                width, height = self.pipeline.image_processor._resize_to_target_area(image, 1024 * 1024).size
+            grids.append(self.grid(height, width))
+        return grids
+
+    def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """The reference region's token grid: the reference images' grids stacked top to bottom, first on top
+        (their tokens' order in the sequence), so they must be the same width in tokens.
+
+        Example: references of 512 x 768 and 256 x 768 pixels (height x width) give (32 + 16, 48)."""
+        grids = self.reference_grids(inputs)
+        if not grids:
+            return None
+        if len({cols for _, cols in grids}) > 1:
+            raise validation.InvalidInput(
+                f"reference maps stack the reference images top to bottom, so they need the same width in tokens "
+                f"({self.token_pixels} pixels each); these have token grids {grids} (rows, cols): resize them to one "
+                f"width, or record without the reference kinds")
+        return sum(rows for rows, _ in grids), grids[0][1]
 
     # -- latents -----------------------------------------------------------
     def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -245,25 +312,22 @@ class Flux2Family(DoubleAndSingleBlocks):
     # -- taps ----------------------------------------------------------------
     def make_processor(self, attention: Attention, stock) -> Flux2TapProcessor:
         single = attention.block >= self.num_double
-        processor = Flux2SingleTapProcessor() if single else Flux2DoubleTapProcessor()
+        processor = (Flux2SingleTapProcessor if single else Flux2DoubleTapProcessor)(self.streams(attention))
         processor._attention_backend = getattr(stock, "_attention_backend", None)
         processor._parallel_config = getattr(stock, "_parallel_config", None)
         return processor
 
     def _before_transformer(self, transformer, args, kwargs) -> None:
-        """Each transformer call: refuse what the taps cannot lay out, and note the text length for the
-        single-stream blocks, which receive the joint sequence alone."""
+        """Each transformer call: refuse what the taps cannot lay out, note the text length for the single-stream
+        blocks, which receive the joint sequence alone, and the reference tokens for every block."""
         if getattr(self.pipeline, "do_classifier_free_guidance", False):
             raise validation.InvalidInput(
                 "Flux.2 Klein base runs classifier-free guidance as two transformer calls per step (conditional, "
                 "then unconditional), which mmdit_probe does not lay out yet: use guidance_scale=1 or a distilled "
                 "Klein model")
-        ids = kwargs.get("img_ids")
-        # Reference images: their tokens would follow the image ones, at T != 0. Supporting them means giving the
-        # processors the image length (tokens at T = 0) and a third region after it.
-        if ids is not None and bool((ids[..., _TIME_AXIS] != 0).any()):
-            raise validation.InvalidInput("Flux.2 reference images (image=...) are not supported yet: their tokens "
-                                          "join the image tokens; generate without image=")
+        n = self.reference_length(kwargs)
+        for processor in self._tapped.values():
+            processor.reference_length = n
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         self._text_length = text.shape[1]
 
