@@ -115,6 +115,11 @@ class Family:
         and samplers read it)."""
         return {"guidance_scale": guidance}
 
+    def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+        """Pipeline inputs whose prompt list the probe has resized to `rows` (activation patching's runs): unchanged
+        here; a family whose pipeline takes an input per prompt (Qwen-Image-Edit's images) resizes those too."""
+        return inputs
+
     def doubles_batch(self, inputs: dict[str, Any]) -> bool:
         """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""
         return self.batched_guidance and inputs.get("guidance_scale", 1.0) > 1

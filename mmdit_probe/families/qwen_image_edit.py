@@ -1,0 +1,158 @@
+"""Qwen-Image-Edit (`QwenImageEditPipeline` over `QwenImageTransformer2DModel`): Qwen-Image with an input image.
+
+The pipeline resizes the input image to about 1024x1024 pixels at its own aspect ratio (`calculate_dimensions`) and
+feeds its packed latents after the output's in the image stream, each image a frame of its own in `img_shapes`
+(diffusers 0.42): each block sees [text | image | reference]. Those tokens are the "reference" region: taps
+`hook_q_ref`, ... and the maps R2I, I2R and T2R.
+
+The text encoder sees the image too: the Edit chat template puts ``<|vision_start|><|image_pad|><|vision_end|>``
+before the prompt, and the Qwen2.5-VL processor repeats ``<|image_pad|>`` once per merged vision patch of the resized
+image. The pipeline drops the template's first 64 tokens (the system message and ``<|im_start|>user\\n``), so the
+transformer's text is the vision tokens, the prompt, then ``<|im_end|>\\n<|im_start|>assistant\\n``: a word's text
+positions follow the input image's vision tokens, and the word table counts them for the image last given to
+recording, patching or editing (`check_one_call_per_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import validation
+from .base import TextSegment
+from .qwen_image import QwenImageFamily
+
+# What the pipeline resizes the input image to, in pixels (`QwenImageEditPipeline.__call__`, diffusers 0.42).
+_TARGET_AREA = 1024 * 1024
+_IMAGE_PAD = "<|image_pad|>"
+
+
+def _images(image: Any) -> list | None:
+    """The input images of pipeline inputs as a list (one PIL image or a list of them), or None; refused where the
+    pipeline could not size them or they are not one image repeated."""
+    if image is None:
+        return None
+    images = list(image) if isinstance(image, list | tuple) else [image]
+    if not images or not all(isinstance(getattr(i, "size", None), tuple) for i in images):
+        raise validation.InvalidInput(f"QwenImageEditPipeline sizes its input image by its PIL size; got "
+                                      f"{type(image).__name__}: pass a PIL image (or a list of them) as image=")
+    first = images[0]
+    if any(i is not first and (i.size != first.size or i.mode != first.mode or i.tobytes() != first.tobytes())
+           for i in images[1:]):
+        # The rows the probe adds (edits, patching) take the first row's image: one image keeps them all right.
+        raise validation.InvalidInput("the input images differ: the probe edits one image, given once per prompt "
+                                      "(image=[img] * len(prompts))")
+    return images
+
+
+class QwenImageEditFamily(QwenImageFamily):
+    name = "qwen_image_edit"
+    pipeline_classes = ("QwenImageEditPipeline",)
+    has_reference = True
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self._reference_hook = None
+        # (height, width) at which the text encoder saw the last input image; a 1024x1024 one before any.
+        self._vision_size = (1024, 1024)
+
+    @staticmethod
+    def resized(size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) in pixels the pipeline resizes an input image of PIL size (width, height) to, for the VAE
+        and the text encoder."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        width, height = size
+        width, height, _ = calculate_dimensions(_TARGET_AREA, width / height)
+        return height, width
+
+    def reference_length(self, call: dict[str, Any]) -> int:
+        """The reference tokens of a transformer call: those of every image after the first in `img_shapes`."""
+        shapes = call.get("img_shapes")
+        return 0 if not shapes else sum(math.prod(shape) for shape in shapes[0][1:])
+
+    def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """The input image's token grid as `QwenImageEditPipeline.__call__` sizes it: about 1024x1024 pixels at the
+        image's aspect ratio, whatever height and width say."""
+        images = _images(inputs.get("image"))
+        if images is None:
+            return None
+        height, width = self.resized(images[0].size)
+        side = self.pipeline.vae_scale_factor * 2
+        return height // side, width // side
+
+    def check_reference(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The reference grid of inputs that must carry an input image, else `InvalidInput`."""
+        grid = self.reference_grid(inputs)
+        if grid is None:
+            raise validation.InvalidInput("reference maps need the input image: pass image=... (the image to edit)")
+        return grid
+
+    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+        """As Qwen-Image's; also checks the input images against the prompts and takes the size the text encoder
+        sees them at, which sets how many vision tokens the text holds (`text_segments`).
+
+        The pipeline's processor takes one image per prompt: a batch of prompts needs ``image=[img] * len(prompts)``
+        (the editors' source and target rows: two). A single image reaches the text encoder resized as the VAE's,
+        a list at the images' own size (diffusers 0.42.1 resizes only a single image for it)."""
+        super().check_one_call_per_step(inputs)
+        images = _images(inputs.get("image"))
+        if images is None:
+            return
+        prompts = inputs.get("prompt")
+        n = 1 if isinstance(prompts, str) else len(prompts or [None])
+        if len(images) != n:
+            raise validation.InvalidInput(f"QwenImageEditPipeline's processor takes one input image per prompt: "
+                                          f"{n} prompts (an edit runs its source and target prompts together) and "
+                                          f"{len(images)} images; pass image=[image] * {n}")
+        size = images[0].size
+        self._vision_size = self.resized(size) if not isinstance(inputs["image"], list | tuple) else size[::-1]
+
+    def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+        """One input image per prompt: a list of them is resized to `rows` (its images are one image repeated, as
+        `check_one_call_per_step` asks)."""
+        image = inputs.get("image")
+        return {**inputs, "image": [image[0]] * rows} if isinstance(image, list | tuple) else inputs
+
+    def vision_tokens(self, size: tuple[int, int] | None = None) -> int:
+        """How many ``<|image_pad|>`` tokens the processor writes for an image of this (height, width) in pixels
+        (default: the last input image, at the size the text encoder saw it)."""
+        counts = self.pipeline.processor._get_num_multimodal_tokens(image_sizes=[size or self._vision_size])
+        return int(counts["num_image_tokens"][0])
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        """The Edit template with as many ``<|image_pad|>`` as the processor writes for the input image, its first
+        `prompt_template_encode_start_idx` (64) tokens dropped: positions 0.. are the vision tokens, then the
+        prompt. The pipeline does not cut the text at `max_sequence_length`; the table covers that many positions."""
+        pipe = self.pipeline
+        template = pipe.prompt_template_encode.replace(_IMAGE_PAD, _IMAGE_PAD * self.vision_tokens())
+        return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length, template=template.format,
+                            drop=pipe.prompt_template_encode_start_idx)]
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """As the pipeline draws it: the Edit `prepare_latents` takes the input image first (none here)."""
+        pipe = self.pipeline
+        channels = self.transformer.config.in_channels // self.latent_channels_divisor
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
+                                     generator)[0]
+        return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
+
+    def _set_reference_length(self, transformer, args, kwargs) -> None:
+        n = self.reference_length(kwargs)
+        for processor in self._tapped.values():
+            processor.reference_length = n
+
+    def install_taps(self) -> None:
+        super().install_taps()
+        if self._reference_hook is None:
+            self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,
+                                                                              with_kwargs=True)
+
+    def remove_taps(self) -> None:
+        super().remove_taps()
+        if self._reference_hook is not None:
+            self._reference_hook.remove()
+            self._reference_hook = None
