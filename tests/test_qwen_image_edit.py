@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
-from diffusers import QwenImageEditPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.models.transformers import transformer_qwenimage
 from PIL import Image
 from transformers import Qwen2VLProcessor
@@ -43,15 +43,19 @@ def _processor(tokenizer) -> Qwen2VLProcessor:
         return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer)
 
 
-@pytest.fixture(scope="module")
-def pipe() -> QwenImageEditPipeline:
+def _build(pipeline_class):
     base = testing.tiny_pipeline("qwen-image")
     tokenizer = qwen2_tokenizer(EDIT_WORDS, VISION)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         text_encoder = _qwen_text_encoder(tokenizer, base.text_encoder.config.text_config.hidden_size)
-    return QwenImageEditPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder,
-                                 tokenizer=tokenizer, processor=_processor(tokenizer), transformer=base.transformer)
+    return pipeline_class(scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          processor=_processor(tokenizer), transformer=base.transformer)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> QwenImageEditPipeline:
+    return _build(QwenImageEditPipeline)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +193,59 @@ def test_edit_source_row_is_the_plain_batched_generation(probe, image):
     assert torch.equal(edited.source_image, plain[0]) and not torch.equal(edited.edited_image, plain[1])
     untouched = probe.edit(PROMPTS[0], target, tau=0.0, local_blend=False, **options)
     assert torch.equal(untouched.source_image, plain[0]) and torch.equal(untouched.edited_image, plain[1])
+
+
+@pytest.fixture(scope="module")
+def plus():
+    # Its own models: a probe's taps stay on the transformer it loaded.
+    return mmdit_probe.load(_build(QwenImageEditPlusPipeline))
+
+
+def test_plus_word_table_follows_the_pipelines_text_for_each_image(plus, image):
+    """Each input image's `Picture i: ` block, its vision tokens counted at the 384x384-area size the text encoder
+    sees, then the prompt: the table's pieces are the processor's ids after the 64 dropped."""
+    pipe, family = plus.pipeline, plus.family
+    second = image.resize((48, 96))
+    for images in ([image], [image, second]):
+        family.check_one_call_per_step({"prompt": [PROMPTS[1]], "image": images})
+        condition = [pipe.image_processor.resize(i, *family.resized(i.size, 384 * 384)) for i in images]
+        pictures = "".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>" for i in range(len(images)))
+        ids = pipe.processor(text=[pipe.prompt_template_encode.format(pictures + PROMPTS[1])], images=condition,
+                             return_tensors="pt")["input_ids"][0, pipe.prompt_template_encode_start_idx:]
+        table = plus.tokens(PROMPTS[1], max_sequence_length=64)
+        assert pipe.tokenizer.convert_tokens_to_ids([t.piece for t in table.tokens]) == ids.tolist()
+        assert [pipe.tokenizer.convert_ids_to_tokens(int(ids[p])) for p in table.positions("dog")] == ["Ġdog"]
+        embeds, _ = pipe.encode_prompt(PROMPTS[1], image=condition, device=torch.device("cpu"))
+        assert embeds.shape[1] == len(ids)
+
+
+def test_plus_reference_maps_equal_the_softmax_of_the_stock_q_and_k(plus, image, monkeypatch):
+    inputs = plus.inputs([PROMPTS[1]], steps=STEPS, height=SIDE, width=SIDE, image=image, output_type="latent")
+    calls, plain = _stock_calls(plus, inputs, monkeypatch)
+    recorder = AttentionRecorder(plus, inputs, dtype=torch.float32, heads="all", kinds=["t2i", "r2i", "i2r", "t2r"])
+    with plus.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:STEPS]:
+            recorder.record(step)
+        output = plus.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, plain)  # taps and recording change no output bit
+    n_blocks, n_text = plus.family.num_blocks, len(recorder.tables[0].real_positions)
+    assert maps.reference_grid == (56, 74) and calls[0][2] is None  # one prompt: no padding, no mask
+    text, img, ref = slice(0, n_text), slice(n_text, n_text + 16), slice(n_text + 16, None)
+    for step in range(STEPS):
+        for block in range(n_blocks):
+            q, k, _ = calls[step * n_blocks + block]
+            p = (q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-1)
+            expected = {"t2i": p[:, :, img, text], "r2i": p[:, :, img, ref],
+                        "i2r": p[:, :, ref, img].transpose(-1, -2), "t2r": p[:, :, ref, text]}
+            for kind, m in expected.items():
+                torch.testing.assert_close(maps.tensor(kind)[step, block], m, rtol=0, atol=2e-6)
+
+
+def test_plus_refuses_batches_and_reference_maps_of_several_images(plus, image):
+    with pytest.raises(validation.InvalidInput, match="one prompt at a time"):
+        plus.family.check_one_call_per_step({"prompt": PROMPTS, "image": image})
+    with pytest.raises(validation.InvalidInput, match="cover one input image"):
+        plus.family.reference_grid({"image": [image, image]})
+    with pytest.raises(validation.InvalidInput, match="one prompt at a time"):
+        plus.edit(PROMPTS[0], "a blue dog", steps=STEPS, guidance=1.0, height=SIDE, width=SIDE, image=image)

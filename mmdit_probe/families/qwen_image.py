@@ -34,7 +34,8 @@ def _ignored_guidance(record: logging.LogRecord) -> bool:
 def _quiet_ignored_guidance() -> None:
     """Every probe's inputs carry `guidance_scale` (`Family.guidance_inputs`), which the Qwen-Image pipelines log as
     ignored on each call for checkpoints without guidance distillation: that notice says nothing to a probe user."""
-    for name in ("pipeline_qwenimage", "pipeline_qwenimage_img2img", "pipeline_qwenimage_edit"):
+    for name in ("pipeline_qwenimage", "pipeline_qwenimage_img2img", "pipeline_qwenimage_edit",
+                 "pipeline_qwenimage_edit_plus"):
         logger = logging.getLogger(f"diffusers.pipelines.qwenimage.{name}")
         if _ignored_guidance not in logger.filters:
             logger.addFilter(_ignored_guidance)
