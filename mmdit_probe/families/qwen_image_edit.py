@@ -11,6 +11,9 @@ image. The pipeline drops the template's first 64 tokens (the system message and
 transformer's text is the vision tokens, the prompt, then ``<|im_end|>\\n<|im_start|>assistant\\n``: a word's text
 positions follow the input image's vision tokens, and the word table counts them for the image last given to
 recording, patching or editing (`check_one_call_per_step`).
+
+Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`, `QwenImageEditPlusFamily`) takes one or more input images and one
+prompt per call; its text holds a ``Picture i: `` block per image.
 """
 
 from __future__ import annotations
@@ -81,13 +84,6 @@ class QwenImageEditFamily(QwenImageFamily):
         height, width = self.resized(images[0].size)
         side = self.pipeline.vae_scale_factor * 2
         return height // side, width // side
-
-    def check_reference(self, inputs: dict[str, Any]) -> tuple[int, int]:
-        """The reference grid of inputs that must carry an input image, else `InvalidInput`."""
-        grid = self.reference_grid(inputs)
-        if grid is None:
-            raise validation.InvalidInput("reference maps need the input image: pass image=... (the image to edit)")
-        return grid
 
     def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
         """As Qwen-Image's; also checks the input images against the prompts and takes the size the text encoder
