@@ -69,6 +69,7 @@ class Family:
         self._stock: dict[str, object] = {}
         # Reinstalling reuses the same tapped processors: nnsight's envoy tree holds these objects.
         self._tapped: dict[str, TapProcessor] = {}
+        self._reference_hook = None  # sets the processors' `reference_length` before each transformer call
 
     # -- layout ------------------------------------------------------------
     def _attentions(self) -> list[Attention]:
@@ -271,12 +272,23 @@ class Family:
                 if a.path not in self._tapped:
                     self._tapped[a.path] = self.make_processor(a, module.processor)
                 module.set_processor(self._tapped[a.path])
+        if self.has_reference and self._reference_hook is None:
+            self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,
+                                                                              with_kwargs=True)
+
+    def _set_reference_length(self, transformer, args, kwargs) -> None:
+        n = self.reference_length(kwargs)
+        for processor in self._tapped.values():
+            processor.reference_length = n
 
     def remove_taps(self) -> None:
         """Put the stock processors back."""
         for path, stock in self._stock.items():
             self.transformer.get_submodule(path).set_processor(stock)
         self._stock.clear()
+        if self._reference_hook is not None:
+            self._reference_hook.remove()
+            self._reference_hook = None
 
     def taps_installed(self) -> bool:
         return all(isinstance(self.transformer.get_submodule(a.path).processor, TapProcessor)

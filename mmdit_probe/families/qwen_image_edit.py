@@ -59,7 +59,6 @@ class QwenImageEditFamily(QwenImageFamily):
 
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)
-        self._reference_hook = None
         # (height, width) at which the text encoder saw each input image last given; a 1024x1024 one before any.
         self._vision_sizes = [self.resized((1024, 1024), self._condition_area)]
 
@@ -138,24 +137,6 @@ class QwenImageEditFamily(QwenImageFamily):
         noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
                                      generator)[0]
         return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
-
-    def _set_reference_length(self, transformer, args, kwargs) -> None:
-        n = self.reference_length(kwargs)
-        for processor in self._tapped.values():
-            processor.reference_length = n
-
-    def install_taps(self) -> None:
-        super().install_taps()
-        if self._reference_hook is None:
-            self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,
-                                                                              with_kwargs=True)
-
-    def remove_taps(self) -> None:
-        super().remove_taps()
-        if self._reference_hook is not None:
-            self._reference_hook.remove()
-            self._reference_hook = None
-
 
 class QwenImageEditPlusFamily(QwenImageEditFamily):
     """Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`): one or more input images, each a frame of the image stream
