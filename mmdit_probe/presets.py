@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "sd3", "flux", "chroma", "flux-kontext", "qwen_image" or "flux2"
+    family: str  # "sd3", "flux", "chroma", "flux-kontext", "qwen_image", "qwen_image_edit(_plus)" or "flux2"
     hub_id: str | None
     steps: int
     guidance: float
@@ -127,6 +127,11 @@ FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
     "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
     "qwen_image": replace(PRESETS["qwen-image"], name="qwen_image (family defaults)", hub_id=None),
+    # Qwen-Image-Edit's model card: 50 steps; the output takes the input image's size (about 1024x1024).
+    "qwen_image_edit": replace(PRESETS["qwen-image"], name="qwen_image_edit (family defaults)",
+                               family="qwen_image_edit", hub_id=None, resolution=1024),
+    "qwen_image_edit_plus": replace(PRESETS["qwen-image"], name="qwen_image_edit_plus (family defaults)",
+                                    family="qwen_image_edit_plus", hub_id=None, resolution=1024),
     "chroma": replace(PRESETS["chroma1-hd"], name="chroma (family defaults)", hub_id=None),
     "flux-kontext": replace(PRESETS["flux.1-kontext-dev"], name="flux-kontext (family defaults)", hub_id=None),
     "flux2": replace(PRESETS["flux.2-dev"], name="flux2 (family defaults)", hub_id=None),

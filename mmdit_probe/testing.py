@@ -226,7 +226,7 @@ _QWEN_TEMPLATE_WORDS = ("system user assistant Describe the image by detailing c
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def qwen2_tokenizer() -> Qwen2Tokenizer:
+def qwen2_tokenizer(extra_words: tuple[str, ...] = (), extra_special: tuple[str, ...] = ()) -> Qwen2Tokenizer:
     """A byte-level BPE `Qwen2Tokenizer` laid out like Qwen2.5-VL's: GPT-2's byte alphabet, words with a leading
     "Ġ" (a space) or none, no end-of-word mark, and the chat template's special tokens.
 
@@ -235,10 +235,10 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
     """
     byte_chars = list(_bytes_to_unicode().values())
     vocab = {token: i for i, token in enumerate(byte_chars)}
-    words = dict.fromkeys([*WORDS, *_QWEN_TEMPLATE_WORDS])
+    words = dict.fromkeys([*WORDS, *_QWEN_TEMPLATE_WORDS, *extra_words])
     merges = word_merges([w for word in words for w in (word, "Ġ" + word)], vocab, end="")
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
-    tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL_TOKENS[1:]])
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in (*QWEN_SPECIAL_TOKENS[1:], *extra_special)])
     return tokenizer
 
 
@@ -408,6 +408,10 @@ def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, width: int) -> Qwen2_5_VLForCo
             "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         },
+        # The vision tokens' ids where the tokenizer has them (Qwen-Image-Edit's); absent, the config's defaults.
+        **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
+           (("image", "image_pad"), ("video", "video_pad"), ("vision_start", "vision_start"))
+           if f"<|{token}|>" in tokenizer.get_vocab()},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": width},
         vocab_size=len(tokenizer),

@@ -8,10 +8,13 @@ from .flux import FluxFamily
 from .flux2 import Flux2Family
 from .kontext import FluxKontextFamily
 from .qwen_image import QwenImageFamily
+from .qwen_image_edit import QwenImageEditFamily, QwenImageEditPlusFamily
 from .sd3 import SD3Family
 
 FAMILIES: dict[str, type[Family]] = {"sd3": SD3Family, "flux": FluxFamily, "chroma": ChromaFamily,
                                      "flux-kontext": FluxKontextFamily, "qwen_image": QwenImageFamily,
+                                     "qwen_image_edit": QwenImageEditFamily,
+                                     "qwen_image_edit_plus": QwenImageEditPlusFamily,
                                      "flux2": Flux2Family}
 # A transformer class marks the first family that names it (Kontext shares Flux.1's: its pipeline tells them apart).
 _TRANSFORMERS: dict[str, str] = {}

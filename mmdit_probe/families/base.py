@@ -69,6 +69,7 @@ class Family:
         self._stock: dict[str, object] = {}
         # Reinstalling reuses the same tapped processors: nnsight's envoy tree holds these objects.
         self._tapped: dict[str, TapProcessor] = {}
+        self._reference_hook = None  # sets the processors' `reference_length` before each transformer call
 
     # -- layout ------------------------------------------------------------
     def _attentions(self) -> list[Attention]:
@@ -114,6 +115,11 @@ class Family:
         """The pipeline arguments that set this guidance scale; `guidance_scale` is always among them (the editors
         and samplers read it)."""
         return {"guidance_scale": guidance}
+
+    def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+        """Pipeline inputs whose prompt list the probe has resized to `rows` (activation patching's runs): unchanged
+        here; a family whose pipeline takes an input per prompt (Qwen-Image-Edit's images) resizes those too."""
+        return inputs
 
     def doubles_batch(self, inputs: dict[str, Any]) -> bool:
         """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""
@@ -266,12 +272,23 @@ class Family:
                 if a.path not in self._tapped:
                     self._tapped[a.path] = self.make_processor(a, module.processor)
                 module.set_processor(self._tapped[a.path])
+        if self.has_reference and self._reference_hook is None:
+            self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,
+                                                                              with_kwargs=True)
+
+    def _set_reference_length(self, transformer, args, kwargs) -> None:
+        n = self.reference_length(kwargs)
+        for processor in self._tapped.values():
+            processor.reference_length = n
 
     def remove_taps(self) -> None:
         """Put the stock processors back."""
         for path, stock in self._stock.items():
             self.transformer.get_submodule(path).set_processor(stock)
         self._stock.clear()
+        if self._reference_hook is not None:
+            self._reference_hook.remove()
+            self._reference_hook = None
 
     def taps_installed(self) -> bool:
         return all(isinstance(self.transformer.get_submodule(a.path).processor, TapProcessor)

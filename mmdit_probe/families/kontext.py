@@ -26,10 +26,6 @@ class FluxKontextFamily(FluxFamily):
     pipeline_classes = ("FluxKontextPipeline",)
     has_reference = True
 
-    def __init__(self, pipeline) -> None:
-        super().__init__(pipeline)
-        self._reference_hook = None
-
     def reference_length(self, call: dict[str, Any]) -> int:
         """The reference tokens of a transformer call: the image-stream tokens whose RoPE axis 0 is not 0."""
         ids = _ids(call)
@@ -66,23 +62,6 @@ class FluxKontextFamily(FluxFamily):
         noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
                                      generator)[0]
         return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
-
-    def _set_reference_length(self, transformer, args, kwargs) -> None:
-        n = self.reference_length(kwargs)
-        for processor in self._tapped.values():
-            processor.reference_length = n
-
-    def install_taps(self) -> None:
-        super().install_taps()
-        if self._reference_hook is None:
-            self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,
-                                                                              with_kwargs=True)
-
-    def remove_taps(self) -> None:
-        super().remove_taps()
-        if self._reference_hook is not None:
-            self._reference_hook.remove()
-            self._reference_hook = None
 
     def check_reference(self, inputs: dict[str, Any]) -> tuple[int, int]:
         """The reference grid of inputs that must carry a context image, else `InvalidInput`."""

@@ -7,9 +7,9 @@ closing ``<|im_end|>\\n<|im_start|>assistant\\n``. The batch's text is as long a
 no prompt is padded). MSRoPE rotates image q/k by (frame, row, column) and text q/k by diagonal positions after the
 image's; q/k taps hold the rotated vectors, as for Flux. The VAE is a video VAE: latents (batch, 16, 1, h, w).
 
-Qwen-Image-Edit (not supported yet) feeds the input image's packed latents after the noise latents in the image
-stream, each reference image with its own frame index in `img_shapes`: its reference region is the image stream's
-last tokens, which an Edit family would split off where this processor splits text from image.
+Qwen-Image-Edit (`qwen_image_edit.py`) feeds the input image's packed latents after the noise latents in the image
+stream, each image with its own frame index in `img_shapes`: the image stream's last `reference_length` tokens, which
+this processor taps as the "ref" stream where its family has a reference region.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .. import validation
 from ..kernels import attention_with_lse, chunked_logsumexp
+from ..names import REFERENCE, STREAMS
 from ..taps import TapProcessor, project_qkv, qk_norms
 from .base import Attention, Family, TextSegment
 
@@ -33,7 +34,8 @@ def _ignored_guidance(record: logging.LogRecord) -> bool:
 def _quiet_ignored_guidance() -> None:
     """Every probe's inputs carry `guidance_scale` (`Family.guidance_inputs`), which the Qwen-Image pipelines log as
     ignored on each call for checkpoints without guidance distillation: that notice says nothing to a probe user."""
-    for name in ("pipeline_qwenimage", "pipeline_qwenimage_img2img"):
+    for name in ("pipeline_qwenimage", "pipeline_qwenimage_img2img", "pipeline_qwenimage_edit",
+                 "pipeline_qwenimage_edit_plus"):
         logger = logging.getLogger(f"diffusers.pipelines.qwenimage.{name}")
         if _ignored_guidance not in logger.filters:
             logger.addFilter(_ignored_guidance)
@@ -68,9 +70,12 @@ class QwenImageTapProcessor(TapProcessor):
     _parallel_config = None
     attends = True
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
+        super().__init__(streams)
         self._concept_freqs = None  # the first text position's rotation, for concept tokens
+        # The image stream's trailing reference tokens (Qwen-Image-Edit's input image); its family sets this before
+        # each transformer call.
+        self.reference_length = 0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
@@ -104,9 +109,15 @@ class QwenImageTapProcessor(TapProcessor):
 
         # Taps see (batch, heads, tokens, dim) like every family's; the transposes are views, so a tap that changes
         # nothing leaves the attention inputs bit-identical.
-        image = self.tap_qkv("img", *(t.transpose(1, 2) for t in (q, k, v)))
+        reference = REFERENCE in self.streams
+        n_image = hidden_states.shape[1] - (self.reference_length if reference else 0)
+        image = self.tap_qkv("img", *(t[:, :n_image].transpose(1, 2) for t in (q, k, v)))
+        stream = image
+        if reference:
+            ref = self.tap_qkv(REFERENCE, *(t[:, n_image:].transpose(1, 2) for t in (q, k, v)))
+            stream = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
         text = self.tap_qkv("txt", *(t.transpose(1, 2) for t in (tq, tk, tv)))
-        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
+        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, stream))
 
         def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
             if self.record_lse and mask is None:
@@ -120,16 +131,21 @@ class QwenImageTapProcessor(TapProcessor):
         out, lse = self.attend(*(t.transpose(1, 2) for t in (q, k, v)), streams, stock, mask)
         out = out.transpose(1, 2)
         if self.record_lse:
-            self.hook_lse_img(lse[:, :, n_text:])
+            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
+            if reference:
+                self.hook_lse_ref(lse[:, :, n_text + n_image:])
             self.hook_lse_txt(lse[:, :, :n_text])
         out = out.flatten(2, 3).to(q.dtype)
         text_out, image_out = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
-            self.concepts.keep(*image, image_out)
+            self.concepts.keep(*image, image_out[:, :n_image])
         image_out = attn.to_out[0](image_out.contiguous())
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)
-        return self.hook_out_img(image_out), self.hook_out_txt(attn.to_add_out(text_out.contiguous()))
+        # The output projection has run on the whole stream, as in the stock processor: the stock rounding.
+        image_out = (torch.cat([self.hook_out_img(image_out[:, :n_image]), self.hook_out_ref(image_out[:, n_image:])],
+                               dim=1) if reference else self.hook_out_img(image_out))
+        return image_out, self.hook_out_txt(attn.to_add_out(text_out.contiguous()))
 
     def _concepts_forward(self, attn, hidden_states, encoder_hidden_states):
         """The block's concept call: the concept tokens, projected and normed as the text is and rotated as the
@@ -221,7 +237,7 @@ class QwenImageFamily(Family):
                 (1.0 / torch.tensor(config.latents_std).view(shape)).to(z.device, z.dtype))
 
     def make_processor(self, attention: Attention, stock) -> QwenImageTapProcessor:
-        processor = QwenImageTapProcessor()
+        processor = QwenImageTapProcessor(self.streams(attention))
         processor._attention_backend = getattr(stock, "_attention_backend", None)
         processor._parallel_config = getattr(stock, "_parallel_config", None)
         return processor

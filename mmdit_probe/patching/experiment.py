@@ -165,8 +165,9 @@ def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any]
     """One batched generation: [clean, corrupt, patched runs...]; returns its outputs in that order."""
     prompts = list(inputs["prompt"])
     n = 2 + len(chunk)
-    run = {**inputs, "prompt": [prompts[0], prompts[1]] + [prompts[base]] * len(chunk),
-           "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))}
+    run = probe.family.batch_inputs({**inputs, "prompt": [prompts[0], prompts[1]] + [prompts[base]] * len(chunk),
+                                     "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))},
+                                    n)
     # step -> hook name -> {(positions, half): [patched prompt indices]}: one replace_rows per group.
     by_step: dict[int, dict[str, dict[tuple, list[int]]]] = {}
     for i, cell in enumerate(chunk):

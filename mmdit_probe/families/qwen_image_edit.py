@@ -1,0 +1,182 @@
+"""Qwen-Image-Edit (`QwenImageEditPipeline` over `QwenImageTransformer2DModel`): Qwen-Image with an input image.
+
+The pipeline resizes the input image to about 1024x1024 pixels at its own aspect ratio (`calculate_dimensions`) and
+feeds its packed latents after the output's in the image stream, each image a frame of its own in `img_shapes`
+(diffusers 0.42): each block sees [text | image | reference]. Those tokens are the "reference" region: taps
+`hook_q_ref`, ... and the maps R2I, I2R and T2R.
+
+The text encoder sees the image too: the Edit chat template puts ``<|vision_start|><|image_pad|><|vision_end|>``
+before the prompt, and the Qwen2.5-VL processor repeats ``<|image_pad|>`` once per merged vision patch of the resized
+image. The pipeline drops the template's first 64 tokens (the system message and ``<|im_start|>user\\n``), so the
+transformer's text is the vision tokens, the prompt, then ``<|im_end|>\\n<|im_start|>assistant\\n``: a word's text
+positions follow the input image's vision tokens, and the word table counts them for the image last given to
+recording, patching or editing (`check_one_call_per_step`).
+
+Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`, `QwenImageEditPlusFamily`) takes one or more input images and one
+prompt per call; its text holds a ``Picture i: `` block per image.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+
+from .. import validation
+from .base import TextSegment
+from .qwen_image import QwenImageFamily
+
+# What the pipeline resizes the input image to, in pixels (`QwenImageEditPipeline.__call__`, diffusers 0.42).
+_TARGET_AREA = 1024 * 1024
+_IMAGE_PAD = "<|image_pad|>"
+
+
+def _images(image: Any) -> list | None:
+    """The input images of pipeline inputs as a list (one PIL image or a list of them), or None; refused where the
+    pipeline could not size them."""
+    if image is None:
+        return None
+    images = image if isinstance(image, list) else [image]
+    if not images or not all(isinstance(getattr(i, "size", None), tuple) for i in images):
+        raise validation.InvalidInput(f"the Qwen-Image-Edit pipelines size their input images by their PIL size; got "
+                                      f"{type(image).__name__}: pass a PIL image (or a list of them) as image=")
+    return images
+
+
+def _same(image, other) -> bool:
+    return other is image or (other.size == image.size and other.mode == image.mode
+                              and other.tobytes() == image.tobytes())
+
+
+class QwenImageEditFamily(QwenImageFamily):
+    name = "qwen_image_edit"
+    pipeline_classes = ("QwenImageEditPipeline",)
+    has_reference = True
+    _pipeline_module = "pipeline_qwenimage_edit"
+    _condition_area = _TARGET_AREA  # the text encoder sees a single input image as resized for the VAE
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        # (height, width) at which the text encoder saw each input image last given; a 1024x1024 one before any.
+        self._vision_sizes = [self.resized((1024, 1024), self._condition_area)]
+
+    def resized(self, size: tuple[int, int], area: int = _TARGET_AREA) -> tuple[int, int]:
+        """(height, width) in pixels the pipeline resizes an input image of PIL size (width, height) to, for the VAE
+        (about `area` pixels at its aspect ratio, sides multiples of 32: the pipeline's `calculate_dimensions`)."""
+        module = importlib.import_module(f"diffusers.pipelines.qwenimage.{self._pipeline_module}")
+        width, height = module.calculate_dimensions(area, size[0] / size[1])[:2]
+        return height, width
+
+    def reference_length(self, call: dict[str, Any]) -> int:
+        """The reference tokens of a transformer call: those of every image after the first in `img_shapes`."""
+        shapes = call.get("img_shapes")
+        return 0 if not shapes else sum(math.prod(shape) for shape in shapes[0][1:])
+
+    def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """The input image's token grid as `QwenImageEditPipeline.__call__` sizes it: about 1024x1024 pixels at the
+        image's aspect ratio, whatever height and width say."""
+        images = _images(inputs.get("image"))
+        if images is None:
+            return None
+        height, width = self.resized(images[0].size)
+        side = self.pipeline.vae_scale_factor * 2
+        return height // side, width // side
+
+    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+        """As Qwen-Image's; also checks the input images against the prompts and takes the size the text encoder
+        sees them at, which sets how many vision tokens the text holds (`text_segments`).
+
+        The pipeline's processor takes one image per prompt: a batch of prompts needs ``image=[img] * len(prompts)``
+        (the editors' source and target rows: two), one image repeated (the rows the probe adds take the first's).
+        A single image reaches the text encoder resized as the VAE's, a list at the images' own size (diffusers
+        0.42.1 resizes only a single image for it)."""
+        super().check_one_call_per_step(inputs)
+        images = _images(inputs.get("image"))
+        if images is None:
+            return
+        prompts = inputs.get("prompt")
+        n = 1 if isinstance(prompts, str) else len(prompts or [None])
+        if len(images) != n:
+            raise validation.InvalidInput(f"QwenImageEditPipeline's processor takes one input image per prompt: "
+                                          f"{n} prompts (an edit runs its source and target prompts together) and "
+                                          f"{len(images)} images; pass image=[image] * {n}")
+        if not all(_same(images[0], other) for other in images[1:]):
+            raise validation.InvalidInput("the input images differ: the probe edits one image, given once per prompt "
+                                          "(image=[img] * len(prompts))")
+        size = images[0].size
+        self._vision_sizes = [self.resized(size) if not isinstance(inputs["image"], list) else size[::-1]]
+
+    def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+        """One input image per prompt: a list of them is resized to `rows` (its images are one image repeated, as
+        `check_one_call_per_step` asks)."""
+        image = inputs.get("image")
+        return {**inputs, "image": [image[0]] * rows} if isinstance(image, list) else inputs
+
+    def vision_tokens(self, size: tuple[int, int] | None = None) -> int:
+        """How many ``<|image_pad|>`` tokens the processor writes for an image of this (height, width) in pixels
+        (default: the last input image, at the size the text encoder saw it)."""
+        counts = self.pipeline.processor._get_num_multimodal_tokens(image_sizes=[size or self._vision_sizes[0]])
+        return int(counts["num_image_tokens"][0])
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        """The Edit template with as many ``<|image_pad|>`` as the processor writes for the input image, its first
+        `prompt_template_encode_start_idx` (64) tokens dropped: positions 0.. are the vision tokens, then the
+        prompt. The pipeline does not cut the text at `max_sequence_length`; the table covers that many positions."""
+        pipe = self.pipeline
+        template = pipe.prompt_template_encode.replace(_IMAGE_PAD, _IMAGE_PAD * self.vision_tokens())
+        return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length, template=template.format,
+                            drop=pipe.prompt_template_encode_start_idx)]
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """As the pipeline draws it: the Edit `prepare_latents` takes the input image first (none here)."""
+        pipe = self.pipeline
+        channels = self.transformer.config.in_channels // self.latent_channels_divisor
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
+                                     generator)[0]
+        return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
+
+class QwenImageEditPlusFamily(QwenImageEditFamily):
+    """Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`): one or more input images, each a frame of the image stream
+    after the output's, at about 1024x1024 pixels for the VAE and 384x384 for the text encoder. The text holds
+    ``Picture i: <|vision_start|>`` + vision tokens + ``<|vision_end|>`` per image, then the prompt. The pipeline
+    runs one prompt at a time (diffusers 0.42.1), so editing and activation patching, which run several rows, are
+    refused; reference maps cover one input image."""
+
+    name = "qwen_image_edit_plus"
+    pipeline_classes = ("QwenImageEditPlusPipeline",)
+    _pipeline_module = "pipeline_qwenimage_edit_plus"
+    _condition_area = 384 * 384  # CONDITION_IMAGE_SIZE of the pipeline module
+
+    def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """The input image's token grid, where there is one (about 1024x1024 pixels at its aspect ratio)."""
+        images = _images(inputs.get("image"))
+        if images is not None and len(images) > 1:
+            raise validation.InvalidInput(f"reference maps cover one input image; these inputs have {len(images)}: "
+                                          f"record t2i / i2t (the taps *_ref hold every image's tokens), or pass one")
+        return super().reference_grid(inputs)
+
+    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+        """As Qwen-Image's; refuses a batch of prompts (the pipeline does) and takes each input image's size as the
+        text encoder sees it (`text_segments`)."""
+        QwenImageFamily.check_one_call_per_step(self, inputs)
+        prompts = inputs.get("prompt")
+        if not isinstance(prompts, str) and len(prompts or [None]) != 1:
+            raise validation.InvalidInput("QwenImageEditPlusPipeline runs one prompt at a time (diffusers 0.42.1 "
+                                          "refuses batches): give one prompt; editing and activation patching, "
+                                          "which run several rows together, are not available for it")
+        images = _images(inputs.get("image"))
+        if images is not None:
+            self._vision_sizes = [self.resized(i.size, self._condition_area) for i in images]
+
+    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+        """The template with the pipeline's ``Picture i: `` block per input image before the prompt (vision tokens
+        counted for the images last given), its first 64 tokens dropped."""
+        pipe = self.pipeline
+        pictures = "".join(f"Picture {i + 1}: <|vision_start|>{_IMAGE_PAD * self.vision_tokens(size)}<|vision_end|>"
+                           for i, size in enumerate(self._vision_sizes))
+        template = pipe.prompt_template_encode.replace("{}", pictures + "{}")
+        return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length, template=template.format,
+                            drop=pipe.prompt_template_encode_start_idx)]

@@ -1,0 +1,251 @@
+"""Qwen-Image-Edit (`QwenImageEditPipeline`): the input image's tokens as the reference region of a Qwen-Image model.
+
+The tiny pipeline is built here from the real classes: tiny Qwen-Image's transformer, VAE and scheduler, a Qwen2
+tokenizer with the vision tokens and the Edit system prompt's words (so the template's prefix is the 64 tokens the
+pipeline drops, as with the real tokenizer), a Qwen2.5-VL text encoder whose config knows those ids, and the real
+`Qwen2VLProcessor` over the PIL `Qwen2VLImageProcessorPil` (torchvision is not installed). Without torchvision,
+transformers 5.25's `ProcessorMixin` cannot check the processor's (absent) video processor class
+(`VIDEO_PROCESSOR_MAPPING` is a placeholder), so that one class check is skipped while the processor is built.
+"""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.models.transformers import transformer_qwenimage
+from PIL import Image
+from transformers import Qwen2VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+import mmdit_probe
+from mmdit_probe import testing, validation
+from mmdit_probe.attention import AttentionRecorder
+from mmdit_probe.patching import activation_patching
+from mmdit_probe.testing import _qwen_text_encoder, qwen2_tokenizer
+
+VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# The Edit system prompt's words and punctuation runs beyond tiny Qwen-Image's (pre-tokenized as Qwen2's regex does).
+EDIT_WORDS = ("key features input objects then explain how user 's instruction should alter or modify Generate new "
+              "that meets requirements while maintaining consistency original where appropriate ( ),").split()
+STEPS, SIDE = 2, 64
+PROMPTS = ["a red cat", "a small blue dog on a chair"]  # different lengths: padded text, a key mask
+
+
+def _processor(tokenizer) -> Qwen2VLProcessor:
+    # Four merged vision patches (2x2) whatever the image: the vision tower's cost stays tiny.
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class"):
+        return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def _build(pipeline_class):
+    base = testing.tiny_pipeline("qwen-image")
+    tokenizer = qwen2_tokenizer(EDIT_WORDS, VISION)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        text_encoder = _qwen_text_encoder(tokenizer, base.text_encoder.config.text_config.hidden_size)
+    return pipeline_class(scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          processor=_processor(tokenizer), transformer=base.transformer)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> QwenImageEditPipeline:
+    return _build(QwenImageEditPipeline)
+
+
+@pytest.fixture(scope="module")
+def probe(pipe):
+    return mmdit_probe.load(pipe)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    generator = torch.Generator().manual_seed(3)
+    pixels = (torch.rand(96, 128, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def _inputs(probe, image, prompts=PROMPTS, **kwargs):
+    # The processor takes one image per prompt (`QwenImageEditFamily.check_one_call_per_step`).
+    return probe.inputs(prompts, steps=STEPS, height=SIDE, width=SIDE, image=[image] * len(prompts),
+                        max_sequence_length=32,
+                        **kwargs)
+
+
+def test_template_prefix_is_the_dropped_64_tokens(pipe):
+    prefix = pipe.prompt_template_encode.partition("<|vision_start|>")[0]
+    assert pipe.prompt_template_encode_start_idx == 64
+    assert len(pipe.tokenizer(prefix, add_special_tokens=False)["input_ids"]) == 64
+
+
+def test_family_and_reference_grid(probe, pipe, image):
+    family = probe.family
+    assert family.name == "qwen_image_edit" and family.has_reference
+    height, width = family.resized(image.size)
+    assert (height, width) == (896, 1184)  # calculate_dimensions(1024**2, 4/3), multiples of 32
+    grid = family.reference_grid({"image": image})
+    assert grid == (height // 16, width // 16)
+    assert "blocks.0.attn.hook_q_ref" in family.tap_names()
+    with pytest.raises(validation.InvalidInput, match="PIL image"):
+        family.reference_grid({"image": torch.zeros(1, 3, 8, 8)})
+
+
+def test_word_table_follows_the_pipelines_text(probe, pipe, image):
+    """The table's positions are the rows of the pipeline's own prompt embeddings: the vision tokens first, then the
+    prompt's words, then the template's closing tokens; checked against the processor's input ids after the drop."""
+    probe.family.check_one_call_per_step({"image": image})
+    n_vision = probe.family.vision_tokens()
+    height, width = probe.family.resized(image.size)
+    prompt_image = pipe.image_processor.resize(image, height, width)
+    ids = pipe.processor(text=[pipe.prompt_template_encode.format(PROMPTS[1])], images=prompt_image,
+                         return_tensors="pt")["input_ids"][0, pipe.prompt_template_encode_start_idx:]
+    table = probe.tokens(PROMPTS[1], max_sequence_length=64)
+    assert [t.position for t in table.tokens] == list(range(len(ids)))
+    assert pipe.tokenizer.convert_tokens_to_ids([t.piece for t in table.tokens]) == ids.tolist()
+    assert ids.tolist().count(pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == n_vision
+    assert table.positions("dog") == [n_vision + 2 + 3]  # vision_start, pads, vision_end, "a small blue dog"
+    embeds, mask = pipe.encode_prompt(PROMPTS[1], image=prompt_image, device=torch.device("cpu"))
+    assert embeds.shape[1] == len(ids) and mask is None
+
+
+def _stock_calls(probe, inputs, monkeypatch):
+    """Run the pipeline with the stock processors, keeping each joint (q, k, mask) handed to the kernel."""
+    calls, original = [], transformer_qwenimage.dispatch_attention_fn
+
+    def keep(q, k, v, attn_mask=None, **options):
+        calls.append((q.transpose(1, 2).clone(), k.transpose(1, 2).clone(),
+                      None if attn_mask is None else attn_mask.clone()))
+        return original(q, k, v, attn_mask=attn_mask, **options)
+
+    probe.family.remove_taps()
+    monkeypatch.setattr(transformer_qwenimage, "dispatch_attention_fn", keep)
+    try:
+        images = probe.pipeline(**inputs).images
+    finally:
+        monkeypatch.undo()
+        probe.family.install_taps()
+    return calls, images
+
+
+def test_reference_maps_equal_the_masked_softmax_of_the_stock_q_and_k(probe, image, monkeypatch):
+    inputs = _inputs(probe, image, output_type="latent")
+    calls, plain = _stock_calls(probe, inputs, monkeypatch)
+    assert torch.equal(probe.pipeline(**inputs).images, plain)  # the taps alone change no output bit
+    recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, heads="all",
+                                 kinds=["t2i", "i2t", "r2i", "i2r", "t2r"])
+    with probe.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:STEPS]:
+            recorder.record(step)
+        output = probe.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, plain)  # nor does recording
+    grid = probe.family.reference_grid(inputs)
+    n_blocks, n_image, n_ref = probe.family.num_blocks, 16, math.prod(grid)
+    n_text = max(len(t.real_positions) for t in recorder.tables)
+    assert maps.reference_grid == grid and maps.reference_kinds == ("r2i", "i2r", "t2r")
+    assert maps.positions == list(range(n_text))
+    assert len(calls) == n_blocks * STEPS and calls[0][0].shape[2] == n_text + n_image + n_ref
+    assert calls[0][2] is not None  # the shorter prompt's padding is masked out of the keys
+    text, img, ref = slice(0, n_text), slice(n_text, n_text + n_image), slice(n_text + n_image, None)
+    for step in range(STEPS):
+        for block in range(n_blocks):
+            q, k, mask = calls[step * n_blocks + block]
+            logits = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+            p = logits.masked_fill(~mask, -torch.inf).softmax(dim=-1)
+            expected = {"t2i": p[:, :, img, text], "i2t": p[:, :, text, img].transpose(-1, -2),
+                        "r2i": p[:, :, img, ref], "i2r": p[:, :, ref, img].transpose(-1, -2),
+                        "t2r": p[:, :, ref, text]}
+            for kind, m in expected.items():
+                torch.testing.assert_close(maps.tensor(kind)[step, block], m, rtol=0, atol=2e-6)
+            del logits, p
+
+
+def test_self_patching_changes_nothing(probe, image):
+    hooks = ["k_img", "q_ref", "k_ref", "v_ref", "q_txt", "out_img", "out_ref"]
+    result = activation_patching(probe, PROMPTS[0], PROMPTS[0], hooks, over=("hook",), metric="distance",
+                                 num_steps=STEPS, guidance=1.0, progress=False, batch_size=len(hooks), height=SIDE,
+                                 width=SIDE, image=[image, image], max_sequence_length=32)
+    assert torch.count_nonzero(result.values) == 0
+    for cell in result.outputs.flatten(0, 0):
+        assert torch.equal(cell, result.clean)
+
+
+def test_input_images_are_refused_where_the_pipeline_or_the_probe_would_go_wrong(probe, image):
+    family = probe.family
+    with pytest.raises(validation.InvalidInput, match=r"image=\[image\] \* 2"):
+        family.check_one_call_per_step({"prompt": PROMPTS, "image": image})
+    other = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    with pytest.raises(validation.InvalidInput, match="images differ"):
+        family.check_one_call_per_step({"prompt": PROMPTS, "image": [image, other]})
+
+
+def test_edit_source_row_is_the_plain_batched_generation(probe, image):
+    target = "a small blue dog"
+    plain = probe.pipeline(**_inputs(probe, image, [PROMPTS[0], target], output_type="latent")).images
+    options = {"steps": STEPS, "guidance": 1.0, "output_type": "latent", "height": SIDE, "width": SIDE,
+               "image": [image, image], "max_sequence_length": 32}
+    edited = probe.edit(PROMPTS[0], target, tau=1.0, eta=1.0, theta=0.3, **options)
+    assert torch.equal(edited.source_image, plain[0]) and not torch.equal(edited.edited_image, plain[1])
+    untouched = probe.edit(PROMPTS[0], target, tau=0.0, local_blend=False, **options)
+    assert torch.equal(untouched.source_image, plain[0]) and torch.equal(untouched.edited_image, plain[1])
+
+
+@pytest.fixture(scope="module")
+def plus():
+    # Its own models: a probe's taps stay on the transformer it loaded.
+    return mmdit_probe.load(_build(QwenImageEditPlusPipeline))
+
+
+def test_plus_word_table_follows_the_pipelines_text_for_each_image(plus, image):
+    """Each input image's `Picture i: ` block, its vision tokens counted at the 384x384-area size the text encoder
+    sees, then the prompt: the table's pieces are the processor's ids after the 64 dropped."""
+    pipe, family = plus.pipeline, plus.family
+    second = image.resize((48, 96))
+    for images in ([image], [image, second]):
+        family.check_one_call_per_step({"prompt": [PROMPTS[1]], "image": images})
+        condition = [pipe.image_processor.resize(i, *family.resized(i.size, 384 * 384)) for i in images]
+        pictures = "".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>" for i in range(len(images)))
+        ids = pipe.processor(text=[pipe.prompt_template_encode.format(pictures + PROMPTS[1])], images=condition,
+                             return_tensors="pt")["input_ids"][0, pipe.prompt_template_encode_start_idx:]
+        table = plus.tokens(PROMPTS[1], max_sequence_length=64)
+        assert pipe.tokenizer.convert_tokens_to_ids([t.piece for t in table.tokens]) == ids.tolist()
+        assert [pipe.tokenizer.convert_ids_to_tokens(int(ids[p])) for p in table.positions("dog")] == ["Ġdog"]
+        embeds, _ = pipe.encode_prompt(PROMPTS[1], image=condition, device=torch.device("cpu"))
+        assert embeds.shape[1] == len(ids)
+
+
+def test_plus_reference_maps_equal_the_softmax_of_the_stock_q_and_k(plus, image, monkeypatch):
+    inputs = plus.inputs([PROMPTS[1]], steps=STEPS, height=SIDE, width=SIDE, image=image, output_type="latent")
+    calls, plain = _stock_calls(plus, inputs, monkeypatch)
+    recorder = AttentionRecorder(plus, inputs, dtype=torch.float32, heads="all", kinds=["t2i", "r2i", "i2r", "t2r"])
+    with plus.model.generate(**inputs) as tracer:
+        for step in tracer.iter[0:STEPS]:
+            recorder.record(step)
+        output = plus.model.output.save()
+    maps = recorder.maps()
+    assert torch.equal(output.images, plain)  # taps and recording change no output bit
+    n_blocks, n_text = plus.family.num_blocks, len(recorder.tables[0].real_positions)
+    assert maps.reference_grid == (56, 74) and calls[0][2] is None  # one prompt: no padding, no mask
+    text, img, ref = slice(0, n_text), slice(n_text, n_text + 16), slice(n_text + 16, None)
+    for step in range(STEPS):
+        for block in range(n_blocks):
+            q, k, _ = calls[step * n_blocks + block]
+            p = (q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-1)
+            expected = {"t2i": p[:, :, img, text], "r2i": p[:, :, img, ref],
+                        "i2r": p[:, :, ref, img].transpose(-1, -2), "t2r": p[:, :, ref, text]}
+            for kind, m in expected.items():
+                torch.testing.assert_close(maps.tensor(kind)[step, block], m, rtol=0, atol=2e-6)
+
+
+def test_plus_refuses_batches_and_reference_maps_of_several_images(plus, image):
+    with pytest.raises(validation.InvalidInput, match="one prompt at a time"):
+        plus.family.check_one_call_per_step({"prompt": PROMPTS, "image": image})
+    with pytest.raises(validation.InvalidInput, match="cover one input image"):
+        plus.family.reference_grid({"image": [image, image]})
+    with pytest.raises(validation.InvalidInput, match="one prompt at a time"):
+        plus.edit(PROMPTS[0], "a blue dog", steps=STEPS, guidance=1.0, height=SIDE, width=SIDE, image=image)
