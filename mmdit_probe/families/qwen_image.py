@@ -127,7 +127,8 @@ class QwenImageTapProcessor(TapProcessor):
             lse = chunked_logsumexp(q.transpose(1, 2), k.transpose(1, 2), attn_mask=mask) if self.record_lse else None
             return out.transpose(1, 2), lse
 
-        streams = {"txt": slice(0, n_text), "img": slice(n_text, None)}
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
+                   **({REFERENCE: slice(n_text + n_image, None)} if reference else {})}
         out, lse = self.attend(*(t.transpose(1, 2) for t in (q, k, v)), streams, stock, mask)
         out = out.transpose(1, 2)
         if self.record_lse:
