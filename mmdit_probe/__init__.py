@@ -1,4 +1,4 @@
-"""mmdit_probe: look inside multimodal diffusion transformers (SD3, SD3.5, Flux.1).
+"""mmdit_probe: look inside multimodal diffusion transformers (SD3, SD3.5, Flux.1, Kontext, Chroma, Qwen-Image, Flux.2).
 
 >>> import mmdit_probe
 >>> probe = mmdit_probe.load("toy")            # the shipped Shapes-world model; or "sd3-medium", a path, ...
