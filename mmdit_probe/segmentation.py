@@ -185,7 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("segmentation.json"))
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    run_command(parser.prog, lambda: _run(args), debug=args.debug)
+    # Two threads for the command; called in-process (a notebook, a test) it leaves the caller's setting as it was.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_command(parser.prog, lambda: _run(args), debug=args.debug)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -194,7 +200,6 @@ def _run(args: argparse.Namespace) -> None:
     labels = args.labels or (args.folder / "labels.json" if (args.folder / "labels.json").is_file() else None)
     options = {"concepts": args.concepts, "labels": labels, "kind": args.kind, "method": args.method,
                "sigma": args.sigma}
-    torch.set_num_threads(2)
     with checking():  # the output, the folder, every option and the model's loading: bad input, exit code 2
         if args.out.is_dir():
             raise validation.InvalidInput(f"--out {args.out} is a folder: give a file, e.g. {args.out}/scores.json")

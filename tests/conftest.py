@@ -12,6 +12,13 @@ diffusers_logging.disable_progress_bar()
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an in-process command before it set (bit-for-bit comparisons of
+    batched runs hold only for a fixed thread count)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
