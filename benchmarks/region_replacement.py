@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from widths import machine, median_seconds, results_stem
 
-from mmdit_probe.constants import REGIONS
+from mmdit_probe.constants import REPLACEMENTS
 from mmdit_probe.editing.qk_injection import RegionReplacement
 
 WIDTHS = {"sd3": {"heads": 24, "dim": 64, "text": 333, "image_first": True},
@@ -51,7 +51,7 @@ def layer(width: str, resolution: int, device: str, dtype: torch.dtype):
 
 
 def explicit(q, k, v, streams, region: str) -> torch.Tensor:
-    rows, cols = (streams[s] for s in REGIONS[region])
+    rows, cols = (streams[s] for s in REPLACEMENTS[region])
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     scores[1:, :, rows, cols] = scores[:1, :, rows, cols]  # the source's: q and k of row 0 against each other
     return scores.softmax(-1) @ v
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (16 px a token)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--regions", nargs="+", default=list(REGIONS), choices=list(REGIONS))
+    parser.add_argument("--regions", nargs="+", default=list(REPLACEMENTS), choices=list(REPLACEMENTS))
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
