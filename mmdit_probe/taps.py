@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 # QKV, ACTIVATIONS and tap_name moved to .names; these aliases stay one release.
-from .names import ACTIVATIONS, QKV, STREAMS, TAPPED, leaf, tap_name  # noqa: F401
+from .names import ACTIVATIONS, QKV, REFERENCE, STREAMS, TAPPED, leaf, tap_name  # noqa: F401
 
 
 class HookPoint(nn.Module):
@@ -77,6 +77,38 @@ class TapProcessor(nn.Module):
         if self.region_replacement is None:
             return stock()
         return self.region_replacement(q, k, v, streams, stock, mask)
+
+    def tap_joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_text: int, n_reference: int):
+        """Tap the q, k, v (batch, tokens, heads, dim) of a joint [text | image | reference] sequence (Flux, Flux.2)
+        stream by stream, as (batch, heads, tokens, dim) views: a tap that changes nothing leaves the attention inputs
+        bit-identical. Returns q, k, v rejoined and the number of image tokens."""
+        reference = REFERENCE in self.streams
+        n_image = q.shape[1] - n_text - (n_reference if reference else 0)
+        # In `TAP_ORDER_REFERENCE`'s order (image, reference, text): nnsight reads follow execution order.
+        image = self.tap_qkv("img", *(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)))
+        if reference:
+            ref = self.tap_qkv(REFERENCE, *(t[:, n_text + n_image:].transpose(1, 2) for t in (q, k, v)))
+            if n_reference:  # without references the ref taps fire on empty tensors: nothing to join
+                image = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
+        text = self.tap_qkv("txt", *(t[:, :n_text].transpose(1, 2) for t in (q, k, v)))
+        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
+        return q, k, v, n_image
+
+    def attend_joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_text: int, n_image: int,
+                     stock: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attend` over a joint [text | image | reference] sequence (Flux, Qwen-Image, Flux.2), q, k, v (batch,
+        heads, tokens, dim), firing the log-sum-exp taps while attention is recorded. Returns the output."""
+        reference = REFERENCE in self.streams
+        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
+                   **({REFERENCE: slice(n_text + n_image, None)} if reference else {})}
+        out, lse = self.attend(q, k, v, streams, stock, mask)
+        if self.record_lse:
+            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
+            if reference:
+                self.hook_lse_ref(lse[:, :, n_text + n_image:])
+            self.hook_lse_txt(lse[:, :, :n_text])
+        return out
 
 def project_qkv(attn, x: torch.Tensor, stream: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v projections of one stream, through the fused projection when `fuse_qkv_projections()` made one."""

@@ -61,18 +61,8 @@ class FluxTapProcessor(TapProcessor):
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
 
-        # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that
-        # changes nothing leaves the attention inputs bit-identical.
         reference = REFERENCE in self.streams
-        n_image = q.shape[1] - n_text - (self.reference_length if reference else 0)
-        text = [t[:, :n_text].transpose(1, 2) for t in (q, k, v)]
-        image = [t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)]
-        image = self.tap_qkv("img", *image)
-        if reference:
-            ref = self.tap_qkv(REFERENCE, *(t[:, n_text + n_image:].transpose(1, 2) for t in (q, k, v)))
-            image = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
-        text = self.tap_qkv("txt", *text)
-        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
+        q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
 
         mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
 
@@ -85,15 +75,8 @@ class FluxTapProcessor(TapProcessor):
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend, **extra)
             return out.transpose(1, 2), None
 
-        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
-                   **({REFERENCE: slice(n_text + n_image, None)} if reference else {})}
-        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock, mask)
-        out = out.transpose(1, 2)
-        if self.record_lse:
-            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
-            if reference:
-                self.hook_lse_ref(lse[:, :, n_text + n_image:])
-            self.hook_lse_txt(lse[:, :, :n_text])
+        out = self.attend_joint(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), n_text, n_image, stock,
+                                mask).transpose(1, 2)
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:

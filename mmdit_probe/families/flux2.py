@@ -29,7 +29,6 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import validation
 from ..kernels import attention_with_lse
-from ..names import REFERENCE
 from ..taps import TapProcessor, project_qkv
 from .base import Attention, DoubleAndSingleBlocks, Family, TextSegment
 from .flux import _joint_mask
@@ -65,16 +64,7 @@ class Flux2TapProcessor(TapProcessor):
     def _attend(self, q, k, v, n_text: int, attention_mask):
         """(text, image stream) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads,
         dim); the image stream's rows are the image's, then the reference tokens'."""
-        # Taps see (batch, heads, tokens, dim) like SD3's; the transposes are views, so a tap that changes
-        # nothing leaves the attention inputs bit-identical.
-        n_image = q.shape[1] - n_text - self.reference_length
-        text = [t[:, :n_text].transpose(1, 2) for t in (q, k, v)]
-        image = self.tap_qkv("img", *(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)))
-        ref = self.tap_qkv(REFERENCE, *(t[:, n_text + n_image:].transpose(1, 2) for t in (q, k, v)))
-        if self.reference_length:  # without references the ref taps fire on empty tensors: no copy to make
-            image = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
-        text = self.tap_qkv("txt", *text)
-        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
+        q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
         mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
 
         def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
@@ -86,14 +76,8 @@ class Flux2TapProcessor(TapProcessor):
                                         parallel_config=self._parallel_config)
             return out.transpose(1, 2), None
 
-        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
-                   **({REFERENCE: slice(n_text + n_image, None)} if self.reference_length else {})}
-        out, lse = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), streams, stock, mask)
-        out = out.transpose(1, 2)
-        if self.record_lse:
-            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
-            self.hook_lse_ref(lse[:, :, n_text + n_image:])
-            self.hook_lse_txt(lse[:, :, :n_text])
+        out = self.attend_joint(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), n_text, n_image, stock,
+                                mask).transpose(1, 2)
         out = out.flatten(2, 3).to(q.dtype)
         if self.concepts is not None:
             self.concepts.keep(*(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)),

@@ -127,15 +127,7 @@ class QwenImageTapProcessor(TapProcessor):
             lse = chunked_logsumexp(q.transpose(1, 2), k.transpose(1, 2), attn_mask=mask) if self.record_lse else None
             return out.transpose(1, 2), lse
 
-        streams = {"txt": slice(0, n_text), "img": slice(n_text, n_text + n_image),
-                   **({REFERENCE: slice(n_text + n_image, None)} if reference else {})}
-        out, lse = self.attend(*(t.transpose(1, 2) for t in (q, k, v)), streams, stock, mask)
-        out = out.transpose(1, 2)
-        if self.record_lse:
-            self.hook_lse_img(lse[:, :, n_text:n_text + n_image])
-            if reference:
-                self.hook_lse_ref(lse[:, :, n_text + n_image:])
-            self.hook_lse_txt(lse[:, :, :n_text])
+        out = self.attend_joint(*(t.transpose(1, 2) for t in (q, k, v)), n_text, n_image, stock, mask).transpose(1, 2)
         out = out.flatten(2, 3).to(q.dtype)
         text_out, image_out = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
