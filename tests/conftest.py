@@ -42,3 +42,24 @@ def tiny_inputs(probe, kind, prompts, **overrides):
     kw.update(overrides)
     return probe.inputs(prompts, seed=0, steps=kw.pop("num_inference_steps"), guidance=kw.pop("guidance_scale"),
                         output_type="latent", **kw)
+
+
+def stock_kernel_calls(probe, inputs, monkeypatch, module):
+    """Run the pipeline with the stock processors (taps removed), keeping each (q, k, mask) they hand
+    `module.dispatch_attention_fn` (q and k as (batch, heads, tokens, dim)), in call order; and the stock output."""
+    calls, original = [], module.dispatch_attention_fn
+
+    def keep(query, key, value, attn_mask=None, **options):
+        calls.append((query.transpose(1, 2).clone(), key.transpose(1, 2).clone(),
+                      None if attn_mask is None else attn_mask.clone()))
+        return original(query, key, value, attn_mask=attn_mask, **options)
+
+    probe.family.remove_taps()
+    monkeypatch.setattr(module, "dispatch_attention_fn", keep)
+    try:
+        images = probe.pipeline(**inputs).images
+    finally:
+        monkeypatch.undo()
+        probe.family.install_taps()
+    return calls, images
+

@@ -7,6 +7,7 @@ the explicit softmax(q k^T / sqrt(d) + mask) over the whole joint sequence, ever
 
 import pytest
 import torch
+from conftest import stock_kernel_calls
 from diffusers.models.transformers import transformer_flux
 
 import mmdit_probe
@@ -49,22 +50,8 @@ def kontext(tiny_dirs):
 
 
 def stock_calls(probe, inputs, monkeypatch):
-    """Run the pipeline with the stock processors, keeping each (q, k, mask) handed to the kernel, in call order."""
-    calls, original = [], transformer_flux.dispatch_attention_fn
-
-    def keep(query, key, value, attn_mask=None, **options):
-        calls.append((query.transpose(1, 2).clone(), key.transpose(1, 2).clone(),
-                      None if attn_mask is None else attn_mask.clone()))
-        return original(query, key, value, attn_mask=attn_mask, **options)
-
-    probe.family.remove_taps()
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", keep)
-    try:
-        images = probe.pipeline(**inputs).images
-    finally:
-        monkeypatch.undo()
-        probe.family.install_taps()
-    return calls, images
+    """The stock Flux processors' (q, k, mask) per kernel call, in call order, and the stock output."""
+    return stock_kernel_calls(probe, inputs, monkeypatch, transformer_flux)
 
 
 def explicit(q, k, mask):

@@ -15,6 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import stock_kernel_calls
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.models.transformers import transformer_qwenimage
 from PIL import Image
@@ -113,28 +114,9 @@ def test_word_table_follows_the_pipelines_text(probe, pipe, image):
     assert embeds.shape[1] == len(ids) and mask is None
 
 
-def _stock_calls(probe, inputs, monkeypatch):
-    """Run the pipeline with the stock processors, keeping each joint (q, k, mask) handed to the kernel."""
-    calls, original = [], transformer_qwenimage.dispatch_attention_fn
-
-    def keep(q, k, v, attn_mask=None, **options):
-        calls.append((q.transpose(1, 2).clone(), k.transpose(1, 2).clone(),
-                      None if attn_mask is None else attn_mask.clone()))
-        return original(q, k, v, attn_mask=attn_mask, **options)
-
-    probe.family.remove_taps()
-    monkeypatch.setattr(transformer_qwenimage, "dispatch_attention_fn", keep)
-    try:
-        images = probe.pipeline(**inputs).images
-    finally:
-        monkeypatch.undo()
-        probe.family.install_taps()
-    return calls, images
-
-
 def test_reference_maps_equal_the_masked_softmax_of_the_stock_q_and_k(probe, image, monkeypatch):
     inputs = _inputs(probe, image, output_type="latent")
-    calls, plain = _stock_calls(probe, inputs, monkeypatch)
+    calls, plain = stock_kernel_calls(probe, inputs, monkeypatch, transformer_qwenimage)
     assert torch.equal(probe.pipeline(**inputs).images, plain)  # the taps alone change no output bit
     recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, heads="all",
                                  kinds=["t2i", "i2t", "r2i", "i2r", "t2r"])
@@ -221,7 +203,7 @@ def test_plus_word_table_follows_the_pipelines_text_for_each_image(plus, image):
 
 def test_plus_reference_maps_equal_the_softmax_of_the_stock_q_and_k(plus, image, monkeypatch):
     inputs = plus.inputs([PROMPTS[1]], steps=STEPS, height=SIDE, width=SIDE, image=image, output_type="latent")
-    calls, plain = _stock_calls(plus, inputs, monkeypatch)
+    calls, plain = stock_kernel_calls(plus, inputs, monkeypatch, transformer_qwenimage)
     recorder = AttentionRecorder(plus, inputs, dtype=torch.float32, heads="all", kinds=["t2i", "r2i", "i2r", "t2r"])
     with plus.model.generate(**inputs) as tracer:
         for step in tracer.iter[0:STEPS]:
