@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +255,10 @@ class Family:
         pipe = self.pipeline
         channels = self.transformer.config.in_channels // self.latent_channels_divisor
         generator = torch.Generator("cpu").manual_seed(seed)
-        noise = pipe.prepare_latents(1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
+        # Pipelines conditioned on an image (Kontext, Qwen-Image-Edit) take it first in `prepare_latents`: none here.
+        first = next(iter(inspect.signature(pipe.prepare_latents).parameters))
+        image = (None,) if first in ("image", "images") else ()
+        noise = pipe.prepare_latents(*image, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
                                      generator)
         noise = noise[0] if isinstance(noise, tuple) else noise
         return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)

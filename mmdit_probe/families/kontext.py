@@ -54,15 +54,6 @@ class FluxKontextFamily(FluxFamily):
         asked size."""
         return {"max_area": height * width}
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """As the pipeline draws it: `prepare_latents` of Kontext takes the context image first (none here)."""
-        pipe = self.pipeline
-        channels = self.transformer.config.in_channels // self.latent_channels_divisor
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
-                                     generator)[0]
-        return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
-
     def check_reference(self, inputs: dict[str, Any]) -> tuple[int, int]:
         """The reference grid of inputs that must carry a context image, else `InvalidInput`."""
         grid = self.reference_grid(inputs)

@@ -22,8 +22,6 @@ import importlib
 import math
 from typing import Any
 
-import torch
-
 from .. import validation
 from .base import TextSegment
 from .qwen_image import QwenImageFamily
@@ -129,14 +127,6 @@ class QwenImageEditFamily(QwenImageFamily):
         return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length, template=template.format,
                             drop=pipe.prompt_template_encode_start_idx)]
 
-    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """As the pipeline draws it: the Edit `prepare_latents` takes the input image first (none here)."""
-        pipe = self.pipeline
-        channels = self.transformer.config.in_channels // self.latent_channels_divisor
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = pipe.prepare_latents(None, 1, channels, height, width, self.transformer.dtype, torch.device("cpu"),
-                                     generator)[0]
-        return noise.repeat(batch, *([1] * (noise.ndim - 1))).to(pipe.device)
 
 class QwenImageEditPlusFamily(QwenImageEditFamily):
     """Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`): one or more input images, each a frame of the image stream
