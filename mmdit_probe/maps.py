@@ -8,10 +8,9 @@ I2T maps are stored transposed, so in both kinds a word's map is a column. Conce
 others have a text position: (step, block, row, image token, concept). T2T maps are (step, block, row,
 [head,] text query position, text key position); I2I maps (step, block, row, [head,] image key token, query
 patch), the query patches being `queries` (raster indices of the token grid), so a patch's map is a column too.
-others have a text position: (step, block, row, image token, concept). Reference-region maps (a context
-image's tokens, Flux.1 Kontext) have a reference token there: R2I and I2R (step, block, row, [head,] image
-token, reference token); T2R has the reference grid where the others have the image's: (step, block, row,
-[head,] reference token, text position).
+Reference-region maps (a context image's tokens, Flux.1 Kontext) have a reference token there: R2I and I2R (step,
+block, row, [head,] image token, reference token); T2R has the reference grid where the others have the image's:
+(step, block, row, [head,] reference token, text position).
 
 >>> m = maps.word("cat", blocks="top")                   # mean over the preset's top layers, all steps
 >>> m = smooth(m)                                         # Gaussian, kernel 7, sigma 1 on the token grid
@@ -174,8 +173,7 @@ class AttentionMaps:
             found = patches.flatten().nonzero().flatten().tolist()
         else:
             pairs = [patches] if isinstance(patches, tuple) else list(patches)
-            if not pairs or not all(isinstance(p, tuple) and len(p) == 2 and all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in p) for p in pairs):
+            if not pairs or not all(_is_patch(p, tuple) for p in pairs):
                 raise validation.InvalidInput(f"patches={patches!r} is not allowed: give (row, col) pairs of the "
                                               f"reference grid {self.reference_grid}, a boolean mask, or None")
             for r, c in pairs:
@@ -207,8 +205,7 @@ class AttentionMaps:
         prompt = validation.integer("prompt", prompt, minimum=0)
         if not self.concepts:
             raise ValueError("no concept maps here: record with concepts=[...]")
-        if prompt >= len(self.concepts):
-            raise IndexError(f"prompt index {prompt} out of range: {len(self.concepts)} prompts")
+        _prompt(prompt, len(self.concepts))
         found = []
         for name in names:
             word = normalise_word(name)
@@ -229,11 +226,7 @@ class AttentionMaps:
             if missing or not self.top_layers:
                 raise ValueError(f"top layers {list(self.top_layers)} were not all recorded (have {self.blocks})")
             blocks = self.top_layers
-        blocks = validation.index_list("blocks", blocks, what="recorded block indices")
-        for b in blocks:
-            if b not in self.blocks:
-                raise IndexError(f"block {b} was not recorded; recorded blocks: {self.blocks}")
-        return [self.blocks.index(b) for b in blocks]
+        return _indices_in("block", blocks, self.blocks)
 
     def _step_index(self, steps) -> list[int]:
         if steps is None:
@@ -243,17 +236,11 @@ class AttentionMaps:
             if not chosen:
                 raise validation.InvalidInput(f"steps={steps} selects no step: the recorded steps are {self.steps}")
             steps = chosen
-        steps = validation.index_list("steps", steps, what="recorded step indices")
-        for s in steps:
-            if s not in self.steps:
-                raise IndexError(f"step {s} was not recorded; recorded steps: {self.steps}")
-        return [self.steps.index(s) for s in steps]
+        return _indices_in("step", steps, self.steps)
 
     def _row(self, prompt: int, half: str) -> int:
         n = len(self.tables)
-        prompt = validation.integer("prompt", prompt, minimum=0)
-        if not 0 <= prompt < n:
-            raise IndexError(f"prompt index {prompt} out of range: {n} prompts")
+        prompt = _prompt(prompt, n)
         validation.choice("half", half, ("cond", "uncond"))
         if self.rows == "both":
             return prompt + (n if half == "cond" else 0)
@@ -275,9 +262,7 @@ class AttentionMaps:
     def columns(self, words: str | int | Iterable[str | int], prompt: int = 0) -> list[int]:
         """Indices into the text dimension for a prompt's words (every tokenizer, every occurrence)."""
         words = validation.word_list("words", words)
-        prompt = validation.integer("prompt", prompt, minimum=0)
-        if prompt >= len(self.tables):
-            raise IndexError(f"prompt index {prompt} out of range: {len(self.tables)} prompts")
+        prompt = _prompt(prompt, len(self.tables))
         wanted = self.tables[prompt].positions(words)
         if not wanted:
             raise ValueError(f"words {words} of prompt {prompt} have no text positions: they were cut off by the "
@@ -332,14 +317,12 @@ class AttentionMaps:
         if not self.queries:
             raise ValueError("no I2I maps here: record with kinds=[..., 'i2i'] and queries=...")
         rows, cols = self.grid
-        pairs = [patches] if isinstance(patches, (tuple, list)) and len(patches) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in patches) else patches
+        pairs = [patches] if _is_patch(patches, (tuple, list)) else patches
         if not isinstance(pairs, (tuple, list)) or not pairs:
             raise validation.InvalidInput(f"patches must be a patch (row, col) or a list of patches; got {patches!r}")
         found = []
         for patch in pairs:
-            if not (isinstance(patch, (tuple, list)) and len(patch) == 2 and all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in patch)):
+            if not _is_patch(patch, (tuple, list)):
                 raise validation.InvalidInput(f"a patch is (row, col), two whole numbers; got {patch!r}")
             if not (0 <= patch[0] < rows and 0 <= patch[1] < cols):
                 raise IndexError(f"patch {tuple(patch)} is outside the {rows} x {cols} token grid")
@@ -378,9 +361,7 @@ class AttentionMaps:
 
     def position_labels(self, prompt: int = 0) -> list[str]:
         """A label per recorded text position: the prompt's token piece there, or its position number."""
-        prompt = validation.integer("prompt", prompt, minimum=0)
-        if prompt >= len(self.tables):
-            raise IndexError(f"prompt index {prompt} out of range: {len(self.tables)} prompts")
+        prompt = _prompt(prompt, len(self.tables))
         pieces = {t.position: t.piece for t in self.tables[prompt].tokens}
         return [pieces.get(p, str(p)) for p in self.positions]
 
@@ -581,6 +562,28 @@ class AttentionMaps:
                 f"rows={self.rows!r}, heads={self.heads!r}, shapes {shape})")
 
 
+def _prompt(value, n: int) -> int:
+    """A prompt index, checked against the `n` prompts held."""
+    prompt = validation.integer("prompt", value, minimum=0)
+    if prompt >= n:
+        raise IndexError(f"prompt index {prompt} out of range: {n} prompts")
+    return prompt
+
+
+def _indices_in(noun: str, chosen, recorded: list[int]) -> list[int]:
+    """Where the chosen block or step indices sit among the recorded ones."""
+    chosen = validation.index_list(f"{noun}s", chosen, what=f"recorded {noun} indices")
+    for c in chosen:
+        if c not in recorded:
+            raise IndexError(f"{noun} {c} was not recorded; recorded {noun}s: {recorded}")
+    return [recorded.index(c) for c in chosen]
+
+
+def _is_patch(value, types) -> bool:
+    """Whether `value` is a (row, col) pair of Python ints, as one of `types`."""
+    return isinstance(value, types) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
 
 def _check_meta(meta) -> None:
     """The metadata schema `AttentionMaps.save` writes; raises ValueError saying which entry is wrong."""
@@ -600,13 +603,10 @@ def _check_meta(meta) -> None:
     if not isinstance(concepts, list) or not all(isinstance(c, list) and all(isinstance(w, str) for w in c)
                                                  for c in concepts):
         raise ValueError(f"metadata 'concepts' must be one list of words per prompt; got {concepts!r}")
-    if "reference_grid" in meta:
-        ints("reference_grid", meta["reference_grid"])
-        if len(meta["reference_grid"]) != 2 or min(meta["reference_grid"]) < 1:
-            raise ValueError(f"metadata 'reference_grid' must be [rows, cols] of positive numbers; got "
-                             f"{meta['reference_grid']!r}")
-    if len(meta["grid"]) != 2 or min(meta["grid"]) < 1:
-        raise ValueError(f"metadata 'grid' must be [rows, cols] of positive numbers; got {meta['grid']!r}")
+    for name in [n for n in ("reference_grid", "grid") if n in meta]:
+        ints(name, meta[name])
+        if len(meta[name]) != 2 or min(meta[name]) < 1:
+            raise ValueError(f"metadata {name!r} must be [rows, cols] of positive numbers; got {meta[name]!r}")
     if meta.get("rows") not in ("cond", "uncond", "both") or meta.get("heads") not in ("mean", "all"):
         raise ValueError(f"metadata rows={meta.get('rows')!r} / heads={meta.get('heads')!r} are not valid")
     tables = meta.get("tables")

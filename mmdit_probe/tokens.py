@@ -23,8 +23,7 @@ _WORD = re.compile(r"\w+(?:['’-]\w+)*")
 
 def normalise_word(word: str) -> str:
     """The word as matched: lowercase, without surrounding punctuation."""
-    found = _WORD.findall(word.lower())
-    return " ".join(found)
+    return " ".join(_WORD.findall(word.lower()))
 
 
 @dataclass(frozen=True)

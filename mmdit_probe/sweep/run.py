@@ -43,9 +43,9 @@ from tqdm.auto import tqdm
 
 from .. import validation
 from .._lazy import lazy, resolve
-from ..constants import GRIDS, WINDOWS
+from ..constants import GRIDS, KINDS, WINDOWS
 from ..files import written_atomically
-from ..maps import KINDS, normalise, smooth
+from ..maps import normalise, smooth
 from ..metrics import METRICS, score_maps, token_mask
 from ..sampling.windows import step_windows
 from ..tokens import FUNCTION_WORDS, normalise_word

@@ -10,31 +10,36 @@ import numpy as np
 
 from ..maps import AttentionMaps, smooth
 from ..metrics import BlockScores
-from .render import colourise, outline, overlay
+from .render import outline, picture
 
 
 def _image(maps: AttentionMaps, prompt: int):
     return maps.images[prompt] if len(maps.images) > prompt else None
 
 
-def _show(ax, maps: AttentionMaps, m, prompt: int, opacity: float) -> None:
-    image = _image(maps, prompt)
-    ax.imshow(overlay(image, m, opacity) if image is not None else colourise(m))
+def _show(ax, maps: AttentionMaps, m, prompt: int, opacity: float, smoothing: bool, patch=None) -> None:
+    """The map over the prompt's image (if known), without ticks; an I2I query `patch` outlined."""
+    rgb = picture(_image(maps, prompt), smooth(m) if smoothing else m, opacity)
+    ax.imshow(rgb if patch is None else outline(rgb, patch, maps.grid))
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _per(maps: AttentionMaps, by: str):
+    """`per_block` and the recorded blocks (by="block"), or `per_step` and the recorded steps (by="step")."""
+    if by not in ("block", "step"):
+        raise ValueError(f"by={by!r}; choose 'block' or 'step'")
+    return (maps.per_block, maps.blocks) if by == "block" else (maps.per_step, maps.steps)
 
 
 def word_grid(maps: AttentionMaps, words: Sequence[str], *, by: str = "block", prompt: int = 0,
               kind: str = "t2i", smoothing: bool = False, opacity: float = 0.7) -> plt.Figure:
     """One row per word, one column per recorded block (by="block") or step (by="step")."""
-    if by not in ("block", "step"):
-        raise ValueError(f"by={by!r}; choose 'block' or 'step'")
-    labels = maps.blocks if by == "block" else maps.steps
+    per, labels = _per(maps, by)
     fig, axes = plt.subplots(len(words), len(labels), figsize=(1.3 * len(labels), 1.4 * len(words)), squeeze=False)
     for r, word in enumerate(words):
-        stack = (maps.per_block if by == "block" else maps.per_step)(word, prompt=prompt, kind=kind)
-        for c, m in enumerate(stack):
-            _show(axes[r, c], maps, smooth(m) if smoothing else m, prompt, opacity)
+        for c, m in enumerate(per(word, prompt=prompt, kind=kind)):
+            _show(axes[r, c], maps, m, prompt, opacity, smoothing)
             if r == 0:
                 axes[r, c].set_title(f"{by} {labels[c]}", fontsize=8)
         axes[r, 0].set_ylabel(word)
@@ -47,11 +52,11 @@ KIND_NAMES = {"t2i": "T2I", "i2t": "I2T", "concept": "concept", "concept_xattn":
               "i2i": "I2I"}
 
 
-def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[str], *, prompt: int, blocks,
-                   smoothing: bool, opacity: float, row_height: float, fontsize: int) -> plt.Figure:
+def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[str], prompt: int, blocks,
+                   smoothing: bool, opacity: float, fontsize: int) -> plt.Figure:
     """The image, then one column per word with one row per kind; concept rows stay empty for a word
     that is not among the prompt's concepts."""
-    fig, axes = plt.subplots(len(kinds), len(words) + 1, figsize=(1.8 * (len(words) + 1), row_height * len(kinds)),
+    fig, axes = plt.subplots(len(kinds), len(words) + 1, figsize=(1.8 * (len(words) + 1), 1.9 * len(kinds)),
                              squeeze=False)
     image = _image(maps, prompt)
     concepts = maps.concepts[prompt] if maps.concept_kinds else []
@@ -65,7 +70,7 @@ def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[st
                 axes[r, c].axis("off")
                 continue
             m = maps.word(word, prompt=prompt, kind=kind, blocks=blocks)
-            _show(axes[r, c], maps, smooth(m) if smoothing else m, prompt, opacity)
+            _show(axes[r, c], maps, m, prompt, opacity, smoothing)
             axes[r, c].set_title(f"{word} ({KIND_NAMES[kind]})", fontsize=fontsize)
     fig.suptitle(f"{maps.prompts[prompt]!r}, blocks {blocks}", fontsize=10)
     fig.tight_layout()
@@ -75,8 +80,7 @@ def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[st
 def t2i_vs_i2t(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
                smoothing: bool = True, opacity: float = 0.7) -> plt.Figure:
     """The image, then for each word its T2I map above its I2T map (same blocks and steps)."""
-    return _kinds_by_word(maps, words, ("t2i", "i2t"), prompt=prompt, blocks=blocks, smoothing=smoothing,
-                          opacity=opacity, row_height=1.9, fontsize=9)
+    return _kinds_by_word(maps, words, ("t2i", "i2t"), prompt, blocks, smoothing, opacity, fontsize=9)
 
 
 def three_kinds(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
@@ -89,8 +93,8 @@ def three_kinds(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, b
     """
     if not maps.concept_kinds:
         raise ValueError("these maps have no concept maps: record with concepts=[...] (or use t2i_vs_i2t)")
-    return _kinds_by_word(maps, words, [*maps.kinds, *maps.concept_kinds], prompt=prompt, blocks=blocks,
-                          smoothing=smoothing, opacity=opacity, row_height=1.9, fontsize=8)
+    return _kinds_by_word(maps, words, [*maps.kinds, *maps.concept_kinds], prompt, blocks, smoothing, opacity,
+                          fontsize=8)
 
 
 def i2i_maps(maps: AttentionMaps, patches: Sequence[tuple[int, int]] | None = None, *, prompt: int = 0,
@@ -107,14 +111,8 @@ def i2i_maps(maps: AttentionMaps, patches: Sequence[tuple[int, int]] | None = No
     patches = [tuple(p) for p in ([patches] if len(patches) == 2 and isinstance(patches[0], int) else patches)]
     maps.query_columns(patches)  # every patch recorded, before any drawing
     fig, axes = plt.subplots(1, len(patches), figsize=(1.9 * len(patches), 2.1), squeeze=False)
-    image = _image(maps, prompt)
     for ax, patch in zip(axes[0], patches):
-        m = maps.patch(patch, prompt=prompt, blocks=blocks)
-        m = smooth(m) if smoothing else m
-        rgb = overlay(image, m, opacity) if image is not None else colourise(m)
-        ax.imshow(outline(rgb, patch, maps.grid))
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _show(ax, maps, maps.patch(patch, prompt=prompt, blocks=blocks), prompt, opacity, smoothing, patch)
         ax.set_title(f"I2I of patch {patch}", fontsize=8)
     fig.suptitle(f"{maps.prompts[prompt]!r}, blocks {blocks}", fontsize=10)
     fig.tight_layout()

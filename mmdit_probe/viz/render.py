@@ -32,6 +32,11 @@ def overlay(image, m: torch.Tensor, opacity: float = 0.6, cmap: str = "inferno")
     return (1 - opacity) * rgb + opacity * colourise(m, rgb.shape[:2], cmap)
 
 
+def picture(image, m: torch.Tensor, opacity: float = 0.6) -> np.ndarray:
+    """`overlay` of the map on the image, or the map alone (`colourise`) where there is no image (None)."""
+    return colourise(m) if image is None else overlay(image, m, opacity)
+
+
 def outline(rgb: np.ndarray, patch: tuple[int, int], grid: tuple[int, int], colour=(0.0, 1.0, 1.0)) -> np.ndarray:
     """A copy of an RGB picture of the token grid with one token's cell outlined (a query patch of I2I maps)."""
     rgb = rgb.copy()
