@@ -46,7 +46,8 @@ def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28,
     query chunks whose logits stay within `budget` bytes.
     """
     scale = q.shape[-1] ** -0.5
-    chunk = max(1, budget // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
+    batch, heads, _, _ = q.shape
+    chunk = max(1, budget // (4 * batch * heads * k.shape[2]))
     keys = k.float().transpose(-1, -2)
     parts = []
     for start in range(0, q.shape[2], chunk):
@@ -57,6 +58,10 @@ def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28,
     return torch.cat(parts, dim=2)
 
 
+def _scale(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])  # as `scaled_dot_product_attention` computes it
+
+
 def _flash_cpu(q, k, v, mask=None):
     # The CPU kernel takes additive masks only; `scaled_dot_product_attention` converts boolean ones the same way.
     if mask is not None and mask.dtype == torch.bool:
@@ -65,22 +70,27 @@ def _flash_cpu(q, k, v, mask=None):
 
 
 def _flash_cuda(q, k, v):
-    # `scaled_dot_product_attention` pads the head dimension to a multiple of 8 for this kernel, keeping the
-    # unpadded scale 1 / sqrt(d).
+    # `scaled_dot_product_attention` pads the head dimension to a multiple of 8 for this kernel.
     d = q.shape[-1]
     pad = (0, -d % 8)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-        *(F.pad(t, pad) if pad[1] else t for t in (q, k, v)), 0.0, False, False, scale=1.0 / math.sqrt(d))[:2]
+        *(F.pad(t, pad) if pad[1] else t for t in (q, k, v)), 0.0, False, False, scale=_scale(q))[:2]
     return out[..., :d], lse
+
+
+def _efficient(q, k, v):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+
+
+def _cudnn(q, k, v):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
 
 
 _FUSED: dict[tuple[str, SDPBackend], Callable] = {
     ("cpu", SDPBackend.FLASH_ATTENTION): _flash_cpu,
     ("cuda", SDPBackend.FLASH_ATTENTION): _flash_cuda,
-    ("cuda", SDPBackend.EFFICIENT_ATTENTION):
-        lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2],
-    ("cuda", SDPBackend.CUDNN_ATTENTION):
-        lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2],
+    ("cuda", SDPBackend.EFFICIENT_ATTENTION): _efficient,
+    ("cuda", SDPBackend.CUDNN_ATTENTION): _cudnn,
 }
 _trusted: dict[tuple, bool] = {}
 
