@@ -6,6 +6,7 @@
                     --edit "on the left a large green circle on a white background"
     mmdit-probe edit toy "on the left a large red circle on a white background" \
                          "on the left a large blue circle on a white background" --out out/edit
+    mmdit-probe maps black-forest-labs/FLUX.1-Kontext-dev "the cat wearing a red hat" --image cat.png --out out/k
     mmdit-probe sweep toy --prompts toy --num-prompts 100 --steps 8 --out out/sweep     # see mmdit_probe/sweep
     mmdit-probe sweep-report out/sweep
 
@@ -79,6 +80,48 @@ def _move_into(staging: Path, folder: Path) -> None:
             os.replace(item, folder / item.name)
 
 
+def _read_images(paths: list[str] | None) -> list:
+    """The --image files as RGB PIL images (as the model cards' examples load them), read before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths or []:
+        if not Path(path).is_file():
+            what = "is a folder" if Path(path).is_dir() else "does not exist"
+            raise InvalidInput(f"--image {path} {what}: give the path of an image file (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as picture:
+                images.append(picture.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise InvalidInput(f"--image {path} could not be read as an image ({error}): give a PNG, JPEG, ... "
+                               f"file") from error
+    return images
+
+
+def _image_inputs(probe, images: list, rows: int) -> dict:
+    """The pipeline inputs carrying the --image files in a call of `rows` prompts; refused where the model takes no
+    input image or fewer than given."""
+    if not images:
+        return {}
+    family, pipeline = probe.family, type(probe.pipeline).__name__
+    if not family.has_reference:
+        raise InvalidInput(f"--image: {pipeline} ({family.name}) takes no context or reference image; leave --image "
+                           f"out, or load a model that takes one (Flux.1 Kontext, Flux.2, Qwen-Image-Edit)")
+    most = family.max_input_images
+    if most is not None and len(images) > most:
+        several = " (Qwen-Image-Edit-2509 takes several)" if family.name == "qwen_image_edit" else ""
+        raise InvalidInput(f"--image given {len(images)} times: {pipeline} takes {most} input image per call"
+                           f"{several}; give --image once")
+    check = getattr(probe.pipeline.image_processor, "check_image_input", None)  # Flux.2's own size limits
+    for number, image in enumerate(images if check else [], start=1):
+        try:
+            check(image)
+        except ValueError as error:
+            raise InvalidInput(f"--image number {number}: {error}; {pipeline} refuses it: give a larger image, or "
+                               f"one closer to square") from error
+    return family.image_inputs(images, rows)
+
+
 def _load(model: str):
     from .probe import load
 
@@ -108,9 +151,11 @@ def _maps(args: argparse.Namespace) -> None:
     folder = Path(args.out)
     edit = [(folder / "edit", EDIT_FILES)] if args.edit is not None else []
     _check_out(args.overwrite, (folder, MAPS_FILES), *edit)
+    images = _read_images(args.image)
     with checking():
         probe = _load(args.model)
-        probe.check_generation(args.prompt, seed=args.seed, steps=args.steps)
+        image, pair = _image_inputs(probe, images, 1), _image_inputs(probe, images, 2)
+        probe.check_generation(args.prompt, seed=args.seed, steps=args.steps, **image)
         table = probe.tokens(args.prompt)
         if args.words:
             for word in args.words:
@@ -124,14 +169,14 @@ def _maps(args: argparse.Namespace) -> None:
         if args.edit is not None:
             from .editing.qk_injection import check_edit
 
-            check_edit(probe, args.prompt, args.edit, seed=args.seed, steps=args.steps)
+            check_edit(probe, args.prompt, args.edit, seed=args.seed, steps=args.steps, **pair)
 
     import matplotlib
 
     matplotlib.use("Agg")
     from .viz import t2i_vs_i2t, word_grid
 
-    out = probe.generate(args.prompt, seed=args.seed, steps=args.steps, record=True)
+    out = probe.generate(args.prompt, seed=args.seed, steps=args.steps, record=True, **image)
     blocks = "top" if set(probe.preset.top_layers) <= set(out.maps.blocks) else None
     figures = {"t2i_vs_i2t.png": lambda: t2i_vs_i2t(out.maps, words, blocks=blocks),
                "t2i_by_block.png": lambda: word_grid(out.maps, words, by="block"),
@@ -143,7 +188,7 @@ def _maps(args: argparse.Namespace) -> None:
         for name, figure in figures.items():
             figure().savefig(staging / name, dpi=110)
         if args.edit is not None:
-            _write_edit(probe, args.prompt, args.edit, staging / "edit", seed=args.seed, steps=args.steps)
+            _write_edit(probe, args.prompt, args.edit, staging / "edit", seed=args.seed, steps=args.steps, **pair)
     print(f"wrote {', '.join(MAPS_FILES)}{' and edit/' if args.edit is not None else ''} to {folder}/")
 
 
@@ -154,8 +199,10 @@ def _edit(args: argparse.Namespace) -> None:
                                  ("step_rounding", args.step_rounding), ("blend_pool", args.blend_pool),
                                  ("n_prev_steps", args.n_prev_steps)) if v is not None}
     options.update(seed=args.seed, steps=args.steps, variant=args.variant, local_blend=not args.no_blend)
+    images = _read_images(args.image)
     with checking():
         probe = _load(args.model)
+        options.update(_image_inputs(probe, images, 2))  # the edit runs its source and target prompts together
         from .editing.qk_injection import check_edit
 
         check_edit(probe, args.source, args.target, **options)
@@ -199,6 +246,9 @@ def parser() -> argparse.ArgumentParser:
     maps.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
     maps.add_argument("--words", nargs="+", help="words to show (default: the prompt's content words)")
     maps.add_argument("--edit", metavar="TARGET", help="also edit the image into this prompt (writes DIR/edit/)")
+    maps.add_argument("--image", action="append", metavar="PATH",
+                      help="a context / reference image the model takes (Flux.1 Kontext, Flux.2, Qwen-Image-Edit); "
+                           "repeat it for several where the model takes them (Flux.2, Qwen-Image-Edit-2509)")
     maps.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     maps.set_defaults(run=_maps)
 
@@ -223,6 +273,9 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--blend-pool", type=_positive, help="odd side of the max-pool before thresholding (1: none)")
     edit.add_argument("--n-prev-steps", type=lambda t: t if t == "all" else _positive(t),
                       help="masks from the maps of the last N blended steps, or 'all' (default 1)")
+    edit.add_argument("--image", action="append", metavar="PATH",
+                      help="a context / reference image the model takes (Flux.1 Kontext, Flux.2, Qwen-Image-Edit); "
+                           "repeat it for several where the model takes them (Flux.2, Qwen-Image-Edit-2509)")
     edit.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     edit.set_defaults(run=_edit)
 

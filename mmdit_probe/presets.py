@@ -66,6 +66,22 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen-image", "qwen_image", "Qwen/Qwen-Image", 50, 1.0, 1328, 512, (30, 35, 40, 25, 45), theta=0.3,
                notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') runs plain "
                      "generation only; top layers and theta are a guess until a sweep picks them"),
+        # Qwen-Image-Edit (Qwen/Qwen-Image-Edit model card's diffusers example): 50 steps, true_cfg_scale=4.0 with
+        # negative_prompt=" ", the output at the input image's aspect ratio, about 1024x1024. Qwen-Image-Edit-2509
+        # (its model card's QwenImageEditPlusPipeline example): 40 steps, true_cfg_scale=4.0, guidance_scale=1.0,
+        # negative_prompt=" ". (Read in copies of those examples: github.com/SnyderConsulting/qwen-image-training
+        # inference_edit.py, github.com/yesidevelop/huggingface-models qwen-image-edit.py; the pipelines' own
+        # __call__ defaults are true_cfg_scale=4.0, 50 steps.) As for qwen-image, true CFG is a second transformer
+        # call per step, so the default here is no guidance. Same transformer as Qwen-Image: its top-layer guess.
+        Preset("qwen-image-edit", "qwen_image_edit", "Qwen/Qwen-Image-Edit", 50, 1.0, 1024, 512, (30, 35, 40, 25, 45),
+               theta=0.3, notes="60 double-stream blocks; the input image's tokens follow the image tokens; published "
+                                "true_cfg_scale 4.0 (negative_prompt ' ') runs plain generation only; top layers and "
+                                "theta are a guess until a sweep picks them"),
+        Preset("qwen-image-edit-2509", "qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", 40, 1.0, 1024, 512,
+               (30, 35, 40, 25, 45), theta=0.3,
+               notes="QwenImageEditPlusPipeline: one or more input images, one prompt per call (maps and hooks; no "
+                     "editing or patching, which run several prompts together); published true_cfg_scale 4.0 "
+                     "(negative_prompt ' ') runs plain generation only; top layers and theta are a guess"),
         # Published settings from the model cards' diffusers examples; the top blocks are Flux.1-dev's, a guess (same
         # block layout) until a sweep over prompts picks them (`mmdit-probe sweep` on a GPU).
         Preset("chroma1-hd", "chroma", "lodestones/Chroma1-HD", 40, 3.0, 1024, 512,
@@ -76,7 +92,11 @@ PRESETS: dict[str, Preset] = {
                (18, 17, 12, 14, 11), theta=0.3,
                notes="distilled guidance; a context image (image=...) adds reference tokens after the image tokens; "
                      "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
-        # Flux.2: steps, guidance and size from the model cards' diffusers examples; top_layers and Klein's
+        # Flux.2: steps, guidance and size from the model cards' diffusers examples; FLUX.2-dev's card:
+        # num_inference_steps=50 ("28 steps can be a good trade-off"), guidance_scale=4 (read in copies of it, e.g.
+        # github.com/knix008/MachineLearning Flux2-Dev/Flux.2-Dev-Example01-CUDA.py; also `Flux2Pipeline.__call__`'s
+        # defaults in diffusers 0.42.1, 50 and 4.0; its docstring example's guidance_scale=2.5 is the odd one out).
+        # top_layers and Klein's
         # inject_blocks are first guesses (late double-stream and early single-stream blocks), to be replaced by a
         # sweep's top_layers.json (`mmdit-probe sweep` on a GPU).
         Preset("flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", 50, 4.0, 1024, 512, (6, 7, 8, 9, 5),
@@ -127,11 +147,9 @@ FAMILY_DEFAULTS: dict[str, Preset] = {
     "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
     "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
     "qwen_image": replace(PRESETS["qwen-image"], name="qwen_image (family defaults)", hub_id=None),
-    # Qwen-Image-Edit's model card: 50 steps; the output takes the input image's size (about 1024x1024).
-    "qwen_image_edit": replace(PRESETS["qwen-image"], name="qwen_image_edit (family defaults)",
-                               family="qwen_image_edit", hub_id=None, resolution=1024),
-    "qwen_image_edit_plus": replace(PRESETS["qwen-image"], name="qwen_image_edit_plus (family defaults)",
-                                    family="qwen_image_edit_plus", hub_id=None, resolution=1024),
+    "qwen_image_edit": replace(PRESETS["qwen-image-edit"], name="qwen_image_edit (family defaults)", hub_id=None),
+    "qwen_image_edit_plus": replace(PRESETS["qwen-image-edit-2509"], name="qwen_image_edit_plus (family defaults)",
+                                    hub_id=None),
     "chroma": replace(PRESETS["chroma1-hd"], name="chroma (family defaults)", hub_id=None),
     "flux-kontext": replace(PRESETS["flux.1-kontext-dev"], name="flux-kontext (family defaults)", hub_id=None),
     "flux2": replace(PRESETS["flux.2-dev"], name="flux2 (family defaults)", hub_id=None),
@@ -179,6 +197,12 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
     if family == "qwen_image" and (layers, heads) == (60, 24):
         return PRESETS["qwen-image"]
+    # The pipeline class tells Edit from Edit-2509 (QwenImageEditPlusPipeline); the transformer is Qwen-Image's.
+    # Edit-2511 runs on the Plus pipeline too, and gets 2509's preset: its shape is the same.
+    if family == "qwen_image_edit" and (layers, heads) == (60, 24):
+        return PRESETS["qwen-image-edit"]
+    if family == "qwen_image_edit_plus" and (layers, heads) == (60, 24):
+        return PRESETS["qwen-image-edit-2509"]
     if family == "chroma" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
         return PRESETS["chroma1-hd"]
     if family == "flux-kontext" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):

@@ -62,12 +62,22 @@ ROWS = [
     (["maps", "toy", CIRCLE, "--words", "zebra", "--out", "{out}"], 2, "word 'zebra' is not in the prompt"),
     (["maps", "nobody/no-such-model", CIRCLE, "--out", "{out}"], 2, "could not load 'nobody/no-such-model'"),
     (["maps", "toy", CIRCLE, "--out", "{a_file}/sub"], 2, "is a file, not a folder"),
+    (["maps", "toy", CIRCLE, "--image", "{root}/missing.png", "--out", "{out}"], 2,
+     "missing.png does not exist: give the path of an image file"),
+    (["maps", "toy", CIRCLE, "--image", "{scenes}", "--out", "{out}"], 2, "scenes is a folder"),
+    (["maps", "toy", CIRCLE, "--image", "{prompts}", "--out", "{out}"], 2, "prompts.txt could not be read as an image"),
+    (["maps", "toy", CIRCLE, "--image", "{scenes}/images/one.png", "--out", "{out}"], 2,
+     "--image: StableDiffusion3Pipeline (sd3) takes no context or reference image; leave --image out"),
     # edit
     (["edit", "toy", CIRCLE, CIRCLE.replace("red", "blue"), "--tau", "nan", "--out", "{out}"], 2,
      "argument --tau: nan is not allowed"),
     (["edit", "toy", CIRCLE, CIRCLE.replace("red", "blue"), "--variant", "best", "--out", "{out}"], 2,
      "argument --variant: invalid choice: 'best'"),
     (["edit", "toy", CIRCLE, "", "--out", "{out}"], 2, "target=''"),
+    (["edit", "toy", CIRCLE, CIRCLE.replace("red", "blue"), "--image", "{root}/missing.png", "--out", "{out}"], 2,
+     "missing.png does not exist"),
+    (["edit", "toy", CIRCLE, CIRCLE.replace("red", "blue"), "--image", "{scenes}/images/one.png", "--out", "{out}"],
+     2, "takes no context or reference image"),
     # sweep: options refused before the model loads, or against it, but always before OUT exists
     (["sweep", "nobody/no-such-model", "--prompts", "toy", "--out", "{out}"], 2,
      "could not load 'nobody/no-such-model'"),
@@ -163,14 +173,15 @@ def test_python_m_entry_points_use_the_same_runner(files, tmp_path):
 
 def test_help_and_sweep_argument_errors_do_not_import_torch(files, tmp_path):
     code = ("import sys\nfrom mmdit_probe.cli import main\n"
-            f"for argv in (['--help'], ['sweep', '--help'], ['sweep-report', '--help'],\n"
+            f"for argv in (['--help'], ['maps', '--help'], ['edit', '--help'], ['sweep', '--help'],\n"
+            f"             ['sweep-report', '--help'],\n"
             f"             ['sweep', 'toy', '--prompts', 'toy', '--num-prompts', '0', '--out', {str(tmp_path)!r}],\n"
             f"             ['sweep', 'toy', '--prompts', {files['prompts']!r}, '--out', {str(tmp_path)!r}]):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
             "print('torch' in sys.modules)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     said = [line for line in run.stdout.splitlines() if line.startswith("exit ") or line in ("True", "False")]
-    assert said == ["exit 0", "exit 0", "exit 0", "exit 2", "exit 2", "False"], run.stdout + run.stderr
+    assert said == ["exit 0"] * 5 + ["exit 2", "exit 2", "False"], run.stdout + run.stderr
 
 
 def test_debug_shows_the_traceback_of_bad_input(files, capsys):

@@ -11,6 +11,7 @@ transformers 5.25's `ProcessorMixin` cannot check the processor's (absent) video
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -26,7 +27,9 @@ from transformers.processing_utils import ProcessorMixin
 import mmdit_probe
 from mmdit_probe import testing, validation
 from mmdit_probe.attention import AttentionRecorder
+from mmdit_probe.cli import main
 from mmdit_probe.patching import activation_patching
+from mmdit_probe.presets import find_preset, preset
 from mmdit_probe.testing import _qwen_text_encoder, qwen2_tokenizer
 
 VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -225,9 +228,88 @@ def test_plus_reference_maps_equal_the_softmax_of_the_stock_q_and_k(plus, image,
 
 
 def test_plus_refuses_batches_and_reference_maps_of_several_images(plus, image):
-    with pytest.raises(validation.InvalidInput, match="one prompt at a time"):
+    """diffusers 0.42.1's `QwenImageEditPlusPipeline.__call__` raises for a batch of more than one (a prompt list or
+    prompt embeddings alike), so editing and patching, which run their rows in one call, point to Qwen-Image-Edit."""
+    with pytest.raises(ValueError, match="only supports batch_size=1"):  # the pipeline itself, whatever the images
+        plus.pipeline(prompt=PROMPTS, image=[image], num_inference_steps=1, height=SIDE, width=SIDE,
+                      output_type="latent")
+    instead = r"one prompt at a time .* need Qwen-Image-Edit instead \(QwenImageEditPipeline"
+    with pytest.raises(validation.InvalidInput, match=instead):
         plus.family.check_one_call_per_step({"prompt": PROMPTS, "image": image})
     with pytest.raises(validation.InvalidInput, match="cover one input image"):
         plus.family.reference_grid({"image": [image, image]})
-    with pytest.raises(validation.InvalidInput, match="one prompt at a time"):
+    with pytest.raises(validation.InvalidInput, match=instead):
         plus.edit(PROMPTS[0], "a blue dog", steps=STEPS, guidance=1.0, height=SIDE, width=SIDE, image=image)
+    with pytest.raises(validation.InvalidInput, match=instead):
+        activation_patching(plus, PROMPTS[0], PROMPTS[1], ["k_img"], over=("hook",), metric="distance",
+                            num_steps=STEPS, guidance=1.0, progress=False, height=SIDE, width=SIDE, image=[image])
+
+
+def test_presets_by_shape_follow_the_pipeline_class(probe, plus):
+    """The Edit and Edit-2509 checkpoints share Qwen-Image's transformer: the pipeline's family picks the preset."""
+    qwen_image = {"num_layers": 60, "num_attention_heads": 24}
+    edit, edit_plus = (find_preset("/models/local-copy", p.family.name, qwen_image) for p in (probe, plus))
+    assert (edit.name, edit.steps, edit.family) == ("qwen-image-edit", 50, "qwen_image_edit")
+    assert (edit_plus.name, edit_plus.steps, edit_plus.family) == ("qwen-image-edit-2509", 40, "qwen_image_edit_plus")
+    assert preset("Qwen/Qwen-Image-Edit-2509") is edit_plus and preset("qwen/qwen-image-edit") is edit
+    # Recording refuses a second transformer call per step: the published true_cfg_scale 4.0 is in the notes.
+    assert edit.guidance == edit_plus.guidance == 1.0 and "true_cfg_scale 4.0" in edit_plus.notes
+    # The tiny models (3 blocks) are no known checkpoint: their family's defaults, those presets' sampling.
+    assert (probe.preset.name, probe.preset.steps) == ("qwen_image_edit (family defaults)", 50)
+    assert (plus.preset.name, plus.preset.steps) == ("qwen_image_edit_plus (family defaults)", 40)
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """The CLI's model, a probe made small: 2 steps, 64 pixels, 32 text tokens (its preset, for this test only)."""
+    def shrink(p):
+        monkeypatch.setattr(p, "preset", replace(p.preset, steps=STEPS, resolution=SIDE, max_sequence_length=32))
+        monkeypatch.setattr("mmdit_probe.cli._load", lambda model: p)
+        return p
+    return shrink
+
+
+def _image_file(image, folder) -> str:
+    image.save(folder / "input.png")
+    return str(folder / "input.png")
+
+
+def test_cli_maps_and_edit_pass_the_image_once_per_prompt(probe, image, small, tmp_path):
+    """`mmdit-probe maps ... --image PATH --edit TARGET`: image=[img] for the map's one prompt, [img, img] for the
+    edit's two, so the text encoder sees the image at one size in both and the edit's source row is the map's
+    image's batched generation."""
+    small(probe)
+    target, out = "a small blue dog", tmp_path / "out"
+    main(["maps", "tiny", PROMPTS[0], "--image", _image_file(image, tmp_path), "--edit", target, "--out", str(out)])
+    alone = probe.generate(PROMPTS[0], image=[image]).images[0]
+    assert Image.open(out / "image.png").tobytes() == alone.tobytes()
+    batched = probe.pipeline(**probe.inputs([PROMPTS[0], target], image=[image, image])).images
+    assert Image.open(out / "edit/source.png").tobytes() == batched[0].tobytes()
+
+
+def test_cli_refuses_a_second_image_and_points_plus_to_qwen_image_edit(probe, plus, image, small, tmp_path, capsys):
+    path = _image_file(image, tmp_path)
+    small(probe)
+    with pytest.raises(SystemExit) as exit_:
+        main(["maps", "tiny", PROMPTS[0], "--image", path, "--image", path, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "QwenImageEditPipeline takes 1 input image per call (Qwen-Image-Edit-2509 " \
+                                       "takes several); give --image once" in err, err
+    small(plus)
+    for argv in (["maps", "tiny", PROMPTS[0], "--edit", "a blue dog"], ["edit", "tiny", PROMPTS[0], "a blue dog"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--image", path, "--out", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "need Qwen-Image-Edit instead" in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_maps_of_plus_take_every_image(plus, image, small, tmp_path):
+    small(plus)
+    second = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    second.save(tmp_path / "second.png")
+    main(["maps", "tiny", PROMPTS[0], "--image", _image_file(image, tmp_path), "--image", str(tmp_path / "second.png"),
+          "--out", str(tmp_path / "out")])
+    both = plus.generate(PROMPTS[0], image=[image, second]).images[0]
+    assert Image.open(tmp_path / "out/image.png").tobytes() == both.tobytes()
+    assert both.tobytes() != plus.generate(PROMPTS[0], image=[image]).images[0].tobytes()

@@ -60,6 +60,8 @@ class Family:
     # Whether the image stream may end with reference tokens (a context image): they get their own taps
     # ("q_ref", ...) and maps (`constants.REFERENCE_KINDS`); `reference_length` says how many there are.
     has_reference = False
+    # How many input images (context or reference images) one pipeline call takes where `has_reference`; None: any.
+    max_input_images: int | None = 1
     # Whether the pipeline passes an attention mask (Chroma's padded text): recorded maps apply it as the kernel does.
     masks_attention = False
 
@@ -116,6 +118,14 @@ class Family:
         """The pipeline arguments that set this guidance scale; `guidance_scale` is always among them (the editors
         and samplers read it)."""
         return {"guidance_scale": guidance}
+
+    def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
+        """The pipeline inputs that give it these input images (PIL, a context or reference image each) in a call of
+        `rows` prompts, as the Python API takes them: one image as itself, several as a list.
+
+        >>> probe.generate("a cat on a mat", **probe.family.image_inputs([Image.open("cat.png")], 1))
+        """
+        return {"image": images[0] if len(images) == 1 else list(images)}
 
     def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
         """Pipeline inputs whose prompt list the probe has resized to `rows` (activation patching's runs): unchanged

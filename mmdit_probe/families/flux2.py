@@ -173,6 +173,7 @@ class Flux2Family(DoubleAndSingleBlocks):
     # transformer calls per step, never a doubled batch, and is refused (see `_before_transformer`).
     batched_guidance = False
     has_reference = True
+    max_input_images = None  # the pipelines take a list of any length (BFL recommends at most 6 for dev, 4 for Klein)
 
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)

@@ -112,6 +112,11 @@ class QwenImageEditFamily(QwenImageFamily):
         image = inputs.get("image")
         return {**inputs, "image": [image[0]] * rows} if isinstance(image, list) else inputs
 
+    def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
+        """The input image once per prompt, as a list (`check_one_call_per_step`), whatever the number of prompts:
+        the text encoder then sees it at its own size in a generation and in an edit alike."""
+        return {"image": [images[0]] * rows}
+
     def vision_tokens(self, size: tuple[int, int] | None = None) -> int:
         """How many ``<|image_pad|>`` tokens the processor writes for an image of this (height, width) in pixels
         (default: the last input image, at the size the text encoder saw it)."""
@@ -132,11 +137,13 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
     """Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`): one or more input images, each a frame of the image stream
     after the output's, at about 1024x1024 pixels for the VAE and 384x384 for the text encoder. The text holds
     ``Picture i: <|vision_start|>`` + vision tokens + ``<|vision_end|>`` per image, then the prompt. The pipeline
-    runs one prompt at a time (diffusers 0.42.1), so editing and activation patching, which run several rows, are
-    refused; reference maps cover one input image."""
+    runs one prompt at a time: diffusers 0.42.1's ``__call__`` raises for a batch of more than one, given as a prompt
+    list or as prompt embeddings, so editing and activation patching, which run several rows in one call, are
+    refused (Qwen-Image-Edit's `QwenImageEditPipeline` takes them); reference maps cover one input image."""
 
     name = "qwen_image_edit_plus"
     pipeline_classes = ("QwenImageEditPlusPipeline",)
+    max_input_images = None
     _pipeline_module = "pipeline_qwenimage_edit_plus"
     _condition_area = 384 * 384  # CONDITION_IMAGE_SIZE of the pipeline module
 
@@ -155,11 +162,17 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
         prompts = inputs.get("prompt")
         if not isinstance(prompts, str) and len(prompts or [None]) != 1:
             raise validation.InvalidInput("QwenImageEditPlusPipeline runs one prompt at a time (diffusers 0.42.1 "
-                                          "refuses batches): give one prompt; editing and activation patching, "
-                                          "which run several rows together, are not available for it")
+                                          "raises for a batch of more than one): give one prompt. Editing and "
+                                          "activation patching run their rows as one batch, so they need "
+                                          "Qwen-Image-Edit instead (QwenImageEditPipeline, Qwen/Qwen-Image-Edit), "
+                                          "with image=[image] * len(prompts)")
         images = _images(inputs.get("image"))
         if images is not None:
             self._vision_sizes = [self.resized(i.size, self._condition_area) for i in images]
+
+    def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
+        """Every input image, as a list: the pipeline gives each its own ``Picture i: `` block and frame."""
+        return {"image": list(images)}
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         """The template with the pipeline's ``Picture i: `` block per input image before the prompt (vision tokens

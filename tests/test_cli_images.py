@@ -1,0 +1,128 @@
+"""`mmdit-probe maps/edit --image`: the context / reference images of Flux.1 Kontext and Flux.2 (dev, Klein) reach the
+pipeline exactly as the Python API takes them, on the tiny pipelines saved to a folder and named by a preset (steps,
+guidance, size and text length of `testing.TINY_GENERATION_KWARGS`). Qwen-Image-Edit's are in test_qwen_image_edit.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+from PIL import Image
+
+import mmdit_probe
+from mmdit_probe import presets, testing
+from mmdit_probe.cli import main
+
+PROMPT, TARGET = "a red cat on a mat", "a blue cat on a mat"
+FAMILIES = {"flux-kontext": "flux-kontext", "flux2-klein": "flux2", "flux2-dev": "flux2"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A preset per tiny kind ("tiny-flux-kontext", ...) whose hub id is the saved pipeline's folder."""
+    root = tmp_path_factory.mktemp("models")
+    added = {}
+    for kind, family in FAMILIES.items():
+        options = testing.TINY_GENERATION_KWARGS[kind]
+        path = testing.save_tiny_pipeline(kind, root / kind)
+        added[kind] = presets.Preset(f"tiny-{kind}", family, str(path), options["num_inference_steps"],
+                                     options["guidance_scale"], options["height"], options["max_sequence_length"],
+                                     (0, 1))
+        presets.PRESETS[added[kind].name] = added[kind]
+    yield {kind: p.name for kind, p in added.items()}
+    for p in added.values():
+        presets.PRESETS.pop(p.name)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Reference images as files (an RGBA one: the CLI reads it as RGB, as the model cards' examples do)."""
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    paths = [root / "one.png", root / "two.png", root / "small.png"]
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(paths[0])
+    Image.fromarray((rng.random((64, 96, 4)) * 255).astype(np.uint8)).save(paths[1])
+    Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(paths[2])  # under Flux.2's 64 pixels
+    return [str(p) for p in paths]
+
+
+def _rgb(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def _bytes(path) -> bytes:
+    return Image.open(path).tobytes()
+
+
+@pytest.mark.parametrize("kind, count", [("flux-kontext", 1), ("flux2-dev", 1), ("flux2-klein", 2)])
+def test_maps_with_images_is_the_python_apis_generation_with_them(models, pictures, tmp_path, kind, count, capsys):
+    images = pictures[:count]
+    out = tmp_path / "out"
+    main(["maps", models[kind], PROMPT, "--out", str(out), "--edit", TARGET,
+          *[a for path in images for a in ("--image", path)]])
+    assert "wrote" in capsys.readouterr().out
+    probe = mmdit_probe.load(models[kind])
+    given = [_rgb(p) for p in images]
+    image = given[0] if count == 1 else given
+    reference = probe.generate(PROMPT, image=image).images[0]
+    plain = probe.generate(PROMPT).images[0]
+    assert _bytes(out / "image.png") == reference.tobytes() != plain.tobytes()  # the image reached the pipeline
+    # The edit's source row is the plain batched generation of [source, target] with the same images (a batch of
+    # two may round differently from one prompt alone on CPU).
+    batched = probe.pipeline(**probe.inputs([PROMPT, TARGET], image=image)).images[0]
+    assert _bytes(out / "edit/source.png") == batched.tobytes()
+    assert (out / "maps.safetensors").is_file() and (out / "edit/edited.png").is_file()
+
+
+def test_edit_with_two_reference_images(models, pictures, tmp_path):
+    out = tmp_path / "edit"
+    main(["edit", models["flux2-klein"], PROMPT, TARGET, "--image", pictures[0], "--image", pictures[1], "--out",
+          str(out), "--tau", "1", "--no-blend"])
+    probe = mmdit_probe.load(models["flux2-klein"])
+    plain = probe.pipeline(**probe.inputs([PROMPT, TARGET], image=[_rgb(p) for p in pictures[:2]])).images
+    assert _bytes(out / "source.png") == plain[0].tobytes()
+    assert _bytes(out / "edited.png") != plain[1].tobytes()  # tau=1: the target took the source's q/k
+
+
+REFUSED = [("flux-kontext", [0, 1], "--image given 2 times: FluxKontextPipeline takes 1 input image per call; give "
+                                    "--image once"),
+           ("flux2-klein", [0, 2], "--image number 2: Image too small: 64×48. Both dimensions must be at least 64px; "
+                                   "Flux2KleinPipeline refuses it")]
+
+
+@pytest.mark.parametrize("command", ["maps", "edit"])
+@pytest.mark.parametrize("kind, chosen, match", REFUSED, ids=[row[0] for row in REFUSED])
+def test_images_the_pipeline_would_refuse_exit_2_before_any_model_call(models, pictures, tmp_path, capsys,
+                                                                       monkeypatch, command, kind, chosen, match):
+    calls = []
+    for transformer in (FluxTransformer2DModel, Flux2Transformer2DModel):
+        forward = transformer.forward
+        monkeypatch.setattr(transformer, "forward", lambda *a, f=forward, **k: calls.append(1) or f(*a, **k))
+    prompts = [PROMPT] if command == "maps" else [PROMPT, TARGET]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, models[kind], *prompts, *[a for i in chosen for a in ("--image", pictures[i])], "--out",
+              str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"mmdit-probe {command}: error: ") and match in err
+    assert not calls and not (tmp_path / "out").exists()
+
+
+def test_the_klein_kv_pipeline_is_refused_naming_why_and_what_to_load(tmp_path, capsys):
+    """`Flux2KleinKVPipeline` runs the reference tokens at step 0 only and reuses their cached keys and values: the
+    taps would not see them later. Refused as a built pipeline and as a folder (before any weights load)."""
+    from diffusers import Flux2KleinKVPipeline
+
+    klein = testing.tiny_pipeline("flux2-klein")
+    kv = Flux2KleinKVPipeline(**klein.components)
+    why = r"'Flux2KleinKVPipeline': it runs the reference images' tokens at the first step only .* Flux2KleinPipeline"
+    with pytest.raises(TypeError, match=why):
+        mmdit_probe.load(kv)
+    kv.save_pretrained(tmp_path / "kv")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(tmp_path / "kv")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "caches their keys and values" in err, err
+    assert "load the checkpoint with Flux2KleinPipeline.from_pretrained instead" in err
