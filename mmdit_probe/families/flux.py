@@ -134,17 +134,14 @@ class FluxFamily(DoubleAndSingleBlocks):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     transformer_class = "FluxTransformer2DModel"
     image_first = False
-    latent_channels_divisor = 4
     # Guidance-distilled: guidance is an input, never a doubled batch (true CFG is refused by
     # `validation.one_call_per_step`).
     batched_guidance = False
 
-    def __init__(self, pipeline) -> None:
-        super().__init__(pipeline)
-        self._block_hooks: list = []
-
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]
+
+    latent_channels_divisor = 4  # `pack_latents` packs 2x2 latent patches into one token
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline._pack_latents(latents, *latents.shape)
@@ -160,12 +157,6 @@ class FluxFamily(DoubleAndSingleBlocks):
 
     def install_taps(self) -> None:
         super().install_taps()
-        if not self._block_hooks:
-            self._block_hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
-                                 for block in self.transformer.single_transformer_blocks]
-
-    def remove_taps(self) -> None:
-        super().remove_taps()
-        for handle in self._block_hooks:
-            handle.remove()
-        self._block_hooks = []
+        if not self._hooks:
+            self._hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
+                           for block in self.transformer.single_transformer_blocks]
