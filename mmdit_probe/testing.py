@@ -315,54 +315,30 @@ def _seed(seed: int, slot: int) -> None:
     torch.manual_seed(seed * 1000 + slot)
 
 
-def _clip(
-    tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str, projection: bool
-) -> CLIPTextModel | CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        # Two layers at least: SD3 reads the penultimate hidden state.
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act=hidden_act,
-        projection_dim=hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def _clip(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str,
+          projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
+    # Two layers at least: SD3 reads the penultimate hidden state.
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=tokenizer.model_max_length, hidden_act=hidden_act,
+                            projection_dim=hidden_size, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=d_model // 4,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        # T5 v1.1, as used by SD3 and Flux.
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    # T5 v1.1 (gated GELU, untied embeddings), as used by SD3 and Flux.
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
+                      num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return T5EncoderModel(config)
 
 
 def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, width: int) -> Qwen2_5_VLForConditionalGeneration:
-    heads = 2
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
+            "vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2,
             # Sections of the rotary half-dimension for (time, height, width), as in Qwen2.5-VL's config.
             "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
             "rope_theta": 1000000.0,
@@ -407,19 +383,10 @@ def _qwen3(tokenizer: Qwen2Tokenizer, hidden_size: int) -> Qwen3ForCausalLM:
 
 def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
     # Four levels give the real scale factor 8; no quant convs, as in the SD3 and Flux VAEs.
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=4,
+                         sample_size=64, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _flux2_vae() -> AutoencoderKLFlux2:
