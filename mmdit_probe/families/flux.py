@@ -58,8 +58,7 @@ class FluxTapProcessor(TapProcessor):
             n_text = self.text_length
 
         if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            q, k = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (q, k))
 
         reference = REFERENCE in self.streams
         q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
@@ -80,10 +79,8 @@ class FluxTapProcessor(TapProcessor):
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
-            self.concepts.keep(*(i.transpose(1, 2) for i in (q[:, n_text:n_text + n_image],
-                                                               k[:, n_text:n_text + n_image],
-                                                               v[:, n_text:n_text + n_image])),
-                               image[:, :n_image])
+            image_rows = slice(n_text, n_text + n_image)
+            self.concepts.keep(*(t[:, image_rows].transpose(1, 2) for t in (q, k, v)), image[:, :n_image])
         if joint:
             image = self._tap_image_out(attn.to_out[1](attn.to_out[0](image.contiguous())), n_image, reference)
             text = attn.to_add_out(text.contiguous())
@@ -108,8 +105,7 @@ class FluxTapProcessor(TapProcessor):
         cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, concepts, stream))
         cq, ck = (attn.norm_added_q(cq), attn.norm_added_k(ck)) if joint else (attn.norm_q(cq), attn.norm_k(ck))
         if image_rotary_emb is not None:
-            cq = apply_rotary_emb(cq, image_rotary_emb, sequence_dim=1)
-            ck = apply_rotary_emb(ck, image_rotary_emb, sequence_dim=1)
+            cq, ck = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (cq, ck))
         out = self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
         if joint:
             return torch.zeros_like(hidden_states), attn.to_add_out(out)
