@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import string
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,8 +80,9 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from ._bpe import _bpe, word_merges
+from ._bpe import word_merges
 from ._notices import internal_deprecations_hidden
 
 _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
@@ -97,28 +99,20 @@ _PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
 TINY_KINDS: tuple[str, ...] = tuple(_PIPELINE_CLASSES)
 
 # Guidance scales are the models' usual ones, so SD3 runs classifier-free guidance (batch 2 in the
-# transformer) and Flux-dev feeds its guidance embedding.
+# transformer) and Flux-dev feeds its guidance embedding. Chroma's guidance > 1 is a second transformer call per
+# step, which recording, patching and editing refuse; Kontext's is distilled, like Flux-dev's.
+# Text lengths: Qwen-Image's text is as long as the batch's longest prompt, at most its 8, which makes the test
+# prompts one length, as the parametrised tests' references (no key mask) need (tests/test_qwen_image.py pads and
+# masks); Flux.2's chat templates put tokens around the prompt (Klein a dozen; dev's system message about 35): the
+# pipelines pad to 512.
 TINY_GENERATION_KWARGS: dict[str, dict] = {
-    kind: {
-        "height": 64,
-        "width": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": guidance_scale,
-        # Qwen-Image's text is as long as the batch's longest prompt, at most this: 8 makes the test prompts one
-        # length, as the parametrised tests' references (no key mask) need; tests/test_qwen_image.py pads and masks.
-        "max_sequence_length": 8 if kind == "qwen-image" else 16,
-    }
-    for kind, guidance_scale in (("sd3", 7.0), ("sd3.5", 7.0), ("flux-dev", 3.5), ("flux-schnell", 0.0),
-                                 ("qwen-image", 1.0),
-                                 # Chroma's guidance > 1 is a second transformer call per step, which recording,
-                                 # patching and editing refuse; Kontext's is distilled, like Flux-dev's.
-                                 ("chroma", 1.0), ("flux-kontext", 2.5), ("flux2-dev", 4.0), ("flux2-klein", 1.0))
+    kind: {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": guidance_scale,
+           "max_sequence_length": max_sequence_length}
+    for kind, guidance_scale, max_sequence_length in (
+        ("sd3", 7.0, 16), ("sd3.5", 7.0, 16), ("flux-dev", 3.5, 16), ("flux-schnell", 0.0, 16),
+        ("qwen-image", 1.0, 8), ("chroma", 1.0, 16), ("flux-kontext", 2.5, 16), ("flux2-dev", 4.0, 64),
+        ("flux2-klein", 1.0, 32))
 }
-
-# Flux.2's chat templates put tokens around the prompt (Klein a dozen; dev's system message about 35): the pipelines
-# pad to 512.
-TINY_GENERATION_KWARGS["flux2-dev"]["max_sequence_length"] = 64
-TINY_GENERATION_KWARGS["flux2-klein"]["max_sequence_length"] = 32
 
 _COMMON_WORDS = """
     a an the of on in at to by for from with without and or but not no is are was be it its this that
@@ -182,9 +176,7 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0) -> Path:
     torch.set_default_dtype(torch.float32)
     try:
         with torch.random.fork_rng(devices=[]), internal_deprecations_hidden():
-            builders = {"chroma": _build_chroma, "qwen-image": _build_qwen, "flux2-dev": _build_flux2,
-                        "flux2-klein": _build_flux2}
-            pipe = (_build_sd3 if kind.startswith("sd3") else builders.get(kind, _build_flux))(kind, seed)
+            pipe = _build(kind, seed)
     finally:
         torch.set_default_dtype(dtype)
     path = Path(directory)
@@ -198,7 +190,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     Every word of `WORDS` is one token. SD3's CLIP-G tokenizer pads with "!" (id 0) instead of
     "<|endoftext|>"; pass ``pad_token="!"`` to get that one.
     """
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     vocab = {token: i for i, token in enumerate(byte_chars + [c + "</w>" for c in byte_chars])}
     merges = word_merges(WORDS, vocab)
     for special in ("<|startoftext|>", "<|endoftext|>"):
@@ -219,6 +211,13 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def _byte_level_bpe(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A GPT-2-style byte-level BPE vocabulary (GPT-2's byte alphabet, then merges) in which each of `words` is one
+    token, and its merges. A leading space is "Ġ" and no end-of-word mark, so "Ġcat" and "cat" are two words."""
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    return vocab, word_merges(words, vocab, end="")
+
+
 # Qwen-Image's system prompt (`QwenImagePipeline.prompt_template_encode`), whose words the tiny Qwen2 tokenizer keeps
 # whole so that the template's prefix is 34 tokens, as the real tokenizer makes it and the pipeline drops.
 _QWEN_TEMPLATE_WORDS = ("system user assistant Describe the image by detailing color shape size texture quantity text "
@@ -233,248 +232,11 @@ def qwen2_tokenizer(extra_words: tuple[str, ...] = (), extra_special: tuple[str,
     Every word of `WORDS` is one token with and without its space (the first word after the template's "user\n"
     has none); anything else falls back to bytes.
     """
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab = {token: i for i, token in enumerate(byte_chars)}
     words = dict.fromkeys([*WORDS, *_QWEN_TEMPLATE_WORDS, *extra_words])
-    merges = word_merges([w for word in words for w in (word, "Ġ" + word)], vocab, end="")
+    vocab, merges = _byte_level_bpe([w for word in words for w in (word, "Ġ" + word)])
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tokenizer.add_tokens([AddedToken(t, special=True) for t in (*QWEN_SPECIAL_TOKENS[1:], *extra_special)])
     return tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's byte -> printable character table, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-
-
-def _seed(seed: int, component: int) -> None:
-    # One seed per component, so resizing one model leaves the others' weights unchanged.
-    torch.manual_seed(seed * 1000 + component)
-
-
-def _clip(
-    tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str, projection: bool
-) -> CLIPTextModel | CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        # Two layers at least: SD3 reads the penultimate hidden state.
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act=hidden_act,
-        projection_dim=hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=d_model // 4,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        # T5 v1.1, as used by SD3 and Flux.
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return T5EncoderModel(config)
-
-
-def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    # Four levels give the real scale factor 8; no quant convs, as in the SD3 and Flux VAEs.
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
-def _build_sd3(kind: str, seed: int) -> StableDiffusion3Pipeline:
-    # Widths: CLIP-L 16 + CLIP-G 32 <= T5 64, so the CLIP half of the text is really zero-padded.
-    clip_l_width, clip_g_width, t5_width = 16, 32, 64
-    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(pad_token="!"), t5_tokenizer()
-    _seed(seed, 0)
-    text_encoder = _clip(tokenizer, clip_l_width, "quick_gelu", projection=True)
-    _seed(seed, 1)
-    text_encoder_2 = _clip(tokenizer_2, clip_g_width, "gelu", projection=True)
-    _seed(seed, 2)
-    text_encoder_3 = _t5(tokenizer_3, t5_width)
-    _seed(seed, 3)
-    if kind == "sd3":
-        layout = {"num_layers": 2}
-    else:
-        # SD3.5-Medium: qk RMSNorm, and an extra image-only attention (attn2) in the first blocks.
-        layout = {"num_layers": 3, "qk_norm": "rms_norm", "dual_attention_layers": (0,)}
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=t5_width,
-        caption_projection_dim=32,
-        pooled_projection_dim=clip_l_width + clip_g_width,
-        pos_embed_max_size=32,
-        **layout,
-    )
-    _seed(seed, 4)
-    vae = _vae(scaling_factor=1.5305, shift_factor=0.0609)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    )
-
-
-def _build_flux(kind: str, seed: int) -> FluxPipeline:
-    clip_width, t5_width = 16, 64
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
-    _seed(seed, 0)
-    text_encoder = _clip(tokenizer, clip_width, "quick_gelu", projection=False)
-    _seed(seed, 1)
-    text_encoder_2 = _t5(tokenizer_2, t5_width)
-    _seed(seed, 2)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        # 16 latent channels packed 2x2.
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=t5_width,
-        pooled_projection_dim=clip_width,
-        guidance_embeds=kind in ("flux-dev", "flux-kontext"),
-        axes_dims_rope=(4, 6, 6),
-    )
-    _seed(seed, 3)
-    vae = _vae(scaling_factor=0.3611, shift_factor=0.1159)
-    if kind in ("flux-dev", "flux-kontext"):
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    else:
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    return _PIPELINE_CLASSES[kind](
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-
-
-def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, width: int) -> Qwen2_5_VLForConditionalGeneration:
-    heads = 2
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            # Sections of the rotary half-dimension for (time, height, width), as in Qwen2.5-VL's config.
-            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
-            "rope_theta": 1000000.0,
-            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        },
-        # The vision tokens' ids where the tokenizer has them (Qwen-Image-Edit's); absent, the config's defaults.
-        **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
-           (("image", "image_pad"), ("video", "video_pad"), ("vision_start", "vision_start"))
-           if f"<|{token}|>" in tokenizer.get_vocab()},
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": width},
-        vocab_size=len(tokenizer),
-    )
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
-def _build_qwen(kind: str, seed: int) -> QwenImagePipeline:
-    text_width = 32
-    tokenizer = qwen2_tokenizer()
-    _seed(seed, 0)
-    text_encoder = _qwen_text_encoder(tokenizer, text_width)
-    _seed(seed, 1)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        # 16 latent channels packed 2x2.
-        in_channels=64,
-        out_channels=16,
-        num_layers=3,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=text_width,
-        axes_dims_rope=(4, 6, 6),
-    )
-    _seed(seed, 2)
-    # Three spatial downsamplings give the real scale factor 8; 16 latent channels as the real VAE.
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True])
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
-                                                shift_terminal=0.02, time_shift_type="exponential")
-    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=transformer)
-
-
-def _build_chroma(kind: str, seed: int) -> ChromaPipeline:
-    t5_width = 64
-    tokenizer = t5_tokenizer()
-    _seed(seed, 1)
-    text_encoder = _t5(tokenizer, t5_width)
-    _seed(seed, 2)
-    transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=t5_width,
-        axes_dims_rope=(4, 6, 6),
-        approximator_num_channels=16,
-        approximator_hidden_dim=32,
-        approximator_layers=1,
-    )
-    _seed(seed, 3)
-    vae = _vae(scaling_factor=0.3611, shift_factor=0.1159)
-    return ChromaPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
 
 
 # Qwen3's chat template reduced to the messages Flux.2 Klein sends (one user turn, generation prompt, thinking
@@ -489,22 +251,6 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def _byte_level_bpe(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A GPT-2-style byte-level BPE vocabulary (bytes, then merges) in which each word is one token, with or
-    without its leading space ("Ġcat", "cat")."""
-    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
-    space = _bytes_to_unicode()[ord(" ")]
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in (form for w in words for form in (space + w, w)):
-        # Merge each word's first remaining pair until it is one token (see `_bpe.word_merges`).
-        while len(pieces := _bpe(list(word), ranks)) > 1:
-            ranks[pieces[0], pieces[1]] = len(merges)
-            merges.append((pieces[0], pieces[1]))
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-    return vocab, merges
-
-
 def qwen3_tokenizer() -> Qwen2Tokenizer:
     """A byte-level BPE `Qwen2Tokenizer` laid out like Qwen3's: bytes, merges, then the chat tokens.
 
@@ -513,7 +259,7 @@ def qwen3_tokenizer() -> Qwen2Tokenizer:
     `QWEN3_CHAT_TEMPLATE`.
     """
     # The chat roles are whole words too, as in Qwen3's vocabulary.
-    vocab, merges = _byte_level_bpe((*WORDS, "user", "assistant", "system"))
+    vocab, merges = _byte_level_bpe([f for w in (*WORDS, "user", "assistant", "system") for f in ("Ġ" + w, w)])
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
         vocab[special] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
@@ -550,9 +296,10 @@ def mistral3_tokenizer() -> PreTrainedTokenizerFast:
     (the template writes <s>), as `tokenizer.apply_chat_template` does.
     """
     # The system message's words are whole tokens too, as in Mistral's vocabulary: the template stays short.
-    words, merges = _byte_level_bpe(dict.fromkeys((*WORDS, *re.findall(r"\w+", SYSTEM_MESSAGE))))
+    words = dict.fromkeys((*WORDS, *re.findall(r"\w+", SYSTEM_MESSAGE)))
+    pieces, merges = _byte_level_bpe([f for w in words for f in ("Ġ" + w, w)])
     vocab = {token: i for i, token in enumerate(_MISTRAL_SPECIALS)}
-    vocab |= {piece: len(_MISTRAL_SPECIALS) + i for piece, i in words.items()}
+    vocab |= {piece: len(_MISTRAL_SPECIALS) + i for piece, i in pieces.items()}
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -563,21 +310,64 @@ def mistral3_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _mistral3(tokenizer: PreTrainedTokenizerFast, hidden_size: int) -> Mistral3ForConditionalGeneration:
-    text = MistralConfig(
+def _seed(seed: int, slot: int) -> None:
+    # One seed per component, so resizing one model leaves the others' weights unchanged.
+    torch.manual_seed(seed * 1000 + slot)
+
+
+def _clip(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str,
+          projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
+    # Two layers at least: SD3 reads the penultimate hidden state.
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=tokenizer.model_max_length, hidden_act=hidden_act,
+                            projection_dim=hidden_size, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
+    # T5 v1.1 (gated GELU, untied embeddings), as used by SD3 and Flux.
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
+                      num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config)
+
+
+def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, width: int) -> Qwen2_5_VLForConditionalGeneration:
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2,
+            # Sections of the rotary half-dimension for (time, height, width), as in Qwen2.5-VL's config.
+            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        },
+        # The vision tokens' ids where the tokenizer has them (Qwen-Image-Edit's); absent, the config's defaults.
+        **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
+           (("image", "image_pad"), ("video", "video_pad"), ("vision_start", "vision_start"))
+           if f"<|{token}|>" in tokenizer.get_vocab()},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": width},
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        # Flux.2 dev reads hidden states 10, 20 and 30 of Mistral-Small-3.1's 40 layers.
-        num_hidden_layers=30,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden_size // 2,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _decoder_config(tokenizer, hidden_size: int, layers: int, positions: int) -> dict:
+    """The fields the Flux.2 text encoders' decoders share: 2 query heads on 1 key/value head."""
+    return {"vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": hidden_size // 2, "max_position_embeddings": positions,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _mistral3(tokenizer: PreTrainedTokenizerFast, hidden_size: int) -> Mistral3ForConditionalGeneration:
+    # Flux.2 dev reads hidden states 10, 20 and 30 of Mistral-Small-3.1's 40 layers.
+    text = MistralConfig(**_decoder_config(tokenizer, hidden_size, layers=30, positions=1024),
+                         bos_token_id=tokenizer.bos_token_id)
     vision = PixtralVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
                                  num_attention_heads=2, head_dim=hidden_size // 2, image_size=64, patch_size=16)
     config = Mistral3Config(vision_config=vision, text_config=text,
@@ -586,21 +376,17 @@ def _mistral3(tokenizer: PreTrainedTokenizerFast, hidden_size: int) -> Mistral3F
 
 
 def _qwen3(tokenizer: Qwen2Tokenizer, hidden_size: int) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        # Klein reads hidden states 9, 18 and 27, as Qwen3-4B's 36 layers give them.
-        num_hidden_layers=28,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden_size // 2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    # Klein reads hidden states 9, 18 and 27, as Qwen3-4B's 36 layers give them.
+    config = Qwen3Config(**_decoder_config(tokenizer, hidden_size, layers=28, positions=512), tie_word_embeddings=True)
     return Qwen3ForCausalLM(config)
+
+
+def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    # Four levels give the real scale factor 8; no quant convs, as in the SD3 and Flux VAEs.
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=4,
+                         sample_size=64, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _flux2_vae() -> AutoencoderKLFlux2:
@@ -613,31 +399,78 @@ def _flux2_vae() -> AutoencoderKLFlux2:
     return vae
 
 
-def _build_flux2(kind: str, seed: int) -> DiffusionPipeline:
-    text_width = 16
-    tokenizer = qwen3_tokenizer() if kind == "flux2-klein" else mistral3_tokenizer()
-    _seed(seed, 0)
-    text_encoder = _qwen3(tokenizer, text_width) if kind == "flux2-klein" else _mistral3(tokenizer, text_width)
-    _seed(seed, 1)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        # 32 latent channels packed 2x2.
-        in_channels=128,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        # Three text-encoder hidden states side by side.
-        joint_attention_dim=3 * text_width,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=kind != "flux2-klein",
-    )
-    _seed(seed, 2)
-    vae = _flux2_vae()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
-    if kind == "flux2-dev":
-        return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=transformer)
-    # The distilled Klein models (4 steps, no guidance); the base ones differ only in `is_distilled`.
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=True)
+# Every tiny transformer has 2 heads of 16 channels.
+_HEADS = {"attention_head_dim": 16, "num_attention_heads": 2}
+# Flux.1's and Chroma's: 16 latent channels packed 2x2, two double-stream and two single-stream blocks.
+_FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2,
+                     "axes_dims_rope": (4, 6, 6), **_HEADS}
+
+
+def _build(kind: str, seed: int) -> DiffusionPipeline:
+    """The tiny pipeline of `kind`. Its `texts` pair each tokenizer with the text encoder made from it
+    (``tokenizer``/``text_encoder``, ``tokenizer_2``/``text_encoder_2``, ...); the text encoders, `transformer` and
+    `vae` are each made right after `_seed(seed, slot)`, their slots counted in that order."""
+    options: dict = {}
+    if kind.startswith("sd3"):
+        # Widths: CLIP-L 16 + CLIP-G 32 <= T5 64, so the CLIP half of the text is really zero-padded.
+        texts = [(clip_tokenizer(), lambda t: _clip(t, 16, "quick_gelu", projection=True)),
+                 (clip_tokenizer(pad_token="!"), lambda t: _clip(t, 32, "gelu", projection=True)),
+                 (t5_tokenizer(), lambda t: _t5(t, 64))]
+        # SD3.5-Medium: qk RMSNorm, and an extra image-only attention (attn2) in the first blocks.
+        layout = ({"num_layers": 2} if kind == "sd3"
+                  else {"num_layers": 3, "qk_norm": "rms_norm", "dual_attention_layers": (0,)})
+        transformer = partial(SD3Transformer2DModel, sample_size=8, patch_size=2, in_channels=16, out_channels=16,
+                              joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=16 + 32,
+                              pos_embed_max_size=32, **_HEADS, **layout)
+        vae = partial(_vae, scaling_factor=1.5305, shift_factor=0.0609)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    elif kind == "qwen-image":
+        texts = [(qwen2_tokenizer(), lambda t: _qwen_text_encoder(t, 32))]
+        transformer = partial(QwenImageTransformer2DModel, patch_size=2, in_channels=64, out_channels=16, num_layers=3,
+                              joint_attention_dim=32, axes_dims_rope=(4, 6, 6), **_HEADS)
+        # Three spatial downsamplings give the real scale factor 8; 16 latent channels as the real VAE.
+        vae = partial(AutoencoderKLQwenImage, base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                      temperal_downsample=[False, True, True])
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                                    shift_terminal=0.02, time_shift_type="exponential")
+    elif kind.startswith("flux2"):
+        klein = kind == "flux2-klein"
+        texts = [(qwen3_tokenizer(), lambda t: _qwen3(t, 16)) if klein else
+                 (mistral3_tokenizer(), lambda t: _mistral3(t, 16))]
+        # 32 latent channels packed 2x2; three text-encoder hidden states side by side.
+        transformer = partial(Flux2Transformer2DModel, patch_size=1, in_channels=128, num_layers=2, num_single_layers=2,
+                              joint_attention_dim=3 * 16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=not klein,
+                              **_HEADS)
+        vae = _flux2_vae
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+        if klein:
+            # The distilled Klein models (4 steps, no guidance); the base ones differ only in `is_distilled`.
+            options = {"is_distilled": True}
+    elif kind == "chroma":
+        texts = [(t5_tokenizer(), lambda t: _t5(t, 64))]
+        transformer = partial(ChromaTransformer2DModel, joint_attention_dim=64, approximator_num_channels=16,
+                              approximator_hidden_dim=32, approximator_layers=1, **_FLUX_TRANSFORMER)
+        vae = partial(_vae, scaling_factor=0.3611, shift_factor=0.1159)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    else:  # Flux.1 dev, schnell and Kontext
+        guided = kind in ("flux-dev", "flux-kontext")
+        texts = [(clip_tokenizer(), lambda t: _clip(t, 16, "quick_gelu", projection=False)),
+                 (t5_tokenizer(), lambda t: _t5(t, 64))]
+        transformer = partial(FluxTransformer2DModel, joint_attention_dim=64, pooled_projection_dim=16,
+                              guidance_embeds=guided, **_FLUX_TRANSFORMER)
+        vae = partial(_vae, scaling_factor=0.3611, shift_factor=0.1159)
+        scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True) if guided
+                     else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    components = {"scheduler": scheduler, **options}
+    models = []
+    for i, (tokenizer, text_encoder) in enumerate(texts):
+        suffix = f"_{i + 1}" if i else ""
+        components["tokenizer" + suffix] = tokenizer
+        models.append(("text_encoder" + suffix, partial(text_encoder, tokenizer)))
+    # Chroma's T5, transformer and VAE keep Flux's slots 1-3 (it has no CLIP).
+    for slot, (name, make) in enumerate([*models, ("transformer", transformer), ("vae", vae)],
+                                        start=int(kind == "chroma")):
+        _seed(seed, slot)
+        components[name] = make()
+    return _PIPELINE_CLASSES[kind](**components)

@@ -5,6 +5,7 @@ docstring describes it and where ours differs from the published code)."""
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,13 +110,11 @@ def share_values(probe, source: str, target: str, defaults: ValueSharing, *, ima
         return source_and_target(v) if sharing["on"] else None
 
     velocity, sigmas = sampler_velocity(probe, inputs)
-    handles = [probe.module(names.tap(b, "v_img")).register_forward_hook(share) for b in blocks]
-    try:
+    with ExitStack() as hooks:
+        for b in blocks:
+            hooks.callback(probe.module(names.tap(b, "v_img")).register_forward_hook(share).remove)
         x = solve(velocity, inputs["latents"].to(velocity.device, velocity.dtype), sigmas, defaults.solver,
                   before_step=lambda step: sharing.update(on=step < inject))
-    finally:
-        for handle in handles:
-            handle.remove()
     images = x if output_type == "latent" else decode(probe, x, height, width)
     params = {"method": defaults.name, "source": source, "target": target, "seed": int(seed),
               "solver": defaults.solver, "inject_steps": list(range(inject)), "blocks": blocks, "steps": n_steps,

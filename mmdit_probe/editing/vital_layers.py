@@ -53,12 +53,10 @@ def bypassed(probe, blocks: Iterable[int]) -> Iterator[None]:
     >>> with bypassed(probe, [3]):
     ...     image = probe.pipeline("a cat").images[0]
     """
-    handles = [probe.family.bypass(int(b)) for b in blocks]
-    try:
+    with contextlib.ExitStack() as hooks:
+        for b in blocks:
+            hooks.callback(probe.family.bypass(int(b)).remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def block_labels(family) -> list[str]:

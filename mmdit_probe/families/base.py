@@ -73,6 +73,7 @@ class Family:
         # Reinstalling reuses the same tapped processors: nnsight's envoy tree holds these objects.
         self._tapped: dict[str, TapProcessor] = {}
         self._reference_hook = None  # sets the processors' `reference_length` before each transformer call
+        self._hooks: list = []  # a subclass's own hooks for its taps, removed with them
 
     # -- layout ------------------------------------------------------------
     def _attentions(self) -> list[Attention]:
@@ -303,6 +304,9 @@ class Family:
         if self._reference_hook is not None:
             self._reference_hook.remove()
             self._reference_hook = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def taps_installed(self) -> bool:
         return all(isinstance(self.transformer.get_submodule(a.path).processor, TapProcessor)

@@ -58,8 +58,7 @@ class FluxTapProcessor(TapProcessor):
             n_text = self.text_length
 
         if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            q, k = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (q, k))
 
         reference = REFERENCE in self.streams
         q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
@@ -80,10 +79,8 @@ class FluxTapProcessor(TapProcessor):
         out = out.flatten(2, 3).to(q.dtype)
         text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
-            self.concepts.keep(*(i.transpose(1, 2) for i in (q[:, n_text:n_text + n_image],
-                                                               k[:, n_text:n_text + n_image],
-                                                               v[:, n_text:n_text + n_image])),
-                               image[:, :n_image])
+            image_rows = slice(n_text, n_text + n_image)
+            self.concepts.keep(*(t[:, image_rows].transpose(1, 2) for t in (q, k, v)), image[:, :n_image])
         if joint:
             image = self._tap_image_out(attn.to_out[1](attn.to_out[0](image.contiguous())), n_image, reference)
             text = attn.to_add_out(text.contiguous())
@@ -108,8 +105,7 @@ class FluxTapProcessor(TapProcessor):
         cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, concepts, stream))
         cq, ck = (attn.norm_added_q(cq), attn.norm_added_k(ck)) if joint else (attn.norm_q(cq), attn.norm_k(ck))
         if image_rotary_emb is not None:
-            cq = apply_rotary_emb(cq, image_rotary_emb, sequence_dim=1)
-            ck = apply_rotary_emb(ck, image_rotary_emb, sequence_dim=1)
+            cq, ck = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (cq, ck))
         out = self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
         if joint:
             return torch.zeros_like(hidden_states), attn.to_add_out(out)
@@ -134,17 +130,14 @@ class FluxFamily(DoubleAndSingleBlocks):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     transformer_class = "FluxTransformer2DModel"
     image_first = False
-    latent_channels_divisor = 4
     # Guidance-distilled: guidance is an input, never a doubled batch (true CFG is refused by
     # `validation.one_call_per_step`).
     batched_guidance = False
 
-    def __init__(self, pipeline) -> None:
-        super().__init__(pipeline)
-        self._block_hooks: list = []
-
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]
+
+    latent_channels_divisor = 4  # `pack_latents` packs 2x2 latent patches into one token
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline._pack_latents(latents, *latents.shape)
@@ -160,12 +153,6 @@ class FluxFamily(DoubleAndSingleBlocks):
 
     def install_taps(self) -> None:
         super().install_taps()
-        if not self._block_hooks:
-            self._block_hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
-                                 for block in self.transformer.single_transformer_blocks]
-
-    def remove_taps(self) -> None:
-        super().remove_taps()
-        for handle in self._block_hooks:
-            handle.remove()
-        self._block_hooks = []
+        if not self._hooks:
+            self._hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
+                           for block in self.transformer.single_transformer_blocks]

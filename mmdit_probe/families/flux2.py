@@ -327,9 +327,3 @@ class Flux2Family(DoubleAndSingleBlocks):
             self._hooks = [self.transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)]
             self._hooks += [block.register_forward_pre_hook(self._before_single, with_kwargs=True)
                             for block in self.transformer.single_transformer_blocks]
-
-    def remove_taps(self) -> None:
-        super().remove_taps()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []

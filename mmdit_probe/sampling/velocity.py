@@ -3,6 +3,8 @@ embeddings, guidance, ids), captured from the pipeline itself, so one code path 
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 import torch
 
 from .. import validation
@@ -35,13 +37,9 @@ def _transformer_call(probe, inputs: dict) -> dict:
         captured.update(kwargs)
         raise _Captured
 
-    handle = probe.pipeline.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    # The hook's handle removes it on leaving the `with`.
+    with probe.pipeline.transformer.register_forward_pre_hook(grab, with_kwargs=True), suppress(_Captured):
         probe.pipeline(**inputs)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
     return captured
 
 

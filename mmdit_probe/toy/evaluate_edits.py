@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -98,6 +99,12 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.nanmean([r[k] for r in rows if np.isfinite(r[k])] or [np.nan])) for k in keys}
 
 
+def _add(results: dict[str, list[dict]], name: str, kind: str, row: dict) -> None:
+    """`row` under `name` (all edit types together) and under ``name/kind``."""
+    results[name].append(row)
+    results[f"{name}/{kind}"].append(row)
+
+
 def variant_study(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "qk", "kivi")) -> dict:
     """q/k injection variants with and without blending; on rendered scenes qiki + blending after each
     inversion of the pipeline's Euler sampler, against FlowEdit."""
@@ -108,9 +115,8 @@ def variant_study(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "
         for variant in variants:
             for blend in (False, True):
                 r = probe.edit(caption(scene), caption(target), seed=seed + i, variant=variant, local_blend=blend)
-                row = score(r.source_image, r.edited_image, scene, target, kind, index)
-                results[f"{variant}{'+blend' if blend else ''}"].append(row)
-                results[f"{variant}{'+blend' if blend else ''}/{kind}"].append(row)
+                _add(results, f"{variant}{'+blend' if blend else ''}", kind,
+                     score(r.source_image, r.edited_image, scene, target, kind, index))
     for i, (scene, target, kind, index) in enumerate(tqdm(edits, desc="rendered scenes")):
         image = render(scene)[0]
         for method in EULER_INVERSIONS:
@@ -121,8 +127,7 @@ def variant_study(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "
             results[f"rendered/{method}/reconstruction"].append({"pixel_error": pixel_error(r.source_image, image)})
         edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
         results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
-    types, counts = np.unique([e[2] for e in edits], return_counts=True)
-    return {"study": "variants", "n": n, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
+    return {"study": "variants", "n": n, "edit_types": dict(sorted(Counter(e[2] for e in edits).items())),
             "results": {k: _mean(v) for k, v in results.items()}}
 
 
@@ -182,6 +187,13 @@ class CallCounter:
     def _count(self, *_) -> None:
         self.calls += 1
 
+    def timed(self, run: Callable):
+        """`run()`, and what it cost: the transformer's forward calls and the wall time."""
+        self.calls = 0
+        start = time.perf_counter()
+        out = run()
+        return out, {"model_calls": float(self.calls), "seconds": time.perf_counter() - start}
+
 
 def method_study(probe, n: int = 16, seed: int = 0) -> dict:
     """Every editor on the same edits, generated and rendered (module docstring)."""
@@ -195,18 +207,14 @@ def method_study(probe, n: int = 16, seed: int = 0) -> dict:
             rendered = render(scene)[0]
             for setting, image in (("generated", None), ("rendered", rendered)):
                 for name, run in methods.items():
-                    counter.calls = 0
-                    start = time.perf_counter()
-                    source_image, edited = run(probe, caption(scene), caption(target), seed + i, image)
-                    cost = {"model_calls": float(counter.calls), "seconds": time.perf_counter() - start}
+                    (source_image, edited), cost = counter.timed(
+                        partial(run, probe, caption(scene), caption(target), seed + i, image))
                     source_image = rendered if image is not None else source_image
-                    row = {**score(source_image, edited, scene, target, kind, index), **cost}
-                    results[f"{setting}/{name}"].append(row)
-                    results[f"{setting}/{name}/{kind}"].append(row)
+                    _add(results, f"{setting}/{name}", kind,
+                         {**score(source_image, edited, scene, target, kind, index), **cost})
     finally:
         counter.handle.remove()
-    types, counts = np.unique([e[2] for e in edits], return_counts=True)
-    return {"study": "methods", "n": n, "seed": seed, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
+    return {"study": "methods", "n": n, "seed": seed, "edit_types": dict(sorted(Counter(e[2] for e in edits).items())),
             "steps": probe.preset.steps, "notes": notes, "results": {k: _mean(v) for k, v in results.items()}}
 
 
@@ -219,17 +227,13 @@ def parity_study(probe, n: int = 16, seed: int = 0, methods=EDIT_METHODS) -> dic
     try:
         for i, (scene, target, kind, index) in enumerate(tqdm(edits, desc="edits (every variant)")):
             for method in methods:
-                counter.calls = 0
-                start = time.perf_counter()
-                r = probe.edit(caption(scene), caption(target), seed=seed + i, variant=method)
-                cost = {"model_calls": float(counter.calls), "seconds": time.perf_counter() - start}
-                row = {**score(r.source_image, r.edited_image, scene, target, kind, index), **cost}
-                results[f"generated/{method}+blend"].append(row)
-                results[f"generated/{method}+blend/{kind}"].append(row)
+                r, cost = counter.timed(partial(probe.edit, caption(scene), caption(target), seed=seed + i,
+                                                variant=method))
+                _add(results, f"generated/{method}+blend", kind,
+                     {**score(r.source_image, r.edited_image, scene, target, kind, index), **cost})
     finally:
         counter.handle.remove()
-    types, counts = np.unique([e[2] for e in edits], return_counts=True)
-    return {"study": "parity", "n": n, "seed": seed, "edit_types": {str(t): int(c) for t, c in zip(types, counts)},
+    return {"study": "parity", "n": n, "seed": seed, "edit_types": dict(sorted(Counter(e[2] for e in edits).items())),
             "steps": probe.preset.steps, "results": {k: _mean(v) for k, v in results.items()}}
 
 
