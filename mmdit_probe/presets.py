@@ -61,17 +61,19 @@ PRESETS: dict[str, Preset] = {
                (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
                notes="few-step; T5 length 256"),
         # Qwen-Image's model card: 50 steps, true_cfg_scale=4.0 with negative_prompt=" ", 1328x1328 for 1:1. True
-        # CFG is a second transformer call per step, which recording, patching and editing refuse, so the default
-        # here is no guidance (one call per step); the pipeline's max_sequence_length default is 512.
+        # CFG is a second transformer call per step, which inversion and the editors other than q/k injection refuse,
+        # so the default here is no guidance (one call per step); the pipeline's max_sequence_length default is 512.
         Preset("qwen-image", "qwen_image", "Qwen/Qwen-Image", 50, 1.0, 1328, 512, (30, 35, 40, 25, 45), theta=0.3,
-               notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') runs plain "
-                     "generation only; top layers and theta are a guess until a sweep picks them"),
+               notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') is a second "
+                     "transformer call per step: recording, patching and probe.edit take it, inversion and the other "
+                     "editors need guidance 1; top layers and theta are a guess until a sweep picks them"),
         # Published settings from the model cards' diffusers examples; the top blocks are Flux.1-dev's, a guess (same
         # block layout) until a sweep over prompts picks them (`mmdit-probe sweep` on a GPU).
         Preset("chroma1-hd", "chroma", "lodestones/Chroma1-HD", 40, 3.0, 1024, 512,
                (18, 17, 12, 14, 11), theta=0.3,
-               notes="guidance 3.0 runs a second transformer call per step: record, patch and edit at guidance 1; "
-                     "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
+               notes="guidance 3.0 runs a second transformer call per step: recording, patching and probe.edit take "
+                     "it, inversion and the other editors need guidance 1; top layers are a guess (Flux.1-dev's) "
+                     "until a sweep picks them"),
         Preset("flux.1-kontext-dev", "flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", 28, 2.5, 1024, 512,
                (18, 17, 12, 14, 11), theta=0.3,
                notes="distilled guidance; a context image (image=...) adds reference tokens after the image tokens; "
