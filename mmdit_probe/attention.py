@@ -9,11 +9,17 @@ as they are recorded (head mean, conditional half, the prompt's real text positi
 copied to host memory in a compact dtype, by copies that do not wait for the
 GPU: recording adds no synchronisation inside the block loop.
 
+`record(call)` takes the index of the transformer call, which `tracer.iter` walks. With one call per denoising step it
+is the step. Where guidance runs as a second call per step (`Family.calls_per_step`: Chroma and Flux.2 Klein base at
+guidance > 1, true CFG), call 2s is step s's conditional call and 2s + 1 its unconditional one: loop over
+`recorder.calls` (every call of the run) and the maps come out as with one call per step, rows="both" stored as a
+doubled batch's [uncond | cond].
+
 >>> inputs = probe.inputs(["on the left a red circle"], seed=0)
 >>> recorder = AttentionRecorder(probe, inputs)
 >>> with probe.model.generate(**inputs) as tracer:
-...     for step in tracer.iter[0:inputs["num_inference_steps"]]:
-...         recorder.record(step)
+...     for call in tracer.iter[0:recorder.calls]:
+...         recorder.record(call)
 >>> maps = recorder.maps()
 >>> maps.word("red").shape            # (rows, cols) of the token grid
 """
@@ -50,7 +56,9 @@ class AttentionRecorder:
         reference region (Flux.1 Kontext with a context image) also "r2i", "i2r", "t2r", over the reference image's
         token grid.
     heads: "mean" (default) or "all".
-    rows: "cond" (default), "uncond" or "both" halves of a classifier-free-guidance batch.
+    rows: "cond" (default), "uncond" or "both" halves of classifier-free guidance (a doubled batch, or a second
+        transformer call per step). Unconditional rows see the negative prompt's text at the same text positions (its
+        own padding and mask, as the kernel applied them).
     positions: "real" (default: the prompts' real tokens), "all", text positions, or words.
     queries: the image query patches of I2I maps (needed with "i2i", refused without): a patch (row, col), a box
         (slice(r0, r1), slice(c0, c1)), a list of patches, or "all" (refused with InvalidInput naming the memory
@@ -68,11 +76,12 @@ class AttentionRecorder:
                  rows: str = "cond", positions: str | list[int] | list[str] = "real", queries: Any = None,
                  dtype: torch.dtype = torch.float16, max_gb: float = 4.0, attn2: bool = False,
                  concepts: Iterable[str] | Iterable[Iterable[str]] | None = None) -> None:
-        probe.family.check_one_call_per_step(inputs)
         self.probe = probe
         family = probe.family
+        self.calls_per_step = family.calls_per_step(inputs)
         self.prompts = list(inputs["prompt"])
         self.n_steps = inputs["num_inference_steps"]
+        self.calls = self.n_steps * self.calls_per_step  # what `tracer.iter` walks: every transformer call
         length = inputs.get("max_sequence_length", probe.preset.max_sequence_length)
         # Every option is checked here, before the generation runs (validation names what to do).
         if blocks is not None:
@@ -95,9 +104,12 @@ class AttentionRecorder:
                                               f"image=... (the context image)")
         validation.choice("heads", heads, ("mean", "all"))
         validation.choice("rows", rows, ROWS)
-        if rows != "cond" and not family.doubles_batch(inputs):
+        if rows != "cond" and not (family.doubles_batch(inputs) or self.calls_per_step == 2):
             raise validation.InvalidInput(f"rows={rows!r} needs classifier-free guidance, but this run has none "
                                           f"(guidance <= 1 or a guidance-distilled model): record rows='cond'")
+        # The guidance halves recorded, each its own transformer call where guidance is a second call.
+        self._halves = ((None,) if self.calls_per_step == 1 else
+                        {"cond": ("cond",), "uncond": ("uncond",), "both": ("uncond", "cond")}[rows])
         if not isinstance(positions, str):
             positions = validation.word_list("positions", positions)
         dtype = validation.float_dtype("dtype", dtype)
@@ -116,7 +128,11 @@ class AttentionRecorder:
         self.queries = [] if queries is None else self._queries(queries)
         # Which tokens of each stream a stored axis holds, by name (moved to each device once, in `_indices`).
         self._index = {"text": torch.tensor(self.positions), "query": torch.tensor(self.queries, dtype=torch.long)}
-        self._key_mask = family.text_key_mask(self.tables, self.positions)  # padding the kernel masks out
+        # Padding the kernel masks out, per guidance half: a second call's text is the negative prompt's.
+        self._key_mask = {None: family.text_key_mask(self.tables, self.positions)}
+        self._key_mask["cond"] = self._key_mask[None]
+        if "uncond" in self._halves:
+            self._key_mask["uncond"] = self._negative_key_mask(inputs, length)
         self.attn2_blocks = [a.block for a in family.attentions if a.name == "attn2" and a.block in self.blocks]
         if attn2 and not self.attn2_blocks:
             raise validation.InvalidInput("attn2=True, but none of the chosen blocks has an image-only attn2 "
@@ -143,10 +159,32 @@ class AttentionRecorder:
         self.concepts = None
         if concepts is not None:
             self.concepts = ConceptStream(probe, concepts, len(self.prompts), length, blocks=self.blocks,
-                                          steps=self.steps, rows=self._row_index, dtype=dtype)
+                                          steps=self.steps, rows=self._row_index, dtype=dtype,
+                                          calls_per_step=self.calls_per_step, halves=self._halves)
             self.concepts.install()
         for processor in self._processors:
             processor.record_lse = True
+
+    def _negative_key_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
+        """The text key mask of the unconditional call: its text is the negative prompts' (Chroma's default "",
+        Flux.2 Klein's always ""), padded and masked as their own."""
+        if inputs.get("negative_prompt_embeds") is not None:
+            raise validation.InvalidInput(f"rows={self.rows!r} records the unconditional call, whose text the recorder "
+                                          f"reads from negative_prompt: pass negative_prompt as text rather than "
+                                          f"negative_prompt_embeds, or record rows='cond'")
+        negative = inputs.get("negative_prompt")
+        if negative is None or isinstance(negative, str):  # one negative prompt for every prompt ("" by default)
+            negative = ["" if negative is None else negative] * len(self.prompts)
+        negative = validation.prompts(negative, "negative_prompt")
+        if len(negative) != len(self.prompts):
+            raise validation.InvalidInput(f"{len(negative)} negative prompts for {len(self.prompts)} prompts: give one "
+                                          f"negative_prompt, or one per prompt")
+        tables = [self.probe.tokens(p, length) for p in negative]
+        try:
+            return self.probe.family.text_key_mask(tables, self.positions)
+        except validation.InvalidInput as error:
+            raise validation.InvalidInput(f"rows={self.rows!r} records the unconditional call, whose text is the "
+                                          f"negative prompt: {error}; or record rows='cond'") from None
 
     def estimated_bytes(self, heads: int) -> int:
         """Host memory of the maps: every recorded kind's (step, block, row, [head,] ...) buffer."""
@@ -238,8 +276,14 @@ class AttentionRecorder:
                 raise IndexError(f"text position {p} out of range 0..{text_length - 1}")
         return sorted(chosen)
 
-    def _row_index(self, batch: int) -> torch.Tensor:
+    def _row_index(self, batch: int, half: str | None = None) -> torch.Tensor:
+        """The rows of a transformer call's batch to record: of a doubled batch the recorded half's, of a one-half call
+        (`half`: guidance as a second call) all of them."""
         n = len(self.prompts)
+        if half is not None:
+            if batch != n:
+                raise ValueError(f"unexpected batch of {batch} rows for {n} prompts in the {half} call")
+            return torch.arange(n)
         if batch == n:
             if self.rows == "cond":
                 return torch.arange(n)
@@ -249,14 +293,28 @@ class AttentionRecorder:
             raise ValueError(f"unexpected batch of {batch} rows for {n} prompts")
         return {"cond": torch.arange(n, 2 * n), "uncond": torch.arange(n), "both": torch.arange(2 * n)}[self.rows]
 
-    def _indices(self, device: torch.device, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _indices(self, device: torch.device, batch: int,
+                 half: str | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Row indices and the axes' token indices on the taps' device, copied there once (a copy can wait for
         the GPU)."""
-        key = (device, batch)
+        key = (device, batch, half is None)
         if key not in self._index_on:
-            self._index_on[key] = (self._row_index(batch).to(device),
+            self._index_on[key] = (self._row_index(batch, half).to(device),
                                    {axis: index.to(device) for axis, index in self._index.items()})
         return self._index_on[key]
+
+    def step_and_half(self, call: int) -> tuple[int, str | None]:
+        """The denoising step of a transformer call, and its guidance half where guidance is a second call (None where
+        one call holds every row)."""
+        if self.calls_per_step == 1:
+            return call, None
+        step, second = divmod(call, 2)
+        return step, ("cond", "uncond")[second]
+
+    def records(self, call: int, block: int) -> bool:
+        """Whether `record_block(call, block)` records anything (a chosen block and step, a recorded half)."""
+        step, half = self.step_and_half(call)
+        return step in self.steps and block in self.blocks and half in self._halves
 
     # Largest float32 logits block (bytes) of one region computed at once; larger ones go in query chunks.
     CHUNK_BYTES = 2**29
@@ -290,61 +348,70 @@ class AttentionRecorder:
         m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
         return m.transpose(-1, -2) if order == "kq" else m
 
-    def _keep(self, name: str, step: int, block: int, blocks: list[int], m: torch.Tensor) -> None:
-        """Copy one map into its host buffer's (step, block) slot without waiting for the device."""
+    def _keep(self, name: str, call: int, block: int, blocks: list[int], m: torch.Tensor) -> None:
+        """Copy one call's map into its host buffer's (step, block) slot, at its rows (a second call's half: the
+        unconditional rows first, as in a doubled batch), without waiting for the device."""
+        step, half = self.step_and_half(call)
+        rows = m.shape[0] * len(self._halves)
         if name not in self._host:
             self._device = m.device
-            self._host[name] = torch.empty((len(self._step_slot), len(blocks), *m.shape), dtype=m.dtype,
+            self._host[name] = torch.empty((len(self._step_slot), len(blocks), rows, *m.shape[1:]), dtype=m.dtype,
                                            pin_memory=m.device.type == "cuda")
             self._filled[name] = set()
-        self._host[name][self._step_slot[step], blocks.index(block)].copy_(m, non_blocking=True)
-        self._filled[name].add((step, block))
+        start = self._halves.index(half) * m.shape[0]
+        self._host[name][self._step_slot[step], blocks.index(block), start:start + m.shape[0]].copy_(
+            m, non_blocking=True)
+        self._filled[name].add((step, block, half))
         if name in KINDS:
-            if self._current[0] != step:
-                self._current = (step, {})
+            if self._current[0] != call:
+                self._current = (call, {})
             self._current[1].setdefault(name, {})[block] = m
 
     TAPS = RECORDED_TAPS
 
-    def record(self, step: int) -> None:
-        """Read the taps of the chosen blocks for this step. Call once per step inside the trace."""
+    def record(self, call: int) -> None:
+        """Read the taps of the chosen blocks in this transformer call (`tracer.iter`'s index: the step where there
+        is one call per step; see the module docstring). Call once per call inside the trace."""
         for block in self.blocks:
-            self.record_block(step, block)
+            self.record_block(call, block)
 
-    def record_block(self, step: int, block: int, **known: torch.Tensor) -> None:
-        """Record one block at one step. Taps already read by the caller this step (e.g. after
+    def record_block(self, call: int, block: int, **known: torch.Tensor) -> None:
+        """Record one block in one transformer call. Taps already read by the caller in this call (e.g. after
         patching them) are passed as `known` (q_img=..., k_img=...) and are not read again."""
-        if step not in self.steps or block not in self.blocks:
+        if not self.records(call, block):
             return
+        half = self.step_and_half(call)[1]
         names = RECORDED_TAPS_REFERENCE if self.reference_grid is not None else self.TAPS
         taps = {name: known[name] if name in known else self.probe.hook(tap(block, name)).output for name in names}
-        rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0])
+        rows, index = self._indices(taps["q_img"].device, taps["q_img"].shape[0], half)
         if self.reference_grid is not None and taps["q_ref"].shape[2] != math.prod(self.reference_grid):
             raise RuntimeError(f"block {block} saw {taps['q_ref'].shape[2]} reference tokens, but the reference "
                                f"image's grid {self.reference_grid} has {math.prod(self.reference_grid)}: record with "
                                f"the inputs given to the recorder")
-        bias = self._mask(block, rows, taps["q_img"].shape[2], taps["q_txt"].shape[2])
+        bias = self._mask(block, rows, taps["q_img"].shape[2], taps["q_txt"].shape[2], half)
         taps = {name: t[rows].float() for name, t in taps.items()}
         for kind in self.kinds:
-            self._keep(kind, step, block, self.blocks, self._region(kind, taps, index, bias).to(self.dtype))
+            self._keep(kind, call, block, self.blocks, self._region(kind, taps, index, bias).to(self.dtype))
         if block in self.attn2_blocks:
             q, k, lse = (self.probe.hook(tap(block, n, "attn2")).output[rows].float()
                          for n in ("q_img", "k_img", "lse_img"))
-            self._keep("attn2_entropy", step, block, self.attn2_blocks,
+            self._keep("attn2_entropy", call, block, self.attn2_blocks,
                        attention_entropy(q, k, lse).mean(dim=1).to(self.dtype))
 
-    def _mask(self, block: int, rows: torch.Tensor, n_image: int, n_text: int):
+    def _mask(self, block: int, rows: torch.Tensor, n_image: int, n_text: int, half: str | None = None):
         """A function (query stream, key stream, query tokens, key tokens) -> the slice of this call's attention mask
         that the kernel applied to those logits, (row, 1, queries, keys), or None where the call had no mask (token
         indices within each stream; None: all of them). Only the slices are copied, never the whole mask. Two
         sources: the mask a processor kept from the call (Chroma's), or the family's text key mask (Qwen-Image's
-        padding: rows are [uncond | cond] or cond, so a row's prompt is row % prompts)."""
+        padding: rows are [uncond | cond] or cond, so a row's prompt is row % prompts; the negative prompts' in a
+        second, unconditional call)."""
         processor = self._processor_of[block]
         mask = getattr(processor, "recorded_mask", None) if self.probe.family.masks_attention else None
-        if mask is None and self._key_mask is None:
+        key_mask = self._key_mask[half]
+        if mask is None and key_mask is None:
             return lambda query, key, q_index, k_index: None
         if mask is None:
-            keep = self._key_mask.to(rows.device)[rows % len(self.prompts)][:, None, None, :]
+            keep = key_mask.to(rows.device)[rows % len(self.prompts)][:, None, None, :]
             return lambda query, key, q_index, k_index: keep if key == "txt" else None
         image_first = self.probe.family.image_first
         at = {"img": 0 if image_first else n_text, "txt": n_image if image_first else 0}
@@ -361,12 +428,12 @@ class AttentionRecorder:
             return m[..., span(key, k_index)][rows.to(mask.device)]
         return bias
 
-    def step_maps(self, step: int, kind: str = "t2i") -> torch.Tensor:
-        """The maps of the step being recorded, on the model's device, stacked over the blocks recorded so far:
-        (block, row, [head,] image, text)."""
+    def step_maps(self, call: int, kind: str = "t2i") -> torch.Tensor:
+        """The maps of the transformer call being recorded (the step, with one call per step), on the model's device,
+        stacked over the blocks recorded so far: (block, row, [head,] image, text); a one-half call's rows only."""
         current, maps = self._current
-        if current != step or kind not in maps:
-            raise KeyError(f"no {kind} maps of step {step} in progress; step_maps reads the step being recorded")
+        if current != call or kind not in maps:
+            raise KeyError(f"no {kind} maps of call {call} in progress; step_maps reads the call being recorded")
         return torch.stack([maps[kind][b] for b in self.blocks if b in maps[kind]])
 
     def close(self) -> None:
@@ -379,10 +446,12 @@ class AttentionRecorder:
             self.concepts.remove()
 
     def _gathered(self, name: str, blocks: list[int], steps: list[int]) -> torch.Tensor:
-        missing = [(s, b) for s in steps for b in blocks if (s, b) not in self._filled[name]]
+        missing = [(s, b) for s in steps for b in blocks if any((s, b, h) not in self._filled[name]
+                                                                   for h in self._halves)]
         if missing:
+            calls = " and both of its transformer calls" if len(self._halves) > 1 else ""
             raise RuntimeError(f"{name} was recorded for only some blocks of a step (missing (step, block) "
-                               f"{missing[:5]}); record every chosen block at each recorded step")
+                               f"{missing[:5]}); record every chosen block at each recorded step{calls}")
         host = self._host[name]
         if len(steps) == len(self._step_slot):
             return host
@@ -392,11 +461,12 @@ class AttentionRecorder:
         """Stop recording and return the maps."""
         self.close()
         if not self._host:
-            raise RuntimeError("nothing was recorded: call recorder.record(step) inside the trace's step loop")
+            raise RuntimeError("nothing was recorded: call recorder.record(call) inside the trace's loop over "
+                               "tracer.iter[0:recorder.calls]")
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.synchronize(self._device)  # the non-blocking copies have landed
         self._current = (-1, {})
-        steps = sorted({s for name in self.kinds if name in self._filled for s, _ in self._filled[name]})
+        steps = sorted({s for name in self.kinds if name in self._filled for s, _, _ in self._filled[name]})
         tensors = {kind: self._gathered(kind, blocks, steps) for kind, blocks in self._kind_blocks.items()
                    if kind in self._host}
         if self.concepts is not None:

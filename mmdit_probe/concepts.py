@@ -15,7 +15,8 @@ step as before (modules inside the blocks, which nnsight could also read, are ca
 
 Under classifier-free guidance every row of the batch (unconditional and conditional) carries the
 same concepts against its own image keys; the maps keep the recorder's rows (the conditional half by
-default).
+default). Where guidance is a second transformer call per step, each call starts the concept stream
+afresh, and the unconditional call carries it only where its rows are recorded.
 
 Maps, per block and step:
 
@@ -187,16 +188,20 @@ class ConceptSlot:
 class ConceptStream:
     """The concept tokens' residual stream through every block, and their maps (see the module docstring).
 
-    rows: a function from the batch size to the rows to record (the recorder's `_row_index`).
+    rows: a function from the batch size and the call's guidance half to the rows to record (the recorder's
+    `_row_index`). calls_per_step: 2 where guidance is a second transformer call per step (`Family.calls_per_step`),
+    whose `halves` recorded ("cond", "uncond": in row order) are kept; (None,) with one call per step.
     `install()` adds the hooks, `remove()` takes them away; `tensors()` gives the recorded maps as
     {kind: (step, block, row, image token, concept)} on the CPU.
     """
 
     def __init__(self, probe, concepts, n_prompts: int, max_sequence_length: int, *, blocks: list[int],
-                 steps: set[int], rows: Callable[[int], torch.Tensor], dtype: torch.dtype = torch.float16) -> None:
+                 steps: set[int], rows: Callable[[int, str | None], torch.Tensor], dtype: torch.dtype = torch.float16,
+                 calls_per_step: int = 1, halves: tuple[str | None, ...] = (None,)) -> None:
         self.probe = probe
         self.concepts = check_concepts(concepts, n_prompts)  # one list per prompt
         self.blocks, self.steps, self.rows, self.dtype = blocks, steps, rows, dtype
+        self.calls_per_step, self.halves = calls_per_step, halves
         words = list(dict.fromkeys(w for c in self.concepts for w in c))
         encoded = encode_concepts(probe, words, max_sequence_length)
         # Each prompt's concepts in slots 0..len-1; a shorter list's spare slots are masked out everywhere.
@@ -207,8 +212,8 @@ class ConceptStream:
         self.state: torch.Tensor | None = None  # the concept stream entering the next block
         self.key_mask: torch.Tensor | None = None  # (batch, 1, 1, slots): which concept keys a row has
         self.rotary = None  # Flux: the identity rotation of zero ids, one row per concept
-        self.step = -1
-        self._maps: dict[str, dict[tuple[int, int], torch.Tensor]] = {k: {} for k in CONCEPT_KINDS}
+        self.call, self.step, self.half = -1, -1, None
+        self._maps: dict[str, dict[tuple[int, int, str | None], torch.Tensor]] = {k: {} for k in CONCEPT_KINDS}
         self._handles: list = []
         self._inside = False
 
@@ -237,13 +242,19 @@ class ConceptStream:
         self.state = None
 
     def _start(self, transformer, args, kwargs) -> None:
-        """Each transformer call is a step: the concept stream starts from the context embedder, like the text."""
-        self.step += 1
+        """Each transformer call starts the concept stream from the context embedder, like the text."""
+        self.call += 1
+        if self.calls_per_step == 1:
+            self.step = self.call
+        else:
+            self.step, second = divmod(self.call, 2)
+            self.half = ("cond", "uncond")[second]
         text = kwargs.get("encoder_hidden_states")
         if text is None:
             raise RuntimeError("the transformer was called without encoder_hidden_states as a keyword; concept "
                                "tokens need the pipeline's own call")
-        n, batch = len(self.concepts), text.shape[0]
+        # The image's rows: a single negative prompt (Qwen-Image's) is one text row, broadcast over the batch.
+        n, batch = len(self.concepts), kwargs.get("hidden_states", text).shape[0]
         if batch % n:
             raise RuntimeError(f"a batch of {batch} rows for {n} prompts: concept tokens need one row per prompt, or "
                                f"two under classifier-free guidance")
@@ -260,8 +271,8 @@ class ConceptStream:
         def hook(block, args, kwargs, output):
             if self._inside or self.state is None:
                 return None
-            if self.step not in self.steps or index > self.blocks[-1]:
-                # No map of this step reads the stream from here on, and the next step starts it afresh.
+            if self.step not in self.steps or self.half not in self.halves or index > self.blocks[-1]:
+                # No map of this call reads the stream from here on, and the next call starts it afresh.
                 processors[0].concepts.kept = None
                 return None
             if args:
@@ -291,22 +302,25 @@ class ConceptStream:
                concept_out: torch.Tensor) -> None:
         if self.step not in self.steps or block not in self.blocks:
             return
-        rows = self.rows(q_img.shape[0]).to(q_img.device)
+        rows = self.rows(q_img.shape[0], self.half).to(q_img.device)
         scores = image_out[rows].float() @ concept_out[rows].float().transpose(-1, -2)
         logits = q_img[rows].float() @ k_concepts[rows].float().transpose(-1, -2) * q_img.shape[-1] ** -0.5
         if self.key_mask is not None:
             spare = ~self.key_mask[rows]
             scores, logits = scores.masked_fill(spare[:, 0], -torch.inf), logits.masked_fill(spare, -torch.inf)
-        self._maps["concept"][(self.step, block)] = scores.softmax(dim=-1).to(self.dtype)
-        self._maps["concept_xattn"][(self.step, block)] = logits.softmax(dim=-1).mean(dim=1).to(self.dtype)
+        key = (self.step, block, self.half)
+        self._maps["concept"][key] = scores.softmax(dim=-1).to(self.dtype)
+        self._maps["concept_xattn"][key] = logits.softmax(dim=-1).mean(dim=1).to(self.dtype)
 
     def tensors(self, steps: list[int]) -> dict[str, torch.Tensor]:
-        """The maps of these steps and every chosen block: {kind: (step, block, row, image token, concept)}."""
+        """The maps of these steps and every chosen block: {kind: (step, block, row, image token, concept)}, the
+        recorded halves' rows one after the other."""
         found = {}
         for kind, maps in self._maps.items():
-            missing = [(s, b) for s in steps for b in self.blocks if (s, b) not in maps]
+            missing = [(s, b) for s in steps for b in self.blocks if any((s, b, h) not in maps for h in self.halves)]
             if missing:
                 raise RuntimeError(f"{kind} maps are missing for (step, block) {missing[:5]}: the concept stream "
                                    f"did not run through every recorded block")
-            found[kind] = torch.stack([torch.stack([maps[(s, b)] for b in self.blocks]) for s in steps]).cpu()
+            found[kind] = torch.stack([torch.stack([torch.cat([maps[(s, b, h)] for h in self.halves])
+                                                    for b in self.blocks]) for s in steps]).cpu()
         return found

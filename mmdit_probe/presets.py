@@ -61,33 +61,38 @@ PRESETS: dict[str, Preset] = {
                (18, 17, 12, 14, 11), tau=0.25, theta=0.3, inject_blocks=tuple(range(38)),
                notes="few-step; T5 length 256"),
         # Qwen-Image's model card: 50 steps, true_cfg_scale=4.0 with negative_prompt=" ", 1328x1328 for 1:1. True
-        # CFG is a second transformer call per step, which recording, patching and editing refuse, so the default
-        # here is no guidance (one call per step); the pipeline's max_sequence_length default is 512.
+        # CFG is a second transformer call per step, which inversion and the editors other than q/k injection refuse,
+        # so the default here is no guidance (one call per step); the pipeline's max_sequence_length default is 512.
         Preset("qwen-image", "qwen_image", "Qwen/Qwen-Image", 50, 1.0, 1328, 512, (30, 35, 40, 25, 45), theta=0.3,
-               notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') runs plain "
-                     "generation only; top layers and theta are a guess until a sweep picks them"),
+               notes="60 double-stream blocks; published true_cfg_scale 4.0 (negative_prompt ' ') is a second "
+                     "transformer call per step: recording, patching and probe.edit take it, inversion and the other "
+                     "editors need guidance 1; top layers and theta are a guess until a sweep picks them"),
         # Qwen-Image-Edit (Qwen/Qwen-Image-Edit model card's diffusers example): 50 steps, true_cfg_scale=4.0 with
         # negative_prompt=" ", the output at the input image's aspect ratio, about 1024x1024. Qwen-Image-Edit-2509
         # (its model card's QwenImageEditPlusPipeline example): 40 steps, true_cfg_scale=4.0, guidance_scale=1.0,
         # negative_prompt=" ". (Read in copies of those examples: github.com/SnyderConsulting/qwen-image-training
         # inference_edit.py, github.com/yesidevelop/huggingface-models qwen-image-edit.py; the pipelines' own
-        # __call__ defaults are true_cfg_scale=4.0, 50 steps.) As for qwen-image, true CFG is a second transformer
-        # call per step, so the default here is no guidance. Same transformer as Qwen-Image: its top-layer guess.
+        # __call__ defaults are true_cfg_scale=4.0, 50 steps.) As for qwen-image, the default here is no guidance
+        # (true CFG is a second transformer call per step, which inversion and most editors refuse). Same transformer
+        # as Qwen-Image: its top-layer guess.
         Preset("qwen-image-edit", "qwen_image_edit", "Qwen/Qwen-Image-Edit", 50, 1.0, 1024, 512, (30, 35, 40, 25, 45),
                theta=0.3, notes="60 double-stream blocks; the input image's tokens follow the image tokens; published "
-                                "true_cfg_scale 4.0 (negative_prompt ' ') runs plain generation only; top layers and "
-                                "theta are a guess until a sweep picks them"),
+                                "true_cfg_scale 4.0 (negative_prompt ' ') is a second transformer call per step: "
+                                "recording, patching and probe.edit take it, inversion and the other editors need "
+                                "guidance 1; top layers and theta are a guess until a sweep picks them"),
         Preset("qwen-image-edit-2509", "qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", 40, 1.0, 1024, 512,
                (30, 35, 40, 25, 45), theta=0.3,
                notes="QwenImageEditPlusPipeline: one or more input images, one prompt per call (maps and hooks; no "
                      "editing or patching, which run several prompts together); published true_cfg_scale 4.0 "
-                     "(negative_prompt ' ') runs plain generation only; top layers and theta are a guess"),
+                     "(negative_prompt ' ') records as a second transformer call per step; top layers and theta are a "
+                     "guess"),
         # Published settings from the model cards' diffusers examples; the top blocks are Flux.1-dev's, a guess (same
         # block layout) until a sweep over prompts picks them (`mmdit-probe sweep` on a GPU).
         Preset("chroma1-hd", "chroma", "lodestones/Chroma1-HD", 40, 3.0, 1024, 512,
                (18, 17, 12, 14, 11), theta=0.3,
-               notes="guidance 3.0 runs a second transformer call per step: record, patch and edit at guidance 1; "
-                     "top layers are a guess (Flux.1-dev's) until a sweep picks them"),
+               notes="guidance 3.0 runs a second transformer call per step: recording, patching and probe.edit take "
+                     "it, inversion and the other editors need guidance 1; top layers are a guess (Flux.1-dev's) "
+                     "until a sweep picks them"),
         Preset("flux.1-kontext-dev", "flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", 28, 2.5, 1024, 512,
                (18, 17, 12, 14, 11), theta=0.3,
                notes="distilled guidance; a context image (image=...) adds reference tokens after the image tokens; "

@@ -356,8 +356,8 @@ class Probe:
         try:
             with self.model.generate(**inputs) as tracer:
                 if recorder is not None:
-                    for step in tracer.iter[0:inputs["num_inference_steps"]]:
-                        recorder.record(step)
+                    for call in tracer.iter[0:recorder.calls]:  # guidance as a second call: two per step
+                        recorder.record(call)
                 output = self.model.output.save()
         finally:
             if recorder is not None:

@@ -173,13 +173,28 @@ def edit_prompts(source: Any, target: Any) -> None:
                message="{name}={value!r} is not allowed: give the {name} prompt (a non-empty str)")
 
 
-def one_call_per_step(inputs: dict[str, Any]) -> None:
-    """Recording and patching count transformer calls as denoising steps; refuse options that add calls."""
+def skip_layer_guidance(inputs: dict[str, Any]) -> None:
+    """Refuse SD3's skip-layer guidance: its extra transformer calls on some steps have no place in any layout of the
+    calls (recording, patching and editing count each step's calls)."""
     if inputs.get("skip_guidance_layers"):
         raise InvalidInput("skip_guidance_layers runs the transformer twice per step; record or patch without it")
-    if inputs.get("true_cfg_scale", 1.0) > 1 and inputs.get("negative_prompt") is not None:
+
+
+def true_cfg(inputs: dict[str, Any]) -> bool:
+    """Whether these pipeline inputs run true CFG (Flux.1, Kontext, Qwen-Image): `true_cfg_scale` > 1 with a negative
+    prompt, the negative prompt as a second transformer call per step (the pipelines' `do_true_cfg`)."""
+    negative = inputs.get("negative_prompt") is not None or inputs.get("negative_prompt_embeds") is not None
+    return inputs.get("true_cfg_scale", 1.0) > 1 and negative
+
+
+def one_call_per_step(inputs: dict[str, Any]) -> None:
+    """Refuse options that add transformer calls per step, for the paths that take one call as the whole velocity
+    (sampling, inversion and the editors built on them)."""
+    skip_layer_guidance(inputs)
+    if true_cfg(inputs):
         raise InvalidInput("true CFG (true_cfg_scale > 1 with a negative_prompt: Flux, Qwen-Image) runs the "
-                           "transformer twice per step; record or patch without it")
+                           "transformer twice per step, and this path takes one transformer call as the whole "
+                           "velocity: run it without (guidance 1); recording, patching and probe.edit take it")
 
 
 def image_size(name: str, value: Any, multiple: int) -> int:

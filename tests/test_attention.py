@@ -139,7 +139,7 @@ def test_recorder_rejects_bad_requests(tiny_dirs):
     with pytest.raises(MemoryError, match=r"needs about .* GB \(limit max_gb=1e-06\)"):
         AttentionRecorder(probe, inputs, max_gb=1e-6)
     with pytest.raises(ValueError, match="runs the transformer twice per step"):
-        AttentionRecorder(probe, {**inputs, "negative_prompt": "x", "true_cfg_scale": 4.0})
+        AttentionRecorder(probe, {**inputs, "skip_guidance_layers": [1]})
     with pytest.raises(ValueError, match="needs classifier-free guidance"):  # checked before the run
         AttentionRecorder(probe, inputs, rows="uncond")
 

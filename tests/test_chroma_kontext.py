@@ -176,12 +176,12 @@ def test_reference_kinds_are_refused_where_there_is_no_reference(kontext, chroma
         AttentionRecorder(chroma, chroma_inputs(chroma), kinds=["r2i"])
 
 
-def test_chroma_guidance_is_a_second_call_and_refused_where_calls_are_steps(chroma):
+def test_chroma_guidance_is_a_second_call_and_refused_where_one_call_is_the_velocity(chroma):
     inputs = chroma_inputs(chroma, guidance=3.0)
+    # Recording lays the two calls out (tests/test_two_call_guidance.py); the velocity paths take one call.
+    assert AttentionRecorder(chroma, inputs).calls == 2 * inputs["num_inference_steps"]
     with pytest.raises(InvalidInput, match="second transformer call per step"):
-        AttentionRecorder(chroma, inputs)
-    with pytest.raises(InvalidInput, match="second transformer call per step"):
-        chroma.edit(PROMPTS[0], "a blue cat on a mat", steps=2, guidance=3.0, **SIZE)
+        sampler_velocity(chroma, inputs)
     # Plain generation with the taps installed is the stock one, guidance included.
     tapped = chroma.pipeline(**inputs).images
     chroma.family.remove_taps()
@@ -336,11 +336,14 @@ def test_context_image_keyword_reaches_every_path(kontext, chroma):
     assert not torch.equal(with_context.source_image, plain.source_image)  # the context tokens took part
 
 
-def test_a_chroma_sweep_at_guidance_above_one_is_refused_before_it_runs(chroma, tmp_path):
+def test_a_chroma_sweep_at_guidance_above_one_records_the_conditional_calls(chroma, tmp_path):
+    from PIL import Image
+
     from mmdit_probe.sweep import FolderMasks, PromptItem, sweep
 
-    (tmp_path / "masks").mkdir()
-    with pytest.raises(InvalidInput, match="second transformer call per step"):
-        sweep(chroma, [PromptItem("p0", "a red cat", 0)], tmp_path / "out", masks=FolderMasks(tmp_path / "masks"),
-              num_steps=2, resolution=64, guidance=3.0, progress=False)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (tmp_path / "masks" / "p0").mkdir(parents=True)
+    for word in ("red", "cat"):
+        Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "p0" / f"{word}.png")
+    result = sweep(chroma, [PromptItem("p0", "a red cat", 0)], tmp_path / "out", masks=FolderMasks(tmp_path / "masks"),
+                   num_steps=2, resolution=64, guidance=3.0, progress=False)
+    assert result.done == 1 and not result.failed

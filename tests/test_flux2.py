@@ -315,14 +315,20 @@ def test_inversion_and_solver_edits_take_references_as_context_image(klein):
     assert not torch.equal(with_reference.source_image, plain.source_image)
 
 
-def test_two_call_guidance_is_refused(klein):
+def test_base_model_guidance_is_a_second_call_per_step(klein):
     inputs = non_square(klein, [PROMPTS[0]])
     klein.pipeline.register_to_config(is_distilled=False)  # a Klein base model
     try:
-        with pytest.raises(InvalidInput, match="two transformer calls per step"):
-            klein.pipeline(**{**inputs, "guidance_scale": 4.0})
-        assert klein.pipeline(**inputs).images.isfinite().all()  # guidance 1: one call per step
+        guided = {**inputs, "guidance_scale": 4.0}
+        # Recording lays both calls out (tests/test_two_call_guidance.py); the velocity paths take one call.
+        assert klein.family.calls_per_step(guided) == 2 and klein.family.calls_per_step(inputs) == 1
+        with pytest.raises(InvalidInput, match="second transformer call per step"):
+            klein.family.check_one_call_per_step(guided)
+        tapped = klein.pipeline(**guided).images
+        klein.family.remove_taps()
+        assert torch.equal(tapped, klein.pipeline(**guided).images)  # the taps change no bit in either call
     finally:
+        klein.family.install_taps()
         klein.pipeline.register_to_config(is_distilled=True)
 
 

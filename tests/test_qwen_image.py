@@ -200,11 +200,13 @@ def test_taps_hold_exactly_the_stock_processors_q_k_v(qwen, monkeypatch):
             assert torch.equal(taps[f"blocks.{block}.attn.hook_{name}_img"][step], joint[:, :, n_text:])
 
 
-def test_true_cfg_is_plain_generation_only(qwen):
+def test_true_cfg_is_a_second_call_per_step(qwen):
     inputs = _inputs(qwen, ["a red cat"], guidance=4.0, negative_prompt=" ")
     assert inputs["true_cfg_scale"] == 4.0
+    # Recording lays both calls out (tests/test_two_call_guidance.py); the velocity paths take one call.
+    assert AttentionRecorder(qwen, inputs).calls == 2 * inputs["num_inference_steps"]
     with pytest.raises(mmdit_probe.validation.InvalidInput, match="twice per step"):
-        AttentionRecorder(qwen, inputs)
+        qwen.family.check_one_call_per_step(inputs)
     assert qwen.pipeline(**inputs).images.isfinite().all()
 
 

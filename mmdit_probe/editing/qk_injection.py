@@ -4,7 +4,9 @@ Source and target prompts run together, from the same initial noise, in one trac
 
 1. q/k injection: for the first `tau` of the steps, in the injected blocks, the target's image-stream
    queries and keys are replaced by the source's (variant "qiki"; the target keeps its own text q/k
-   and all values). Only the conditional rows are patched under classifier-free guidance.
+   and all values). Only the conditional rows are patched under classifier-free guidance as a doubled batch; where
+   guidance is a second transformer call per step (`Family.calls_per_step`: Chroma, Flux.2 Klein base, true CFG),
+   each call's batch is [source, target] and both calls of an injected step are patched.
    "The first tau of the steps" are the steps s with s < tau * n (6 of 28 at tau = 0.2); with
    ``step_rounding="floor"`` those with s < int(tau * n), as the paper's released code (5 of 28).
    Other variants replace other projections (`constants.VARIANTS`); the region replacements "I2I", "T2I", "I2T",
@@ -14,7 +16,8 @@ Source and target prompts run together, from the same initial noise, in one trac
 2. Local blending: for the first `eta` of the steps, the T2I maps of the edited words (top blocks,
    smoothed, optionally max-pooled, max-normalised, thresholded at `theta`; source words and target words united)
    give a mask, and after each scheduler step ``x_target = x_source + mask * (x_target - x_source)``. A mask comes
-   from the maps of the last `n_prev_steps` blended steps (default 1: this step's).
+   from the maps of the last `n_prev_steps` blended steps (default 1: this step's), of the conditional call where
+   guidance is a second call.
 
 ``paper="printed"`` (or ``"run"``) takes every option not given from the paper's released code
 (`presets.paper`): its windows, SD3's 3x3 max-pool, masks from all blended steps so far, its top blocks.
@@ -51,14 +54,15 @@ def _blocks(family, name: str, chosen: list[int] | None, default: tuple[int, ...
     return family.present(default) or list(range(family.num_blocks))
 
 
-def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], injected: tuple[str, ...],
+def _inject_and_record(probe, call: int, blocks: list[int], inject: list[int], injected: tuple[str, ...],
                        recorder: AttentionRecorder | None, change, sourced: tuple[str, ...] = ()) -> None:
-    """One step inside the trace: patch the injected taps and record the blend blocks' maps,
-    reading every tap once and in execution order (as nnsight requires). `sourced`: taps whose recorded values
-    take the source's rows in the injected blocks, unpatched (the scores a region replacement gave the target)."""
+    """One transformer call inside the trace (`tracer.iter`'s index): patch the injected taps and record the blend
+    blocks' maps, reading every tap once and in execution order (as nnsight requires). `sourced`: taps whose recorded
+    values take the source's rows in the injected blocks, unpatched (the scores a region replacement gave the
+    target)."""
     for block in blocks:
         patched = injected if block in inject else ()
-        recording = recorder is not None and block in recorder.blocks and step in recorder.steps
+        recording = recorder is not None and recorder.records(call, block)
         needed = ("q_img", "k_img", "q_txt", "k_txt") if recording else ()
         known = {}
         for name in names.TAP_ORDER:
@@ -70,7 +74,7 @@ def _inject_and_record(probe, step: int, blocks: list[int], inject: list[int], i
         if recording:
             for name in sourced if block in inject else ():
                 known[name] = change(known[name])
-            recorder.record_block(step, block, **{k: v for k, v in known.items() if k in needed})
+            recorder.record_block(call, block, **{k: v for k, v in known.items() if k in needed})
 
 
 class RegionReplacement:
@@ -131,6 +135,7 @@ class _Plan:
     target_words: list[str]
     user_callback: Any
     user_tensors: list[str]
+    calls: int  # transformer calls per step (`Family.calls_per_step`)
 
 
 def _words(name: str, words: Any, table) -> list[str] | None:
@@ -211,7 +216,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     user_callback = generation.pop("callback_on_step_end", None)
     user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
     inputs = probe.inputs([source, target], seed=seed, **generation)
-    probe.family.check_one_call_per_step(inputs)
+    calls = probe.family.calls_per_step(inputs)
     start_from(inputs, latents)
     if user_callback is not None:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -244,7 +249,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
         blend_steps = _window(eta, n_steps, step_rounding)
     blend = _blocks(family, "blend_blocks", blend_blocks, preset.top_layers) if blend_steps else []
     return _Plan(inputs, variant, blend_pool, n_prev_steps, step_rounding, paper, tau, eta, theta, inject,
-                 inject_steps, blend, blend_steps, source_words, target_words, user_callback, user_tensors)
+                 inject_steps, blend, blend_steps, source_words, target_words, user_callback, user_tensors, calls)
 
 
 def check_edit(probe, source: str, target: str, **options: Any) -> None:
@@ -300,7 +305,8 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
         returned = user_callback(pipeline, step, timestep, {**tensors, "latents": latents})
         return {"latents": latents, **(returned or {})}
 
-    def inject_rows(x: torch.Tensor) -> torch.Tensor:  # the target's conditional row takes the source's
+    def inject_rows(x: torch.Tensor) -> torch.Tensor:
+        """The target's conditional row takes the source's (a second guidance call has one row per prompt)."""
         return replace_rows(x, rows(2, x, 0), rows(2, x, 1))
 
     inputs["callback_on_step_end"] = blend_latents
@@ -323,13 +329,14 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
         active = max([s + 1 for s in plan.inject_steps + plan.blend_steps], default=0)
         blocks = sorted(set(plan.inject) | set(recorder.blocks if recorder else []))
         with probe.model.generate(**inputs) as tracer:
-            for step in tracer.iter[0:active]:
+            for call in tracer.iter[0:active * plan.calls]:
+                step, second = divmod(call, plan.calls)  # a second call is the unconditional one
                 active_step = step in plan.inject_steps
                 injected = VARIANTS.get(plan.variant, ()) if active_step else ()
-                _inject_and_record(probe, step, blocks, plan.inject, injected, recorder, inject_rows,
+                _inject_and_record(probe, call, blocks, plan.inject, injected, recorder, inject_rows,
                                    sourced if active_step else ())
-                if recorder is not None and step in plan.blend_steps:
-                    history.append(recorder.step_maps(step))  # (block, row, image, text): rows are [source, target]
+                if recorder is not None and step in plan.blend_steps and not second:
+                    history.append(recorder.step_maps(call))  # (block, row, image, text): rows are [source, target]
                     if plan.n_prev_steps is not None:
                         del history[:-plan.n_prev_steps]
                     t2i = torch.cat(history)  # blocks and steps, averaged alike

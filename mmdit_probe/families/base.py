@@ -98,10 +98,29 @@ class Family:
         """One block index of this model, else `validation.BlockIndexError`."""
         return self.check_blocks("block", block)[0]
 
+    def calls_per_step(self, inputs: dict[str, Any]) -> int:
+        """How many times the pipeline calls the transformer per denoising step with these inputs: 1, or 2 where
+        guidance runs as a second call, the conditional call first, then the unconditional one (true CFG:
+        `true_cfg_scale` > 1 with a negative prompt; Chroma and Flux.2 Klein base models at guidance > 1). Recording,
+        patching and the q/k editor lay both calls out; inputs whose calls they cannot lay out are refused.
+
+        >>> probe.family.calls_per_step(probe.inputs("a red cat", guidance=4.0, negative_prompt=" "))  # Qwen-Image
+        2
+        """
+        validation.skip_layer_guidance(inputs)
+        return 2 if validation.true_cfg(inputs) else 1
+
     def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
-        """Refuse inputs that make the pipeline call the transformer more than once per step (recording, patching and
-        editing count calls as steps); see `validation.one_call_per_step`."""
-        validation.one_call_per_step(inputs)
+        """Refuse inputs with guidance as a second transformer call per step (`calls_per_step`), for the paths that
+        take one call as the whole velocity (sampling, inversion, and the editors other than q/k injection)."""
+        if self.calls_per_step(inputs) > 1:
+            raise validation.InvalidInput(
+                f"these inputs run guidance as a second transformer call per step (the transformer runs twice per "
+                f"step: {self.second_call}), and this path takes one transformer call as the whole velocity: use "
+                f"guidance 1 here; recording, activation patching and the q/k editor (probe.edit) take two-call runs")
+
+    # What makes guidance a second transformer call in this family, for messages.
+    second_call = "true CFG, true_cfg_scale > 1 with a negative_prompt"
 
     def check_blocks(self, name: str, values: Any, **template: Any) -> list[int]:
         """Distinct block indices of this model (see `validation.blocks`; `template` passes its message)."""

@@ -6,14 +6,13 @@ block builds the outer product m m^T, (batch, 1, tokens, tokens) over [text | im
 in the text encoder's floating dtype, so the kernel *adds* m_i m_j to the logits (1 between two kept
 tokens, 0 where a pad token is involved) rather than masking: recorded maps apply the same mask the same
 way. Single-stream blocks take the joint sequence alone (no text argument) and return it; classifier-free
-guidance is a second transformer call per step (not a doubled batch).
+guidance is a second transformer call per step (not a doubled batch), the negative prompt's, under its own mask.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import validation
 from .base import TextSegment
 from .flux import FluxFamily
 
@@ -31,13 +30,13 @@ class ChromaFamily(FluxFamily):
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer", "text_encoder", 0, max_sequence_length)]
 
-    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
-        super().check_one_call_per_step(inputs)
-        if inputs.get("guidance_scale", 1.0) > 1:
-            raise validation.InvalidInput(
-                f"Chroma runs classifier-free guidance (guidance_scale={inputs['guidance_scale']} > 1) as a second "
-                f"transformer call per step, and recording, patching and editing count calls as steps: use "
-                f"guidance=1 here (probe.generate without recording takes any guidance)")
+    second_call = "Chroma's classifier-free guidance, guidance_scale > 1"
+
+    def calls_per_step(self, inputs: dict[str, Any]) -> int:
+        """Two calls at guidance_scale > 1: the prompt's, then the negative prompt's ("" by default), each with its own
+        attention mask."""
+        calls = super().calls_per_step(inputs)
+        return 2 if inputs.get("guidance_scale", 1.0) > 1 else calls
 
     def bypass(self, block: int):
         """Make one block hand on its inputs unchanged; a single-stream block takes and returns the joint sequence."""

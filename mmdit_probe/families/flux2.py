@@ -169,11 +169,12 @@ class Flux2Family(DoubleAndSingleBlocks):
     transformer_class = "Flux2Transformer2DModel"
     image_first = False
     latent_channels_divisor = 4  # in_channels are the VAE's channels patchified 2x2
-    # Flux.2 dev is guidance-distilled (guidance is an input); Klein's classifier-free guidance runs two
-    # transformer calls per step, never a doubled batch, and is refused (see `_before_transformer`).
+    # Flux.2 dev is guidance-distilled (guidance is an input); Klein base models' classifier-free guidance runs two
+    # transformer calls per step, never a doubled batch (`calls_per_step`).
     batched_guidance = False
     has_reference = True
     max_input_images = None  # the pipelines take a list of any length (BFL recommends at most 6 for dev, 4 for Klein)
+    second_call = "Flux.2 Klein base models' classifier-free guidance, guidance_scale > 1"
 
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)
@@ -186,6 +187,14 @@ class Flux2Family(DoubleAndSingleBlocks):
         if isinstance(output, torch.Tensor):
             return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return Family.bypass_output(module, args, kwargs, output)
+
+    def calls_per_step(self, inputs: dict[str, Any]) -> int:
+        """Two calls for a Klein base model (`is_distilled` False in its config) at guidance_scale > 1: the prompt's,
+        then the empty negative prompt's (`Flux2KleinPipeline.do_classifier_free_guidance`)."""
+        calls = super().calls_per_step(inputs)
+        pipe = self.pipeline
+        base = type(pipe).__name__ == "Flux2KleinPipeline" and not pipe.config.is_distilled
+        return 2 if base and inputs.get("guidance_scale", 1.0) > 1 else calls
 
     # -- text --------------------------------------------------------------
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
@@ -303,13 +312,8 @@ class Flux2Family(DoubleAndSingleBlocks):
         return processor
 
     def _before_transformer(self, transformer, args, kwargs) -> None:
-        """Each transformer call: refuse what the taps cannot lay out, note the text length for the single-stream
-        blocks, which receive the joint sequence alone, and the reference tokens for every block."""
-        if getattr(self.pipeline, "do_classifier_free_guidance", False):
-            raise validation.InvalidInput(
-                "Flux.2 Klein base runs classifier-free guidance as two transformer calls per step (conditional, "
-                "then unconditional), which mmdit_probe does not lay out yet: use guidance_scale=1 or a distilled "
-                "Klein model")
+        """Each transformer call: note the text length for the single-stream blocks, which receive the joint sequence
+        alone, and the reference tokens for every block."""
         n = self.reference_length(kwargs)
         for processor in self._tapped.values():
             processor.reference_length = n

@@ -158,8 +158,8 @@ class QwenImageFamily(Family):
     transformer_class = "QwenImageTransformer2DModel"
     image_first = False
     latent_channels_divisor = 4
-    # True CFG runs the negative prompt as a second transformer call, never a doubled batch (recording, patching and
-    # editing refuse it: `validation.one_call_per_step`).
+    # True CFG runs the negative prompt as a second transformer call per step, never a doubled batch
+    # (`Family.calls_per_step`).
     batched_guidance = False
     # Its attention is diffusers' legacy `Attention`, which the transformer's `fuse_qkv_projections()` skips.
     fuses_qkv = False

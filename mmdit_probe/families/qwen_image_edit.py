@@ -10,7 +10,7 @@ before the prompt, and the Qwen2.5-VL processor repeats ``<|image_pad|>`` once p
 image. The pipeline drops the template's first 64 tokens (the system message and ``<|im_start|>user\\n``), so the
 transformer's text is the vision tokens, the prompt, then ``<|im_end|>\\n<|im_start|>assistant\\n``: a word's text
 positions follow the input image's vision tokens, and the word table counts them for the image last given to
-recording, patching or editing (`check_one_call_per_step`).
+recording, patching or editing (`calls_per_step`).
 
 Qwen-Image-Edit-2509 (`QwenImageEditPlusPipeline`, `QwenImageEditPlusFamily`) takes one or more input images and one
 prompt per call; its text holds a ``Picture i: `` block per image.
@@ -82,7 +82,7 @@ class QwenImageEditFamily(QwenImageFamily):
         side = self.pipeline.vae_scale_factor * 2
         return height // side, width // side
 
-    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+    def calls_per_step(self, inputs: dict[str, Any]) -> int:
         """As Qwen-Image's; also checks the input images against the prompts and takes the size the text encoder
         sees them at, which sets how many vision tokens the text holds (`text_segments`).
 
@@ -90,10 +90,10 @@ class QwenImageEditFamily(QwenImageFamily):
         (the editors' source and target rows: two), one image repeated (the rows the probe adds take the first's).
         A single image reaches the text encoder resized as the VAE's, a list at the images' own size (diffusers
         0.42.1 resizes only a single image for it)."""
-        super().check_one_call_per_step(inputs)
+        calls = super().calls_per_step(inputs)
         images = _images(inputs.get("image"))
         if images is None:
-            return
+            return calls
         prompts = inputs.get("prompt")
         n = 1 if isinstance(prompts, str) else len(prompts or [None])
         if len(images) != n:
@@ -105,10 +105,11 @@ class QwenImageEditFamily(QwenImageFamily):
                                           "(image=[img] * len(prompts))")
         size = images[0].size
         self._vision_sizes = [self.resized(size) if not isinstance(inputs["image"], list) else size[::-1]]
+        return calls
 
     def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
         """One input image per prompt: a list of them is resized to `rows` (its images are one image repeated, as
-        `check_one_call_per_step` asks)."""
+        `calls_per_step` asks)."""
         image = inputs.get("image")
         return {**inputs, "image": [image[0]] * rows} if isinstance(image, list) else inputs
 
@@ -155,10 +156,10 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
                                           f"record t2i / i2t (the taps *_ref hold every image's tokens), or pass one")
         return super().reference_grid(inputs)
 
-    def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
+    def calls_per_step(self, inputs: dict[str, Any]) -> int:
         """As Qwen-Image's; refuses a batch of prompts (the pipeline does) and takes each input image's size as the
         text encoder sees it (`text_segments`)."""
-        QwenImageFamily.check_one_call_per_step(self, inputs)
+        calls = QwenImageFamily.calls_per_step(self, inputs)
         prompts = inputs.get("prompt")
         if not isinstance(prompts, str) and len(prompts or [None]) != 1:
             raise validation.InvalidInput("QwenImageEditPlusPipeline runs one prompt at a time (diffusers 0.42.1 "
@@ -169,6 +170,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
         images = _images(inputs.get("image"))
         if images is not None:
             self._vision_sizes = [self.resized(i.size, self._condition_area) for i in images]
+        return calls
 
     def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
         """Every input image, as a list: the pipeline gives each its own ``Picture i: `` block and frame."""

@@ -12,7 +12,9 @@ Every grid dimension is either swept (named in `over`: one cell per entry) or jo
 patched together in every cell): ``hook`` (hook kinds such as "v_txt", "q_img", "out_img",
 "attn2.q_img"), ``block``, ``step`` (single steps, "windows" = early/middle/late, or ranges),
 ``position`` (words and text positions for ``*_txt`` hooks, token-grid masks for ``*_img`` hooks)
-and ``half`` of a classifier-free-guidance batch ("cond", "uncond", "both").
+and ``half`` of classifier-free guidance ("cond", "uncond", "both"): rows of a doubled batch, or, where
+guidance is a second transformer call per step (`Family.calls_per_step`), the calls: "cond" patches each
+step's first (conditional) call, "uncond" its second.
 
 Cells run batched: each forward pass holds the clean run, the corrupt run and up to `batch_size`
 patched runs, all from the same noise, and the patch copies rows inside that batch (`patching.rows`,
@@ -107,12 +109,12 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
     # One check of the generation settings and the whole plan before any model call.
     inputs = probe.inputs([clean, corrupt], seed=seed, steps=num_steps, guidance=guidance,
                           output_type=OUTPUTS[output], **generation)
-    probe.family.check_one_call_per_step(inputs)
+    calls = probe.family.calls_per_step(inputs)
     n_steps = inputs["num_inference_steps"]
     length = inputs.get("max_sequence_length") or probe.preset.max_sequence_length
     tables = (probe.tokens(clean, length), probe.tokens(corrupt, length))
     plan = _Planner(probe, tables, n_steps, probe.grid(inputs["height"], inputs["width"]),
-                    probe.family.doubles_batch(inputs))
+                    probe.family.doubles_batch(inputs) or calls == 2)
     specs = {
         "hook": plan.hooks(hooks),
         "block": plan.blocks(blocks, "block" in over),
@@ -139,7 +141,7 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
 
         chunks = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
         for chunk in tqdm(chunks, desc="activation patching", unit="batch", disable=not progress):
-            out = _run_chunk(probe, plan, chunk, inputs, base, source, order)
+            out = _run_chunk(probe, plan, chunk, inputs, base, source, order, calls)
             measured = torch.as_tensor(measure(out[2:], out[0], out[1]), dtype=torch.float64).flatten().cpu()
             if measured.numel() != len(chunk):
                 raise InvalidInput(f"metric {metric_name!r} returned {measured.numel()} values for {len(chunk)} "
@@ -161,13 +163,17 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
 
 
 def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any], base: int, source: int,
-               order: dict[str, int]) -> torch.Tensor:
-    """One batched generation: [clean, corrupt, patched runs...]; returns its outputs in that order."""
+               order: dict[str, int], calls: int = 1) -> torch.Tensor:
+    """One batched generation: [clean, corrupt, patched runs...]; returns its outputs in that order. `calls`: the
+    transformer calls per step (2: guidance as a second call, the conditional one first)."""
     prompts = list(inputs["prompt"])
     n = 2 + len(chunk)
-    run = probe.family.batch_inputs({**inputs, "prompt": [prompts[0], prompts[1]] + [prompts[base]] * len(chunk),
-                                     "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))},
-                                    n)
+    runs = [0, 1] + [base] * len(chunk)
+    run = {**inputs, "prompt": [prompts[r] for r in runs],
+           "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))}
+    if isinstance(inputs.get("negative_prompt"), list):  # one per prompt: each run keeps its prompt's
+        run["negative_prompt"] = [inputs["negative_prompt"][r] for r in runs]
+    run = probe.family.batch_inputs(run, n)
     # step -> hook name -> {(positions, half): [patched prompt indices]}: one replace_rows per group.
     by_step: dict[int, dict[str, dict[tuple, list[int]]]] = {}
     for i, cell in enumerate(chunk):
@@ -177,18 +183,28 @@ def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any]
             for name in names:
                 by_step.setdefault(step, {}).setdefault(name, {}).setdefault((positions, cell.half), []).append(2 + i)
     with probe.model.generate(**run) as tracer:
-        for step in tracer.iter[0:max(by_step) + 1]:
+        for call in tracer.iter[0:(max(by_step) + 1) * calls]:
+            step, second = divmod(call, calls)
+            half = None if calls == 1 else ("cond", "uncond")[second]
             for name, groups in sorted(by_step.get(step, {}).items(), key=lambda site: order[site[0]]):
                 dim = token_dim(name)
-                patch(probe, name, lambda x, g=groups, d=dim: _copy(x, n, source, g, d))
+                patch(probe, name, lambda x, g=groups, d=dim, h=half: _copy(x, n, source, g, d, h))
         output = probe.model.output.save()
     return output.images
 
 
-def _copy(x: torch.Tensor, n: int, source: int, groups: dict[tuple, list[int]], dim: int) -> torch.Tensor:
-    """`x` with each group's patched rows taking the source run's values at the group's positions."""
+def _copy(x: torch.Tensor, n: int, source: int, groups: dict[tuple, list[int]], dim: int,
+          call_half: str | None = None) -> torch.Tensor:
+    """`x` with each group's patched rows taking the source run's values at the group's positions. `call_half`: the
+    guidance half this call computes where guidance is a second call (one row per run; a group patches the calls of
+    its half), None where one call holds every row."""
     for (positions, half), targets in groups.items():
-        target_rows = [r for t in targets for r in rows(n, x, t, half)]
-        source_rows = rows(n, x, source, half) * len(targets)
+        if call_half is None:
+            target_rows = [r for t in targets for r in rows(n, x, t, half)]
+            source_rows = rows(n, x, source, half) * len(targets)
+        elif half in (call_half, "both"):
+            target_rows, source_rows = list(targets), [source] * len(targets)
+        else:
+            continue
         x = replace_rows(x, source_rows, target_rows, positions, dim)
     return x

@@ -3,8 +3,10 @@
 The row helpers are pure functions on a tensor; `patch` applies one to a hook point inside an
 nnsight trace. Batch rows follow the pipeline's layout: one row per prompt, and under
 classifier-free guidance the unconditional rows first, then the conditional ones; `rows()` finds
-them. Token positions index the hook's token dimension (image tokens for `*_img`, text positions
-for `*_txt`).
+them. Where guidance is a second transformer call per step (`Family.calls_per_step`), each call holds
+one row per prompt (what `rows()` gives for "cond"), and `tracer.iter` walks the calls: call 2s is step
+s's conditional one, 2s + 1 its unconditional one. Token positions index the hook's token dimension
+(image tokens for `*_img`, text positions for `*_txt`).
 
 >>> inputs = probe.inputs(["a red circle ...", "a blue circle ..."], seed=0)
 >>> with probe.model.generate(**inputs) as tracer:

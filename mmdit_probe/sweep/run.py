@@ -372,7 +372,7 @@ def prepare_sweep(model, prompts: list[PromptItem] | str | Path, out: str | Path
             "resolution", resolution, probe.family.token_pixels, probe.family.max_image_side), num_steps=num_steps,
         guidance=float(preset.guidance if guidance is None else guidance), threshold=threshold,
         smoothing=smoothing, grids=grids, maps_dtype=maps_dtype, windows=windows)
-    probe.family.check_one_call_per_step({"guidance_scale": config.guidance})  # Chroma: guidance > 1 is a 2nd call
+    probe.family.calls_per_step({"guidance_scale": config.guidance})  # refuses what recording refuses
     empty = [w for w, chosen in config.window_steps().items() if not chosen]
     if empty:
         raise InvalidInput(f"windows {empty} hold none of the recorded steps {config.record_steps} "
