@@ -40,6 +40,10 @@ class TapProcessor(nn.Module):
 
     # True where `forward` runs its attention through `attend` (region replacement needs it).
     attends = False
+    # Read by diffusers' `dispatch_attention_fn` (the Flux / Qwen-Image / Flux.2 processors); copied from the stock
+    # processor when the taps are installed, and written by `set_attention_backend` afterwards.
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__()

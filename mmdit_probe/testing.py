@@ -100,7 +100,7 @@ TINY_KINDS: tuple[str, ...] = tuple(_PIPELINE_CLASSES)
 
 # Guidance scales are the models' usual ones, so SD3 runs classifier-free guidance (batch 2 in the
 # transformer) and Flux-dev feeds its guidance embedding. Chroma's guidance > 1 is a second transformer call per
-# step, which recording, patching and editing refuse; Kontext's is distilled, like Flux-dev's.
+# step (tests/test_two_call_guidance.py), so its runs here take guidance 1; Kontext's is distilled, like Flux-dev's.
 # Text lengths: Qwen-Image's text is as long as the batch's longest prompt, at most its 8, which makes the test
 # prompts one length, as the parametrised tests' references (no key mask) need (tests/test_qwen_image.py pads and
 # masks); Flux.2's chat templates put tokens around the prompt (Klein a dozen; dev's system message about 35): the

@@ -6,6 +6,7 @@ from conftest import tiny_inputs
 from diffusers import DiffusionPipeline
 from diffusers.models.embeddings import apply_rotary_emb
 
+import mmdit_probe
 from mmdit_probe._notices import internal_deprecations_hidden
 from mmdit_probe.taps import TapProcessor
 from mmdit_probe.validation import InvalidInput
@@ -216,3 +217,15 @@ def test_bad_hook_names_get_clear_errors(probe):
         probe.hook("transformer_blocks.0.attn")
     with pytest.raises(ValueError, match="has no 'hook_z_img'"):
         probe.hook("blocks.0.attn.hook_z_img")
+
+
+def test_taps_keep_the_attention_backend_chosen_for_the_stock_processors(tiny_dirs):
+    """`set_attention_backend` before `load` stays in force: the tapped processors dispatch to the same backend."""
+    pipeline = DiffusionPipeline.from_pretrained(tiny_dirs["flux-dev"])
+    pipeline.transformer.set_attention_backend("native")
+    stock = {name: m.processor._attention_backend for name, m in pipeline.transformer.named_modules()
+             if hasattr(m, "processor")}
+    probe = mmdit_probe.load(pipeline)
+    tapped = {name: m.processor._attention_backend for name, m in probe.pipeline.transformer.named_modules()
+              if hasattr(m, "processor")}
+    assert tapped == stock and set(tapped.values()) == {stock[next(iter(stock))]} and None not in tapped.values()

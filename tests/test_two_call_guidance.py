@@ -16,7 +16,7 @@ from PIL import Image
 import mmdit_probe
 from mmdit_probe import names
 from mmdit_probe.attention import AttentionRecorder
-from mmdit_probe.editing import kv_edit, rf_solver_edit
+from mmdit_probe.editing import kv_edit, rf_solver_edit, stable_flow
 from mmdit_probe.patching import activation_patching, patch, replace_rows
 from mmdit_probe.sampling.velocity import sampler_velocity
 from mmdit_probe.validation import InvalidInput
@@ -247,7 +247,9 @@ def test_what_takes_one_call_as_the_whole_velocity_refuses_two(tiny_dirs):
     for run in (lambda: sampler_velocity(chroma, inputs),
                 lambda: chroma.invert(image, PROMPTS[0], **options),
                 lambda: kv_edit(chroma, PROMPTS[0], "a blue cat", **options),
-                lambda: rf_solver_edit(chroma, PROMPTS[0], "a blue cat", **options)):
+                lambda: rf_solver_edit(chroma, PROMPTS[0], "a blue cat", **options),
+                # Its generated-image path patches one call per step: with two it would patch half the steps.
+                lambda: stable_flow(chroma, PROMPTS[0], "a blue cat", layers=[0], **options)):
         with pytest.raises(InvalidInput, match=r"second transformer call per step.*use guidance 1"):
             run()
     qwen = load(tiny_dirs, "qwen-image")

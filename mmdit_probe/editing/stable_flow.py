@@ -98,6 +98,7 @@ def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None
         raise validation.InvalidInput("stable_flow draws its own initial noise (seed=) or inverts image=: do not "
                                       "pass latents=")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
+    probe.family.check_one_call_per_step(inputs)  # the loop below patches one transformer call per step
     start_from(inputs, initial_latents(probe, image, source, inversion, iterations, generation), check=False)
     with probe.model.generate(**inputs) as tracer:
         if chosen:

@@ -304,7 +304,10 @@ class Family:
             if not isinstance(module.processor, TapProcessor):
                 self._stock[a.path] = module.processor
                 if a.path not in self._tapped:
-                    self._tapped[a.path] = self.make_processor(a, module.processor)
+                    tapped = self._tapped[a.path] = self.make_processor(a, module.processor)
+                    # The attention backend the user chose for the stock processor stays chosen.
+                    for setting in ("_attention_backend", "_parallel_config"):
+                        setattr(tapped, setting, getattr(module.processor, setting, None))
                 module.set_processor(self._tapped[a.path])
         if self.has_reference and self._reference_hook is None:
             self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,

@@ -26,9 +26,6 @@ class FluxTapProcessor(TapProcessor):
     Attention runs through diffusers' `dispatch_attention_fn`, so GPU backends stay selectable.
     """
 
-    # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
-    _attention_backend = None
-    _parallel_config = None
     attends = True
 
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
@@ -130,8 +127,8 @@ class FluxFamily(DoubleAndSingleBlocks):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     transformer_class = "FluxTransformer2DModel"
     image_first = False
-    # Guidance-distilled: guidance is an input, never a doubled batch (true CFG is refused by
-    # `validation.one_call_per_step`).
+    # Guidance-distilled: guidance is an input, never a doubled batch (true CFG, with a negative prompt, is a second
+    # transformer call per step: `calls_per_step`).
     batched_guidance = False
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
@@ -146,10 +143,7 @@ class FluxFamily(DoubleAndSingleBlocks):
         return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
 
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
-        processor = FluxTapProcessor(self.streams(attention))
-        processor._attention_backend = getattr(stock, "_attention_backend", None)
-        processor._parallel_config = getattr(stock, "_parallel_config", None)
-        return processor
+        return FluxTapProcessor(self.streams(attention))
 
     def install_taps(self) -> None:
         super().install_taps()

@@ -52,9 +52,6 @@ class Flux2TapProcessor(TapProcessor):
     selectable.
     """
 
-    # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
-    _attention_backend = None
-    _parallel_config = None
     attends = True
 
     def __init__(self, streams) -> None:
@@ -178,7 +175,6 @@ class Flux2Family(DoubleAndSingleBlocks):
 
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)
-        self._hooks: list = []
         self._text_length: int | None = None
 
     @staticmethod
@@ -306,10 +302,7 @@ class Flux2Family(DoubleAndSingleBlocks):
     # -- taps ----------------------------------------------------------------
     def make_processor(self, attention: Attention, stock) -> Flux2TapProcessor:
         single = attention.block >= self.num_double
-        processor = (Flux2SingleTapProcessor if single else Flux2DoubleTapProcessor)(self.streams(attention))
-        processor._attention_backend = getattr(stock, "_attention_backend", None)
-        processor._parallel_config = getattr(stock, "_parallel_config", None)
-        return processor
+        return (Flux2SingleTapProcessor if single else Flux2DoubleTapProcessor)(self.streams(attention))
 
     def _before_transformer(self, transformer, args, kwargs) -> None:
         """Each transformer call: note the text length for the single-stream blocks, which receive the joint sequence

@@ -65,9 +65,6 @@ class QwenImageTapProcessor(TapProcessor):
     normalises.
     """
 
-    # Read by `dispatch_attention_fn`; `set_attention_backend` writes them on every processor.
-    _attention_backend = None
-    _parallel_config = None
     attends = True
 
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
@@ -230,7 +227,4 @@ class QwenImageFamily(Family):
                 (1.0 / torch.tensor(config.latents_std).view(shape)).to(z.device, z.dtype))
 
     def make_processor(self, attention: Attention, stock) -> QwenImageTapProcessor:
-        processor = QwenImageTapProcessor(self.streams(attention))
-        processor._attention_backend = getattr(stock, "_attention_backend", None)
-        processor._parallel_config = getattr(stock, "_parallel_config", None)
-        return processor
+        return QwenImageTapProcessor(self.streams(attention))
