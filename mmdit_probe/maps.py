@@ -202,10 +202,7 @@ class AttentionMaps:
     def concept_columns(self, concepts, prompt: int = 0) -> list[int]:
         """Indices into the concept dimension of a prompt's concept maps."""
         names = validation.concept_list("concepts", concepts)
-        prompt = validation.integer("prompt", prompt, minimum=0)
-        if not self.concepts:
-            raise ValueError("no concept maps here: record with concepts=[...]")
-        _prompt(prompt, len(self.concepts))
+        prompt = _prompt(prompt, len(self.concepts), none="no concept maps here: record with concepts=[...]")
         found = []
         for name in names:
             word = normalise_word(name)
@@ -562,9 +559,12 @@ class AttentionMaps:
                 f"rows={self.rows!r}, heads={self.heads!r}, shapes {shape})")
 
 
-def _prompt(value, n: int) -> int:
-    """A prompt index, checked against the `n` prompts held."""
+def _prompt(value, n: int, none: str | None = None) -> int:
+    """A prompt index, checked against the `n` prompts held; where none are held, a ValueError saying `none` (if
+    given) rather than the index's IndexError."""
     prompt = validation.integer("prompt", value, minimum=0)
+    if n == 0 and none is not None:
+        raise ValueError(none)
     if prompt >= n:
         raise IndexError(f"prompt index {prompt} out of range: {n} prompts")
     return prompt

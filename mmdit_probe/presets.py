@@ -101,9 +101,8 @@ PRESETS: dict[str, Preset] = {
         # num_inference_steps=50 ("28 steps can be a good trade-off"), guidance_scale=4 (read in copies of it, e.g.
         # github.com/knix008/MachineLearning Flux2-Dev/Flux.2-Dev-Example01-CUDA.py; also `Flux2Pipeline.__call__`'s
         # defaults in diffusers 0.42.1, 50 and 4.0; its docstring example's guidance_scale=2.5 is the odd one out).
-        # top_layers and Klein's
-        # inject_blocks are first guesses (late double-stream and early single-stream blocks), to be replaced by a
-        # sweep's top_layers.json (`mmdit-probe sweep` on a GPU).
+        # top_layers and Klein's inject_blocks are first guesses (late double-stream and early single-stream blocks),
+        # to be replaced by a sweep's top_layers.json (`mmdit-probe sweep` on a GPU).
         Preset("flux.2-dev", "flux2", "black-forest-labs/FLUX.2-dev", 50, 4.0, 1024, 512, (6, 7, 8, 9, 5),
                theta=0.3, notes="8 double + 48 single blocks; Mistral-3 text encoder, chat template; distilled "
                                 "guidance: no batch doubling; 28 steps a good trade-off (model card); top_layers a "

@@ -413,9 +413,9 @@ def _build(kind: str, seed: int) -> DiffusionPipeline:
     options: dict = {}
     if kind.startswith("sd3"):
         # Widths: CLIP-L 16 + CLIP-G 32 <= T5 64, so the CLIP half of the text is really zero-padded.
-        texts = [(clip_tokenizer(), lambda t: _clip(t, 16, "quick_gelu", projection=True)),
-                 (clip_tokenizer(pad_token="!"), lambda t: _clip(t, 32, "gelu", projection=True)),
-                 (t5_tokenizer(), lambda t: _t5(t, 64))]
+        texts = [(clip_tokenizer(), partial(_clip, hidden_size=16, hidden_act="quick_gelu", projection=True)),
+                 (clip_tokenizer(pad_token="!"), partial(_clip, hidden_size=32, hidden_act="gelu", projection=True)),
+                 (t5_tokenizer(), partial(_t5, d_model=64))]
         # SD3.5-Medium: qk RMSNorm, and an extra image-only attention (attn2) in the first blocks.
         layout = ({"num_layers": 2} if kind == "sd3"
                   else {"num_layers": 3, "qk_norm": "rms_norm", "dual_attention_layers": (0,)})
@@ -425,7 +425,7 @@ def _build(kind: str, seed: int) -> DiffusionPipeline:
         vae = partial(_vae, scaling_factor=1.5305, shift_factor=0.0609)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     elif kind == "qwen-image":
-        texts = [(qwen2_tokenizer(), lambda t: _qwen_text_encoder(t, 32))]
+        texts = [(qwen2_tokenizer(), partial(_qwen_text_encoder, width=32))]
         transformer = partial(QwenImageTransformer2DModel, patch_size=2, in_channels=64, out_channels=16, num_layers=3,
                               joint_attention_dim=32, axes_dims_rope=(4, 6, 6), **_HEADS)
         # Three spatial downsamplings give the real scale factor 8; 16 latent channels as the real VAE.
@@ -436,8 +436,8 @@ def _build(kind: str, seed: int) -> DiffusionPipeline:
                                                     shift_terminal=0.02, time_shift_type="exponential")
     elif kind.startswith("flux2"):
         klein = kind == "flux2-klein"
-        texts = [(qwen3_tokenizer(), lambda t: _qwen3(t, 16)) if klein else
-                 (mistral3_tokenizer(), lambda t: _mistral3(t, 16))]
+        texts = [(qwen3_tokenizer(), partial(_qwen3, hidden_size=16)) if klein else
+                 (mistral3_tokenizer(), partial(_mistral3, hidden_size=16))]
         # 32 latent channels packed 2x2; three text-encoder hidden states side by side.
         transformer = partial(Flux2Transformer2DModel, patch_size=1, in_channels=128, num_layers=2, num_single_layers=2,
                               joint_attention_dim=3 * 16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=not klein,
@@ -448,15 +448,15 @@ def _build(kind: str, seed: int) -> DiffusionPipeline:
             # The distilled Klein models (4 steps, no guidance); the base ones differ only in `is_distilled`.
             options = {"is_distilled": True}
     elif kind == "chroma":
-        texts = [(t5_tokenizer(), lambda t: _t5(t, 64))]
+        texts = [(t5_tokenizer(), partial(_t5, d_model=64))]
         transformer = partial(ChromaTransformer2DModel, joint_attention_dim=64, approximator_num_channels=16,
                               approximator_hidden_dim=32, approximator_layers=1, **_FLUX_TRANSFORMER)
         vae = partial(_vae, scaling_factor=0.3611, shift_factor=0.1159)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     else:  # Flux.1 dev, schnell and Kontext
         guided = kind in ("flux-dev", "flux-kontext")
-        texts = [(clip_tokenizer(), lambda t: _clip(t, 16, "quick_gelu", projection=False)),
-                 (t5_tokenizer(), lambda t: _t5(t, 64))]
+        texts = [(clip_tokenizer(), partial(_clip, hidden_size=16, hidden_act="quick_gelu", projection=False)),
+                 (t5_tokenizer(), partial(_t5, d_model=64))]
         transformer = partial(FluxTransformer2DModel, joint_attention_dim=64, pooled_projection_dim=16,
                               guidance_embeds=guided, **_FLUX_TRANSFORMER)
         vae = partial(_vae, scaling_factor=0.3611, shift_factor=0.1159)

@@ -112,6 +112,7 @@ def share_values(probe, source: str, target: str, defaults: ValueSharing, *, ima
     velocity, sigmas = sampler_velocity(probe, inputs)
     with ExitStack() as hooks:
         for b in blocks:
+            # a callback, not enter_context: a handle is asked only for .remove() (tests' stand-ins have no more)
             hooks.callback(probe.module(names.tap(b, "v_img")).register_forward_hook(share).remove)
         x = solve(velocity, inputs["latents"].to(velocity.device, velocity.dtype), sigmas, defaults.solver,
                   before_step=lambda step: sharing.update(on=step < inject))

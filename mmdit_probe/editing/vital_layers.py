@@ -55,7 +55,7 @@ def bypassed(probe, blocks: Iterable[int]) -> Iterator[None]:
     """
     with contextlib.ExitStack() as hooks:
         for b in blocks:
-            hooks.callback(probe.family.bypass(int(b)).remove)
+            hooks.enter_context(probe.family.bypass(int(b)))
         yield
 
 

@@ -23,10 +23,6 @@ class ChromaFamily(FluxFamily):
     transformer_class = "ChromaTransformer2DModel"
     masks_attention = True
 
-    def __init__(self, pipeline) -> None:
-        super().__init__(pipeline)
-        self._text_hook = None
-
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer", "text_encoder", 0, max_sequence_length)]
 
@@ -69,11 +65,5 @@ class ChromaFamily(FluxFamily):
         # The base's block hooks read a text argument Chroma's single-stream blocks do not take: one transformer hook
         # gives them the text length instead.
         super(FluxFamily, self).install_taps()
-        if self._text_hook is None:
-            self._text_hook = self.transformer.register_forward_pre_hook(self._set_text_length, with_kwargs=True)
-
-    def remove_taps(self) -> None:
-        super().remove_taps()
-        if self._text_hook is not None:
-            self._text_hook.remove()
-            self._text_hook = None
+        if not self._hooks:  # Family.remove_taps removes it with the taps
+            self._hooks = [self.transformer.register_forward_pre_hook(self._set_text_length, with_kwargs=True)]

@@ -130,11 +130,10 @@ class FluxFamily(DoubleAndSingleBlocks):
     # Guidance-distilled: guidance is an input, never a doubled batch (true CFG, with a negative prompt, is a second
     # transformer call per step: `calls_per_step`).
     batched_guidance = False
+    latent_channels_divisor = 4  # `pack_latents` packs 2x2 latent patches into one token
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer_2", "text_encoder_2", 0, max_sequence_length)]
-
-    latent_channels_divisor = 4  # `pack_latents` packs 2x2 latent patches into one token
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline._pack_latents(latents, *latents.shape)

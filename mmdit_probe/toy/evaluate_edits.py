@@ -99,6 +99,11 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.nanmean([r[k] for r in rows if np.isfinite(r[k])] or [np.nan])) for k in keys}
 
 
+def _edit_types(edits: list[tuple]) -> dict[str, int]:
+    """How many of the `sample_edit` edits are of each type, by type name."""
+    return dict(sorted(Counter(kind for _, _, kind, _ in edits).items()))
+
+
 def _add(results: dict[str, list[dict]], name: str, kind: str, row: dict) -> None:
     """`row` under `name` (all edit types together) and under ``name/kind``."""
     results[name].append(row)
@@ -127,7 +132,7 @@ def variant_study(probe, n: int = 20, seed: int = 0, variants=("none", "qiki", "
             results[f"rendered/{method}/reconstruction"].append({"pixel_error": pixel_error(r.source_image, image)})
         edited = flowedit(probe, image, caption(scene), caption(target), seed=seed + i)
         results["rendered/flowedit"].append(score(image, edited, scene, target, kind, index))
-    return {"study": "variants", "n": n, "edit_types": dict(sorted(Counter(e[2] for e in edits).items())),
+    return {"study": "variants", "n": n, "edit_types": _edit_types(edits),
             "results": {k: _mean(v) for k, v in results.items()}}
 
 
@@ -214,7 +219,7 @@ def method_study(probe, n: int = 16, seed: int = 0) -> dict:
                          {**score(source_image, edited, scene, target, kind, index), **cost})
     finally:
         counter.handle.remove()
-    return {"study": "methods", "n": n, "seed": seed, "edit_types": dict(sorted(Counter(e[2] for e in edits).items())),
+    return {"study": "methods", "n": n, "seed": seed, "edit_types": _edit_types(edits),
             "steps": probe.preset.steps, "notes": notes, "results": {k: _mean(v) for k, v in results.items()}}
 
 
@@ -233,7 +238,7 @@ def parity_study(probe, n: int = 16, seed: int = 0, methods=EDIT_METHODS) -> dic
                      {**score(r.source_image, r.edited_image, scene, target, kind, index), **cost})
     finally:
         counter.handle.remove()
-    return {"study": "parity", "n": n, "seed": seed, "edit_types": dict(sorted(Counter(e[2] for e in edits).items())),
+    return {"study": "parity", "n": n, "seed": seed, "edit_types": _edit_types(edits),
             "steps": probe.preset.steps, "results": {k: _mean(v) for k, v in results.items()}}
 
 

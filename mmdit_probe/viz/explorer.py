@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt
 from ..maps import AttentionMaps, smooth
 from ..metrics import score_blocks
 from ..tokens import FUNCTION_WORDS
-from .figures import _image, block_scores
-from .render import outline, picture, png
+from .figures import block_scores
+from .render import image_of, outline, picture, png
 
 # The patch picker has at most this many buttons per side; on larger grids a button covers several tokens.
 PICKER_SIDE = 32
@@ -128,7 +128,7 @@ class Explorer:
     def update(self) -> None:
         m = self.current_map()
         self.block.disabled, self.step.disabled = self.top.value, self.all_steps.value
-        image = None if self.kind.value.lower() == "t2r" else _image(self.maps, self.prompt)  # T2R: reference grid
+        image = None if self.kind.value.lower() == "t2r" else image_of(self.maps, self.prompt)  # T2R: reference grid
         rgb = picture(image, m, self.opacity.value)
         if self.kind.value == "I2I":
             rgb = outline(rgb, self.query, self.maps.grid)

@@ -10,35 +10,24 @@ import numpy as np
 
 from ..maps import AttentionMaps, smooth
 from ..metrics import BlockScores
-from .render import outline, picture
-
-
-def _image(maps: AttentionMaps, prompt: int):
-    return maps.images[prompt] if len(maps.images) > prompt else None
+from .render import image_of, outline, per, picture
 
 
 def _show(ax, maps: AttentionMaps, m, prompt: int, opacity: float, smoothing: bool, patch=None) -> None:
     """The map over the prompt's image (if known), without ticks; an I2I query `patch` outlined."""
-    rgb = picture(_image(maps, prompt), smooth(m) if smoothing else m, opacity)
+    rgb = picture(image_of(maps, prompt), smooth(m) if smoothing else m, opacity)
     ax.imshow(rgb if patch is None else outline(rgb, patch, maps.grid))
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _per(maps: AttentionMaps, by: str):
-    """`per_block` and the recorded blocks (by="block"), or `per_step` and the recorded steps (by="step")."""
-    if by not in ("block", "step"):
-        raise ValueError(f"by={by!r}; choose 'block' or 'step'")
-    return (maps.per_block, maps.blocks) if by == "block" else (maps.per_step, maps.steps)
-
-
 def word_grid(maps: AttentionMaps, words: Sequence[str], *, by: str = "block", prompt: int = 0,
               kind: str = "t2i", smoothing: bool = False, opacity: float = 0.7) -> plt.Figure:
     """One row per word, one column per recorded block (by="block") or step (by="step")."""
-    per, labels = _per(maps, by)
+    maps_by, labels = per(maps, by)
     fig, axes = plt.subplots(len(words), len(labels), figsize=(1.3 * len(labels), 1.4 * len(words)), squeeze=False)
     for r, word in enumerate(words):
-        for c, m in enumerate(per(word, prompt=prompt, kind=kind)):
+        for c, m in enumerate(maps_by(word, prompt=prompt, kind=kind)):
             _show(axes[r, c], maps, m, prompt, opacity, smoothing)
             if r == 0:
                 axes[r, c].set_title(f"{by} {labels[c]}", fontsize=8)
@@ -52,13 +41,13 @@ KIND_NAMES = {"t2i": "T2I", "i2t": "I2T", "concept": "concept", "concept_xattn":
               "i2i": "I2I"}
 
 
-def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[str], prompt: int, blocks,
+def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[str], *, prompt: int, blocks,
                    smoothing: bool, opacity: float, fontsize: int) -> plt.Figure:
     """The image, then one column per word with one row per kind; concept rows stay empty for a word
     that is not among the prompt's concepts."""
     fig, axes = plt.subplots(len(kinds), len(words) + 1, figsize=(1.8 * (len(words) + 1), 1.9 * len(kinds)),
                              squeeze=False)
-    image = _image(maps, prompt)
+    image = image_of(maps, prompt)
     concepts = maps.concepts[prompt] if maps.concept_kinds else []
     for r, kind in enumerate(kinds):
         axes[r, 0].axis("off")
@@ -80,7 +69,8 @@ def _kinds_by_word(maps: AttentionMaps, words: Sequence[str], kinds: Sequence[st
 def t2i_vs_i2t(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
                smoothing: bool = True, opacity: float = 0.7) -> plt.Figure:
     """The image, then for each word its T2I map above its I2T map (same blocks and steps)."""
-    return _kinds_by_word(maps, words, ("t2i", "i2t"), prompt, blocks, smoothing, opacity, fontsize=9)
+    return _kinds_by_word(maps, words, ("t2i", "i2t"), prompt=prompt, blocks=blocks, smoothing=smoothing,
+                          opacity=opacity, fontsize=9)
 
 
 def three_kinds(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, blocks="top",
@@ -93,8 +83,8 @@ def three_kinds(maps: AttentionMaps, words: Sequence[str], *, prompt: int = 0, b
     """
     if not maps.concept_kinds:
         raise ValueError("these maps have no concept maps: record with concepts=[...] (or use t2i_vs_i2t)")
-    return _kinds_by_word(maps, words, [*maps.kinds, *maps.concept_kinds], prompt, blocks, smoothing, opacity,
-                          fontsize=8)
+    return _kinds_by_word(maps, words, [*maps.kinds, *maps.concept_kinds], prompt=prompt, blocks=blocks,
+                          smoothing=smoothing, opacity=opacity, fontsize=8)
 
 
 def i2i_maps(maps: AttentionMaps, patches: Sequence[tuple[int, int]] | None = None, *, prompt: int = 0,

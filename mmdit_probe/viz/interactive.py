@@ -7,14 +7,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from ..maps import AttentionMaps, smooth
-from .figures import _per
+from .render import per
 
 
 def heatmap(maps: AttentionMaps, word: str, *, by: str = "block", prompt: int = 0, kind: str = "t2i",
             smoothing: bool = False) -> go.Figure:
     """A word's map with a slider over blocks (by="block") or steps (by="step"); hover shows the value."""
-    per, labels = _per(maps, by)
-    values = np.stack([(smooth(m) if smoothing else m).numpy() for m in per(word, prompt=prompt, kind=kind)])
+    maps_by, labels = per(maps, by)
+    values = np.stack([(smooth(m) if smoothing else m).numpy() for m in maps_by(word, prompt=prompt, kind=kind)])
     fig = px.imshow(values, animation_frame=0, color_continuous_scale="Inferno", origin="upper",
                     labels={"animation_frame": by, "color": kind.upper(), "x": "token column", "y": "token row"},
                     title=f"{kind.upper()} of {word!r} by {by}: {maps.prompts[prompt]!r}")

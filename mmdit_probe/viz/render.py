@@ -1,4 +1,5 @@
-"""Maps as pictures: colour a (rows, cols) map and blend it over the generated image."""
+"""Maps as pictures: colour a (rows, cols) map and blend it over the generated image; the prompt's image and the
+per-block / per-step maps that figures, explorer and heatmaps draw."""
 
 from __future__ import annotations
 
@@ -6,10 +7,21 @@ import io
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image
 
-from ..maps import normalise, upsample
+from ..maps import AttentionMaps, normalise, upsample
+
+
+def image_of(maps: AttentionMaps, prompt: int):
+    """The prompt's generated image, or None where the maps hold none (`picture` then draws the map alone)."""
+    return maps.images[prompt] if len(maps.images) > prompt else None
+
+
+def per(maps: AttentionMaps, by: str):
+    """`per_block` and the recorded blocks (by="block"), or `per_step` and the recorded steps (by="step")."""
+    if by not in ("block", "step"):
+        raise ValueError(f"by={by!r}; choose 'block' or 'step'")
+    return (maps.per_block, maps.blocks) if by == "block" else (maps.per_step, maps.steps)
 
 
 def to_rgb(image) -> np.ndarray:
@@ -20,6 +32,8 @@ def to_rgb(image) -> np.ndarray:
 
 def colourise(m: torch.Tensor, size: tuple[int, int] | None = None, cmap: str = "inferno") -> np.ndarray:
     """A map, max-normalised (and upsampled to `size`), as (height, width, 3) colours in [0, 1]."""
+    from matplotlib import colormaps  # here: interactive.py (plotly) imports `per` from this module, not matplotlib
+
     m = normalise(m)
     if size is not None:
         m = upsample(m, size).clamp(0, 1)
