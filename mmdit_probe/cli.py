@@ -28,17 +28,19 @@ import tempfile
 from pathlib import Path
 
 from ._notices import quiet as _quiet  # moved to mmdit_probe._notices; this alias stays one release
-from .constants import EDIT_METHODS, STEP_ROUNDINGS
+from .constants import EDIT_METHODS, FAMILY_TITLES, STEP_ROUNDINGS
 from .entry_points import ArgumentParser, checking, run_command
 from .entry_points import fraction as _fraction
 from .entry_points import positive as _positive
-from .validation import InvalidInput
+from .validation import InvalidInput, real_image
 
 # Light imports only at the top: `--help` and argument errors never import torch.
 
 MAPS_FILES = ("image.png", "maps.safetensors", "t2i_vs_i2t.png", "t2i_by_block.png", "i2t_by_block.png",
               "t2i_by_step.png")
 EDIT_FILES = ("source.png", "edited.png", "params.json")
+IMAGE_HELP = ("a context / reference image the model takes (Flux.1 Kontext, Flux.2, Qwen-Image-Edit, which needs "
+              "one); repeat it for several where the model takes them (Flux.2, Qwen-Image-Edit-2509)")
 
 
 def _check_out(overwrite: bool, *outputs: tuple[Path, tuple[str, ...]]) -> None:
@@ -81,8 +83,10 @@ def _move_into(staging: Path, folder: Path) -> None:
 
 
 def _read_images(paths: list[str] | None) -> list:
-    """The --image files as RGB PIL images (as the model cards' examples load them), read before the model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """The --image files as RGB PIL images, read before the model loads as the model cards' examples read them
+    (diffusers' `load_image`: EXIF orientation applied, then RGB); modes whose values RGB would clip (16-bit,
+    float) are refused, as in the Python API (`validation.real_image`)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     images = []
     for path in paths or []:
@@ -91,35 +95,18 @@ def _read_images(paths: list[str] | None) -> list:
             raise InvalidInput(f"--image {path} {what}: give the path of an image file (PNG, JPEG, ...)")
         try:
             with Image.open(path) as picture:
-                images.append(picture.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as error:
+                real_image(picture, f"--image {path}")
+                images.append(ImageOps.exif_transpose(picture).convert("RGB"))
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
             raise InvalidInput(f"--image {path} could not be read as an image ({error}): give a PNG, JPEG, ... "
                                f"file") from error
     return images
 
 
 def _image_inputs(probe, images: list, rows: int) -> dict:
-    """The pipeline inputs carrying the --image files in a call of `rows` prompts; refused where the model takes no
-    input image or fewer than given."""
-    if not images:
-        return {}
-    family, pipeline = probe.family, type(probe.pipeline).__name__
-    if not family.has_reference:
-        raise InvalidInput(f"--image: {pipeline} ({family.name}) takes no context or reference image; leave --image "
-                           f"out, or load a model that takes one (Flux.1 Kontext, Flux.2, Qwen-Image-Edit)")
-    most = family.max_input_images
-    if most is not None and len(images) > most:
-        several = " (Qwen-Image-Edit-2509 takes several)" if family.name == "qwen_image_edit" else ""
-        raise InvalidInput(f"--image given {len(images)} times: {pipeline} takes {most} input image per call"
-                           f"{several}; give --image once")
-    check = getattr(probe.pipeline.image_processor, "check_image_input", None)  # Flux.2's own size limits
-    for number, image in enumerate(images if check else [], start=1):
-        try:
-            check(image)
-        except ValueError as error:
-            raise InvalidInput(f"--image number {number}: {error}; {pipeline} refuses it: give a larger image, or "
-                               f"one closer to square") from error
-    return family.image_inputs(images, rows)
+    """The pipeline inputs carrying the --image files (checked with `Family.check_input_images`) in a call of
+    `rows` prompts."""
+    return probe.family.image_inputs(images, rows) if images else {}
 
 
 def _load(model: str):
@@ -154,7 +141,9 @@ def _maps(args: argparse.Namespace) -> None:
     images = _read_images(args.image)
     with checking():
         probe = _load(args.model)
-        image, pair = _image_inputs(probe, images, 1), _image_inputs(probe, images, 2)
+        probe.family.check_input_images(images, cli=True)
+        image = _image_inputs(probe, images, 1)
+        pair = _image_inputs(probe, images, 2) if args.edit is not None else {}  # the edit's source and target
         probe.check_generation(args.prompt, seed=args.seed, steps=args.steps, **image)
         table = probe.tokens(args.prompt)
         if args.words:
@@ -174,6 +163,8 @@ def _maps(args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib import pyplot
+
     from .viz import t2i_vs_i2t, word_grid
 
     out = probe.generate(args.prompt, seed=args.seed, steps=args.steps, record=True, **image)
@@ -186,9 +177,12 @@ def _maps(args: argparse.Namespace) -> None:
         out.images[0].save(staging / "image.png")
         out.maps.save(staging / "maps.safetensors")
         for name, figure in figures.items():
-            figure().savefig(staging / name, dpi=110)
+            drawn = figure()
+            drawn.savefig(staging / name, dpi=110)
+            pyplot.close(drawn)  # pyplot keeps every figure it made open; a long session would pile them up
         if args.edit is not None:
-            _write_edit(probe, args.prompt, args.edit, staging / "edit", seed=args.seed, steps=args.steps, **pair)
+            _write_edit(probe, args.prompt, args.edit, staging / "edit", image_paths=args.image, seed=args.seed,
+                        steps=args.steps, **pair)
     print(f"wrote {', '.join(MAPS_FILES)}{' and edit/' if args.edit is not None else ''} to {folder}/")
 
 
@@ -202,16 +196,19 @@ def _edit(args: argparse.Namespace) -> None:
     images = _read_images(args.image)
     with checking():
         probe = _load(args.model)
+        probe.family.check_input_images(images, cli=True)
         options.update(_image_inputs(probe, images, 2))  # the edit runs its source and target prompts together
         from .editing.qk_injection import check_edit
 
         check_edit(probe, args.source, args.target, **options)
     with _staging(folder) as staging:
-        count = _write_edit(probe, args.source, args.target, staging, **options)
+        count = _write_edit(probe, args.source, args.target, staging, image_paths=args.image, **options)
     print(f"wrote source.png, edited.png, {count} masks and params.json to {folder}/")
 
 
-def _write_edit(probe, source: str, target: str, folder: Path, **options) -> int:
+def _write_edit(probe, source: str, target: str, folder: Path, *, image_paths: list[str] | None = None,
+                **options) -> int:
+    """Edit and write source.png, edited.png, the masks and params.json (with the --image paths, where given)."""
     import numpy as np
     from PIL import Image
 
@@ -223,12 +220,13 @@ def _write_edit(probe, source: str, target: str, folder: Path, **options) -> int
     for step, mask in zip(result.params["blend_steps"], result.masks):
         picture = Image.fromarray((np.asarray(mask) * 255).astype(np.uint8)).resize(size, Image.NEAREST)
         picture.save(folder / f"mask_step{step:02d}.png")
-    (folder / "params.json").write_text(json.dumps(result.params, indent=2))
+    params = {**result.params, "images": list(image_paths)} if image_paths else result.params
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
     return len(result.masks)
 
 
 def parser() -> argparse.ArgumentParser:
-    top = ArgumentParser(prog="mmdit-probe", description="Look inside MM-DiTs (SD3, SD3.5, Flux.1).")
+    top = ArgumentParser(prog="mmdit-probe", description=f"Look inside MM-DiTs ({', '.join(FAMILY_TITLES.values())}).")
     top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = top.add_subparsers(dest="command", required=True)
 
@@ -246,9 +244,7 @@ def parser() -> argparse.ArgumentParser:
     maps.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
     maps.add_argument("--words", nargs="+", help="words to show (default: the prompt's content words)")
     maps.add_argument("--edit", metavar="TARGET", help="also edit the image into this prompt (writes DIR/edit/)")
-    maps.add_argument("--image", action="append", metavar="PATH",
-                      help="a context / reference image the model takes (Flux.1 Kontext, Flux.2, Qwen-Image-Edit); "
-                           "repeat it for several where the model takes them (Flux.2, Qwen-Image-Edit-2509)")
+    maps.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
     maps.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     maps.set_defaults(run=_maps)
 
@@ -273,9 +269,7 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--blend-pool", type=_positive, help="odd side of the max-pool before thresholding (1: none)")
     edit.add_argument("--n-prev-steps", type=lambda t: t if t == "all" else _positive(t),
                       help="masks from the maps of the last N blended steps, or 'all' (default 1)")
-    edit.add_argument("--image", action="append", metavar="PATH",
-                      help="a context / reference image the model takes (Flux.1 Kontext, Flux.2, Qwen-Image-Edit); "
-                           "repeat it for several where the model takes them (Flux.2, Qwen-Image-Edit-2509)")
+    edit.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
     edit.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     edit.set_defaults(run=_edit)
 

@@ -85,3 +85,9 @@ DIMS = ("hook", "block", "step", "position", "half")
 HALVES = ("cond", "uncond", "both")
 DIRECTIONS = ("noising", "denoising")
 OUTPUTS = {"image": "pt", "latent": "latent"}
+
+# -- families --------------------------------------------------------------------------------------
+# Each family (`families.FAMILIES`) as its models are called, torch-free for the CLI's --help: key, then title.
+FAMILY_TITLES = {"sd3": "SD3 / SD3.5", "flux": "Flux.1", "chroma": "Chroma", "flux-kontext": "Flux.1 Kontext",
+                 "qwen_image": "Qwen-Image", "qwen_image_edit": "Qwen-Image-Edit",
+                 "qwen_image_edit_plus": "Qwen-Image-Edit-2509", "flux2": "Flux.2 dev / Klein"}

@@ -64,8 +64,49 @@ class _PipelineModel(DiffusionModel):
         return super()._load(repo_id, *args, **kwargs)
 
 
+# `from_pretrained` keywords that say where and how to fetch a hub checkpoint's files, its model_index.json too.
+_HUB_KEYWORDS = ("cache_dir", "force_download", "token", "local_files_only", "revision")
+
+
+def _check_index(config: Any, index: str) -> None:
+    """A pipeline's model_index.json names a pipeline class this package takes: refused before any weights load."""
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise validation.InvalidInput(f"{index} names no pipeline class (\"_class_name\"): save the pipeline "
+                                      f"again (save_pretrained) or fix the file")
+    family_name_for_class(config["_class_name"])
+
+
+def _hub_index(source: str, kwargs: dict[str, Any]) -> dict | None:
+    """A hub checkpoint's model_index.json, fetched alone as `from_pretrained` fetches it (the hub asked once, the
+    local cache where it cannot be reached; an `OSError` where neither has it); None where `source` is no repo id,
+    which `from_pretrained` then names as it does."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.utils import httpx  # the HTTP client the hub's functions use
+
+    hub = {k: kwargs[k] for k in _HUB_KEYWORDS if k in kwargs}
+    if not hub.get("local_files_only"):
+        try:
+            huggingface_hub.model_info(source, revision=hub.get("revision"), token=hub.get("token"))
+        except HFValidationError:
+            return None
+        except (HfHubHTTPError, OfflineModeIsEnabled, httpx.NetworkError):
+            hub["local_files_only"] = True  # as diffusers does; hf_hub_download would retry for half a minute
+    return json.loads(Path(huggingface_hub.hf_hub_download(source, "model_index.json", **hub)).read_text())
+
+
+def _not_loaded(source: str, error: OSError) -> OSError:
+    return OSError(
+        f"could not load {source!r}: {error}\n"
+        f"Without network access, download the checkpoint on a machine that has it "
+        f"(e.g. `hf download {source} --local-dir DIR`) and call mmdit_probe.load('DIR'). "
+        f"Known presets: {', '.join(PRESETS)}."
+    )
+
+
 def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
-    """Safe loading: safetensors only, never remote code; a clear message when offline."""
+    """Safe loading: safetensors only, never remote code; a clear message when offline. The pipeline class is
+    checked before any weights load, a hub checkpoint's from its model_index.json alone."""
     if kwargs.pop("trust_remote_code", False):
         raise ValueError("mmdit_probe never loads remote code (trust_remote_code=True is refused)")
     local = Path(source).expanduser()
@@ -78,10 +119,7 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise validation.InvalidInput(f"{index} is not valid JSON ({error}): save the pipeline again "
                                           f"(save_pretrained) or fix the file") from None
-        if not isinstance(config, dict) or "_class_name" not in config:
-            raise validation.InvalidInput(f"{index} names no pipeline class (\"_class_name\"): save the pipeline "
-                                          f"again (save_pretrained) or fix the file")
-        family_name_for_class(config["_class_name"])  # refuse before loading any weights
+        _check_index(config, str(index))
         # A component saved as absent (e.g. SD3 without T5) must be passed as None to load.
         for name, spec in config.items():
             if spec == [None, None]:
@@ -89,15 +127,13 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         with internal_deprecations_hidden():
             return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
     try:
+        config = None if "dduf_file" in kwargs else _hub_index(source, kwargs)  # a DDUF archive holds its own
+        if config is not None:
+            _check_index(config, f"{source}'s model_index.json")
         with internal_deprecations_hidden():
             return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as error:
-        raise OSError(
-            f"could not load {source!r}: {error}\n"
-            f"Without network access, download the checkpoint on a machine that has it "
-            f"(e.g. `hf download {source} --local-dir DIR`) and call mmdit_probe.load('DIR'). "
-            f"Known presets: {', '.join(PRESETS)}."
-        ) from error
+        raise _not_loaded(source, error) from error
 
 
 def _dtype_keyword() -> str:

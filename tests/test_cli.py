@@ -1,5 +1,7 @@
 """The `mmdit-probe` command, as the README's main job runs it (on the toy model, few steps)."""
 
+import json
+
 from PIL import Image
 
 from mmdit_probe.cli import main
@@ -17,6 +19,7 @@ def test_maps_with_an_edit_writes_every_picture(tmp_path, capsys):
     # the edit's source row is the plain generation of the same prompt, seed and steps
     assert Image.open(tmp_path / "edit/source.png").tobytes() == Image.open(tmp_path / "image.png").tobytes()
     assert sorted(tmp_path.glob("edit/mask_step*.png")), "local blending wrote no masks"
+    assert "images" not in json.loads((tmp_path / "edit/params.json").read_text())  # no --image: as before
     assert "wrote" in capsys.readouterr().out
 
 
@@ -24,3 +27,13 @@ def test_info_lists_hook_points(capsys):
     main(["info", "toy", "--hooks", "--prompt", "a red circle"])
     out = capsys.readouterr().out
     assert "blocks.0.attn.hook_q_img" in out and "red" in out
+
+
+def test_help_names_every_supported_family_from_one_list():
+    """`FAMILY_TITLES` (torch-free, for --help) has one title per family adapter, and the help names each."""
+    from mmdit_probe.cli import parser
+    from mmdit_probe.constants import FAMILY_TITLES
+    from mmdit_probe.families import FAMILIES
+
+    assert list(FAMILY_TITLES) == list(FAMILIES)
+    assert all(title in parser().description for title in FAMILY_TITLES.values())

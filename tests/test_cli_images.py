@@ -5,14 +5,18 @@ guidance, size and text length of `testing.TINY_GENERATION_KWARGS`). Qwen-Image-
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+from diffusers.utils import load_image
 from PIL import Image
 
 import mmdit_probe
-from mmdit_probe import presets, testing
+from mmdit_probe import cli, presets, testing, validation
 from mmdit_probe.cli import main
+from mmdit_probe.families import Family
 
 PROMPT, TARGET = "a red cat on a mat", "a blue cat on a mat"
 FAMILIES = {"flux-kontext": "flux-kontext", "flux2-klein": "flux2", "flux2-dev": "flux2"}
@@ -73,6 +77,27 @@ def test_maps_with_images_is_the_python_apis_generation_with_them(models, pictur
     batched = probe.pipeline(**probe.inputs([PROMPT, TARGET], image=image)).images[0]
     assert _bytes(out / "edit/source.png") == batched.tobytes()
     assert (out / "maps.safetensors").is_file() and (out / "edit/edited.png").is_file()
+    assert json.loads((out / "edit/params.json").read_text())["images"] == images
+
+
+def test_maps_without_edit_builds_the_inputs_of_one_prompt_only(models, pictures, tmp_path, monkeypatch):
+    rows = []
+    image_inputs = Family.image_inputs
+    monkeypatch.setattr(Family, "image_inputs", lambda self, images, n: rows.append(n) or image_inputs(self, images, n))
+    main(["maps", models["flux-kontext"], PROMPT, "--image", pictures[0], "--out", str(tmp_path / "out")])
+    assert rows == [1] and (tmp_path / "out/image.png").is_file()
+
+
+def test_image_files_are_read_as_diffusers_load_image_reads_them(tmp_path):
+    """EXIF orientation applied, then RGB: an image saved sideways with orientation 6 (rotate 90 degrees clockwise)
+    is read upright, as `diffusers.utils.load_image` (the model cards' examples) reads it."""
+    pixels = (np.random.default_rng(1).random((40, 64, 4)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(tmp_path / "sideways.png", exif=exif)
+    read = cli._read_images([str(tmp_path / "sideways.png")])[0]
+    card = load_image(str(tmp_path / "sideways.png"))
+    assert read.mode == "RGB" and read.size == card.size == (40, 64) and read.tobytes() == card.tobytes()
 
 
 def test_edit_with_two_reference_images(models, pictures, tmp_path):
@@ -83,9 +108,18 @@ def test_edit_with_two_reference_images(models, pictures, tmp_path):
     plain = probe.pipeline(**probe.inputs([PROMPT, TARGET], image=[_rgb(p) for p in pictures[:2]])).images
     assert _bytes(out / "source.png") == plain[0].tobytes()
     assert _bytes(out / "edited.png") != plain[1].tobytes()  # tau=1: the target took the source's q/k
+    assert json.loads((out / "params.json").read_text())["images"] == pictures[:2]
 
 
-REFUSED = [("flux-kontext", [0, 1], "--image given 2 times: FluxKontextPipeline takes 1 input image per call; give "
+def test_the_python_api_refuses_the_same_input_images_with_its_own_words(models, pictures):
+    family = mmdit_probe.load(models["flux-kontext"]).family
+    with pytest.raises(validation.InvalidInput, match=r"2 input images given \(image=\): FluxKontextPipeline takes "
+                                                      r"1 per call; give image= once"):
+        family.check_input_images([_rgb(pictures[0]), _rgb(pictures[1])])
+    family.check_input_images([_rgb(pictures[0])])  # one: taken
+
+
+REFUSED = [("flux-kontext", [0, 1], "2 input images given (--image): FluxKontextPipeline takes 1 per call; give "
                                     "--image once"),
            ("flux2-klein", [0, 2], "--image number 2: Image too small: 64×48. Both dimensions must be at least 64px; "
                                    "Flux2KleinPipeline refuses it")]
@@ -125,4 +159,4 @@ def test_the_klein_kv_pipeline_is_refused_naming_why_and_what_to_load(tmp_path, 
         main(["info", str(tmp_path / "kv")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "caches their keys and values" in err, err
-    assert "load the checkpoint with Flux2KleinPipeline.from_pretrained instead" in err
+    assert "load the same checkpoint as mmdit_probe.load(Flux2KleinPipeline.from_pretrained(...)) instead" in err

@@ -39,9 +39,14 @@ def files(tmp_path_factory):
         (root / "scenes" / name).mkdir(parents=True)
     Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(root / "scenes" / "images" / "one.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "scenes" / "masks" / "one.png")
-    names = {"prompts": "prompts.txt", "broken": "broken.jsonl", "empty": "empty.txt", "root": ""}
+    # Values an RGB conversion would clip: a 16-bit PNG and a float TIFF.
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(root / "sixteen.png")
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(root / "float.tif")
+    names = {"prompts": "prompts.txt", "broken": "broken.jsonl", "empty": "empty.txt", "root": "",
+             "sixteen": "sixteen.png", "float": "float.tif"}
     return {key: str(root / names.get(key, key))
-            for key in ("prompts", "broken", "empty", "a_file", "broken_pipeline", "sweep", "scenes", "root")}
+            for key in ("prompts", "broken", "empty", "a_file", "broken_pipeline", "sweep", "scenes", "root",
+                        "sixteen", "float")}
 
 
 def _in_process(entry, argv: list[str], capsys) -> tuple[int, str]:
@@ -66,6 +71,9 @@ ROWS = [
      "missing.png does not exist: give the path of an image file"),
     (["maps", "toy", CIRCLE, "--image", "{scenes}", "--out", "{out}"], 2, "scenes is a folder"),
     (["maps", "toy", CIRCLE, "--image", "{prompts}", "--out", "{out}"], 2, "prompts.txt could not be read as an image"),
+    (["maps", "toy", CIRCLE, "--image", "{sixteen}", "--out", "{out}"], 2,
+     "sixteen.png has mode 'I;16', whose values a conversion to RGB would clip"),
+    (["maps", "toy", CIRCLE, "--image", "{float}", "--out", "{out}"], 2, "float.tif has mode 'F'"),
     (["maps", "toy", CIRCLE, "--image", "{scenes}/images/one.png", "--out", "{out}"], 2,
      "--image: StableDiffusion3Pipeline (sd3) takes no context or reference image; leave --image out"),
     # edit
@@ -182,6 +190,15 @@ def test_help_and_sweep_argument_errors_do_not_import_torch(files, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     said = [line for line in run.stdout.splitlines() if line.startswith("exit ") or line in ("True", "False")]
     assert said == ["exit 0"] * 5 + ["exit 2", "exit 2", "False"], run.stdout + run.stderr
+
+
+def test_an_image_too_large_to_decode_safely_is_bad_input(files, tmp_path, capsys, monkeypatch):
+    """PIL's DecompressionBombError (not an OSError) for an image of over twice MAX_IMAGE_PIXELS: exit 2."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 // 4)
+    code, err = _in_process(main, ["maps", "toy", CIRCLE, "--image", f"{files['scenes']}/images/one.png", "--out",
+                                   str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "one.png could not be read as an image" in err, err
+    assert "decompression bomb" in err and not (tmp_path / "out").exists()
 
 
 def test_debug_shows_the_traceback_of_bad_input(files, capsys):

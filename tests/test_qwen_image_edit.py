@@ -11,6 +11,7 @@ transformers 5.25's `ProcessorMixin` cannot check the processor's (absent) video
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from unittest import mock
 
@@ -233,7 +234,8 @@ def test_plus_refuses_batches_and_reference_maps_of_several_images(plus, image):
     with pytest.raises(ValueError, match="only supports batch_size=1"):  # the pipeline itself, whatever the images
         plus.pipeline(prompt=PROMPTS, image=[image], num_inference_steps=1, height=SIDE, width=SIDE,
                       output_type="latent")
-    instead = r"one prompt at a time .* need Qwen-Image-Edit instead \(QwenImageEditPipeline"
+    instead = (r"one prompt at a time .* need Qwen-Image-Edit instead \(QwenImageEditPipeline\): load "
+               r"Qwen/Qwen-Image-Edit ")
     with pytest.raises(validation.InvalidInput, match=instead):
         plus.family.check_one_call_per_step({"prompt": PROMPTS, "image": image})
     with pytest.raises(validation.InvalidInput, match="cover one input image"):
@@ -274,17 +276,56 @@ def _image_file(image, folder) -> str:
     return str(folder / "input.png")
 
 
-def test_cli_maps_and_edit_pass_the_image_once_per_prompt(probe, image, small, tmp_path):
-    """`mmdit-probe maps ... --image PATH --edit TARGET`: image=[img] for the map's one prompt, [img, img] for the
-    edit's two, so the text encoder sees the image at one size in both and the edit's source row is the map's
-    image's batched generation."""
+def test_cli_maps_and_edit_pass_the_image_as_the_single_image_call_does(probe, pipe, image, small, tmp_path):
+    """`mmdit-probe maps ... --image PATH --edit TARGET`: the map is the model card's single-image call
+    (image=img); the edit's two prompts take the image once each, resized first as that call resizes it, so the text
+    encoder sees the same pixels in both, and the edit's source row is that list's batched generation."""
     small(probe)
     target, out = "a small blue dog", tmp_path / "out"
     main(["maps", "tiny", PROMPTS[0], "--image", _image_file(image, tmp_path), "--edit", target, "--out", str(out)])
-    alone = probe.generate(PROMPTS[0], image=[image]).images[0]
+    alone = probe.generate(PROMPTS[0], image=image).images[0]
     assert Image.open(out / "image.png").tobytes() == alone.tobytes()
-    batched = probe.pipeline(**probe.inputs([PROMPTS[0], target], image=[image, image])).images
+    resized = pipe.image_processor.resize(image, *probe.family.resized(image.size))
+    batched = probe.pipeline(**probe.inputs([PROMPTS[0], target], image=[resized, resized])).images
     assert Image.open(out / "edit/source.png").tobytes() == batched[0].tobytes()
+
+
+def test_image_inputs_of_several_prompts_are_the_single_image_calls_resized_image(probe, pipe):
+    """A list's images reach the text encoder at their own size (diffusers 0.42.1): a 12-megapixel photo would be
+    thousands of vision tokens. `image_inputs` resizes it first exactly as the single-image call does (its
+    `prompt_image`), and the pipeline then sizes the list's image for the VAE as it sizes the single image."""
+    photo = Image.linear_gradient("L").resize((4000, 3000)).convert("RGB")
+    family = probe.family
+    assert family.image_inputs([photo], 1) == {"image": photo}  # one prompt: the model card's call itself
+    images = family.image_inputs([photo], 2)["image"]
+    height, width = family.resized(photo.size)
+    expected = pipe.image_processor.resize(photo, height, width)  # `QwenImageEditPipeline.__call__`'s prompt_image
+    assert len(images) == 2 and all(i.size == (width, height) and i.tobytes() == expected.tobytes() for i in images)
+    assert family.reference_grid({"image": images}) == family.reference_grid({"image": photo}) == (56, 74)
+    assert family.calls_per_step({"prompt": PROMPTS, "image": images}) == 1  # one image per prompt: taken
+
+
+def test_no_input_image_is_refused_before_any_model_call(probe, plus, small, tmp_path, capsys, monkeypatch):
+    """diffusers 0.42.1's Edit pipelines size the call by the input image and fail without one
+    (`'NoneType' object has no attribute 'size'`): refused up front, in Python and on the command line."""
+    calls = []
+    forward = transformer_qwenimage.QwenImageTransformer2DModel.forward
+    monkeypatch.setattr(transformer_qwenimage.QwenImageTransformer2DModel, "forward",
+                        lambda *a, f=forward, **k: calls.append(1) or f(*a, **k))
+    options = {"steps": STEPS, "height": SIDE, "width": SIDE}
+    for p in (probe, plus):
+        needs = f"{type(p.pipeline).__name__} ({p.family.name}) edits an input image: give"
+        with pytest.raises(validation.InvalidInput, match=re.escape(f"{needs} image=...")):
+            p.generate(PROMPTS[0], record=True, **options)
+        small(p)
+        for argv in (["maps", "tiny", PROMPTS[0], "--edit", "a blue dog"], ["edit", "tiny", PROMPTS[0], "a blue dog"]):
+            with pytest.raises(SystemExit) as exit_:
+                main([*argv, "--out", str(tmp_path / "out")])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and len(err.splitlines()) == 1 and f"{needs} --image PATH" in err, err
+    with pytest.raises(validation.InvalidInput, match="edits an input image"):
+        probe.edit(PROMPTS[0], "a blue dog", guidance=1.0, **options)
+    assert not calls and not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_a_second_image_and_points_plus_to_qwen_image_edit(probe, plus, image, small, tmp_path, capsys):
@@ -293,8 +334,10 @@ def test_cli_refuses_a_second_image_and_points_plus_to_qwen_image_edit(probe, pl
     with pytest.raises(SystemExit) as exit_:
         main(["maps", "tiny", PROMPTS[0], "--image", path, "--image", path, "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "QwenImageEditPipeline takes 1 input image per call (Qwen-Image-Edit-2509 " \
-                                       "takes several); give --image once" in err, err
+    assert exit_.value.code == 2 and "QwenImageEditPipeline takes 1 per call (Qwen-Image-Edit-2509, " \
+                                       "QwenImageEditPlusPipeline, takes several); give --image once" in err, err
+    with pytest.raises(validation.InvalidInput, match=r"2 input images given \(image=\)"):  # the Python API's words
+        probe.family.check_input_images([image, image])
     small(plus)
     for argv in (["maps", "tiny", PROMPTS[0], "--edit", "a blue dog"], ["edit", "tiny", PROMPTS[0], "a blue dog"]):
         with pytest.raises(SystemExit) as exit_:

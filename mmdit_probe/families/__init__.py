@@ -26,9 +26,9 @@ for _name, _family in FAMILIES.items():
 _REFUSED: dict[str, str] = {
     "Flux2KleinKVPipeline": "it runs the reference images' tokens at the first step only and caches their keys and "
                             "values for the later steps, inside cache-aware processors that the taps would replace, "
-                            "so no tap or map would see the references after step 0; load the checkpoint with "
-                            "Flux2KleinPipeline.from_pretrained instead (the same components), which runs the "
-                            "reference tokens through every step",
+                            "so no tap or map would see the references after step 0; load the same checkpoint as "
+                            "mmdit_probe.load(Flux2KleinPipeline.from_pretrained(...)) instead (the same "
+                            "components), which runs the reference tokens through every step",
 }
 
 

@@ -62,6 +62,10 @@ class Family:
     has_reference = False
     # How many input images (context or reference images) one pipeline call takes where `has_reference`; None: any.
     max_input_images: int | None = 1
+    # Whether every pipeline call needs an input image (Qwen-Image-Edit edits one; diffusers fails without it).
+    needs_input_image = False
+    # Said where more input images are given than `max_input_images`: which model of the family takes more.
+    more_images_hint = ""
     # Whether the pipeline passes an attention mask (Chroma's padded text): recorded maps apply it as the kernel does.
     masks_attention = False
 
@@ -146,6 +150,36 @@ class Family:
         >>> probe.generate("a cat on a mat", **probe.family.image_inputs([Image.open("cat.png")], 1))
         """
         return {"image": images[0] if len(images) == 1 else list(images)}
+
+    def check_input_images(self, images: list, *, cli: bool = False) -> None:
+        """Refuse input images (PIL, a context or reference image each) this pipeline would not take, before any
+        model call: any on a model without them, more than `max_input_images`, none where `needs_input_image`, and
+        sizes the pipeline's own image processor refuses (Flux.2's `check_image_input`). Messages name `--image`
+        where `cli`, else `image=`.
+
+        >>> probe.family.check_input_images([Image.open("cat.png")])  # Flux.1 Kontext: one context image
+        """
+        option, give = ("--image", "--image PATH") if cli else ("image=", "image=... (a PIL image)")
+        pipeline = type(self.pipeline).__name__
+        if images and not self.has_reference:
+            raise validation.InvalidInput(f"{option}: {pipeline} ({self.name}) takes no context or reference image; "
+                                          f"leave {option} out, or load a model that takes one (Flux.1 Kontext, "
+                                          f"Flux.2, Qwen-Image-Edit)")
+        if not images and self.needs_input_image:
+            raise validation.InvalidInput(f"{pipeline} ({self.name}) edits an input image: give {give}")
+        most = self.max_input_images
+        if most is not None and len(images) > most:
+            raise validation.InvalidInput(f"{len(images)} input images given ({option}): {pipeline} takes {most} per "
+                                          f"call{self.more_images_hint}; give {option} once")
+        check = getattr(getattr(self.pipeline, "image_processor", None), "check_image_input", None)
+        if check is None:
+            return
+        for number, image in enumerate(images, start=1):
+            try:
+                check(image)
+            except ValueError as error:
+                raise validation.InvalidInput(f"{option} number {number}: {error}; {pipeline} refuses it: give a "
+                                              f"larger image, or one closer to square") from error
 
     def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
         """Pipeline inputs whose prompt list the probe has resized to `rows` (activation patching's runs): unchanged

@@ -52,6 +52,8 @@ class QwenImageEditFamily(QwenImageFamily):
     name = "qwen_image_edit"
     pipeline_classes = ("QwenImageEditPipeline",)
     has_reference = True
+    needs_input_image = True  # diffusers 0.42.1 sizes the call by the input image and fails without one
+    more_images_hint = " (Qwen-Image-Edit-2509, QwenImageEditPlusPipeline, takes several)"
     _pipeline_module = "pipeline_qwenimage_edit"
     _condition_area = _TARGET_AREA  # the text encoder sees a single input image as resized for the VAE
 
@@ -83,8 +85,9 @@ class QwenImageEditFamily(QwenImageFamily):
         return height // side, width // side
 
     def calls_per_step(self, inputs: dict[str, Any]) -> int:
-        """As Qwen-Image's; also checks the input images against the prompts and takes the size the text encoder
-        sees them at, which sets how many vision tokens the text holds (`text_segments`).
+        """As Qwen-Image's; also checks the input images against the prompts (inputs without one are refused: the
+        pipeline needs it) and takes the size the text encoder sees them at, which sets how many vision tokens the
+        text holds (`text_segments`).
 
         The pipeline's processor takes one image per prompt: a batch of prompts needs ``image=[img] * len(prompts)``
         (the editors' source and target rows: two), one image repeated (the rows the probe adds take the first's).
@@ -92,8 +95,7 @@ class QwenImageEditFamily(QwenImageFamily):
         0.42.1 resizes only a single image for it)."""
         calls = super().calls_per_step(inputs)
         images = _images(inputs.get("image"))
-        if images is None:
-            return calls
+        self.check_input_images(images[:1] if images else [])  # none is refused; one image, once per prompt (below)
         prompts = inputs.get("prompt")
         n = 1 if isinstance(prompts, str) else len(prompts or [None])
         if len(images) != n:
@@ -114,9 +116,16 @@ class QwenImageEditFamily(QwenImageFamily):
         return {**inputs, "image": [image[0]] * rows} if isinstance(image, list) else inputs
 
     def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
-        """The input image once per prompt, as a list (`check_one_call_per_step`), whatever the number of prompts:
-        the text encoder then sees it at its own size in a generation and in an edit alike."""
-        return {"image": [images[0]] * rows}
+        """The input image as the model card's single-image call takes it for one prompt; for several (an edit's
+        source and target rows) once per prompt as a list (`calls_per_step`), resized first as that call resizes it
+        (the pipeline's `image_processor.resize` to `resized`): diffusers 0.42.1 hands a list's images to the text
+        encoder at their own size, where a 12-megapixel photo would become thousands of vision tokens. The VAE then
+        sees the image as in the single-image call wherever `resized` of the resized size is that size (every common
+        aspect ratio; otherwise the list's reference grid is one 32-pixel step off on a side)."""
+        if rows == 1:
+            return {"image": images[0]}
+        image = self.pipeline.image_processor.resize(images[0], *self.resized(images[0].size))
+        return {"image": [image] * rows}
 
     def vision_tokens(self, size: tuple[int, int] | None = None) -> int:
         """How many ``<|image_pad|>`` tokens the processor writes for an image of this (height, width) in pixels
@@ -157,19 +166,19 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
         return super().reference_grid(inputs)
 
     def calls_per_step(self, inputs: dict[str, Any]) -> int:
-        """As Qwen-Image's; refuses a batch of prompts (the pipeline does) and takes each input image's size as the
-        text encoder sees it (`text_segments`)."""
+        """As Qwen-Image's; refuses a batch of prompts (the pipeline does) and inputs without an input image, and
+        takes each input image's size as the text encoder sees it (`text_segments`)."""
         calls = QwenImageFamily.calls_per_step(self, inputs)
         prompts = inputs.get("prompt")
         if not isinstance(prompts, str) and len(prompts or [None]) != 1:
             raise validation.InvalidInput("QwenImageEditPlusPipeline runs one prompt at a time (diffusers 0.42.1 "
                                           "raises for a batch of more than one): give one prompt. Editing and "
                                           "activation patching run their rows as one batch, so they need "
-                                          "Qwen-Image-Edit instead (QwenImageEditPipeline, Qwen/Qwen-Image-Edit), "
-                                          "with image=[image] * len(prompts)")
+                                          "Qwen-Image-Edit instead (QwenImageEditPipeline): load Qwen/Qwen-Image-Edit "
+                                          "(preset qwen-image-edit) and give it the same input image")
         images = _images(inputs.get("image"))
-        if images is not None:
-            self._vision_sizes = [self.resized(i.size, self._condition_area) for i in images]
+        self.check_input_images(images or [])
+        self._vision_sizes = [self.resized(i.size, self._condition_area) for i in images]
         return calls
 
     def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
