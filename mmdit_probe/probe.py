@@ -287,6 +287,8 @@ class Probe:
                 raise validation.InvalidInput("the context image given twice, as image= and context_image=: give it "
                                               "once")
             kwargs["image"] = kwargs.pop("context_image")
+        if self.family.needs_input_image and kwargs.get("image") is None:
+            self.family.check_input_images([])  # refuses, saying which image to give
         validation.known_keywords(f"{type(self.pipeline).__name__} (generation)", kwargs,
                                   inspect.signature(self.pipeline.__call__).parameters)
         if kwargs.get("num_images_per_prompt", 1) != 1:

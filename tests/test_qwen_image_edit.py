@@ -315,8 +315,9 @@ def test_no_input_image_is_refused_before_any_model_call(probe, plus, small, tmp
     options = {"steps": STEPS, "height": SIDE, "width": SIDE}
     for p in (probe, plus):
         needs = f"{type(p.pipeline).__name__} ({p.family.name}) edits an input image: give"
-        with pytest.raises(validation.InvalidInput, match=re.escape(f"{needs} image=...")):
-            p.generate(PROMPTS[0], record=True, **options)
+        for record in (True, False):  # a plain generation too, not only the paths that count calls
+            with pytest.raises(validation.InvalidInput, match=re.escape(f"{needs} image=...")):
+                p.generate(PROMPTS[0], record=record, **options)
         small(p)
         for argv in (["maps", "tiny", PROMPTS[0], "--edit", "a blue dog"], ["edit", "tiny", PROMPTS[0], "a blue dog"]):
             with pytest.raises(SystemExit) as exit_:
