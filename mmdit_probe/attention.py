@@ -433,7 +433,9 @@ class AttentionRecorder:
         stacked over the blocks recorded so far: (block, row, [head,] image, text); a one-half call's rows only."""
         current, maps = self._current
         if current != call or kind not in maps:
-            raise KeyError(f"no {kind} maps of call {call} in progress; step_maps reads the call being recorded")
+            what = "step" if self.calls_per_step == 1 else "call"
+            raise KeyError(f"no {kind} maps of {what} {call} in progress; step_maps reads the step being recorded (the "
+                           f"transformer call, where guidance is a second call per step)")
         return torch.stack([maps[kind][b] for b in self.blocks if b in maps[kind]])
 
     def close(self) -> None:
