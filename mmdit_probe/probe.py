@@ -81,18 +81,29 @@ def _hub_index(source: str, kwargs: dict[str, Any]) -> dict | None:
     local cache where it cannot be reached; an `OSError` where neither has it); None where `source` is no repo id,
     which `from_pretrained` then names as it does."""
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
     from huggingface_hub.utils import httpx  # the HTTP client the hub's functions use
 
     hub = {k: kwargs[k] for k in _HUB_KEYWORDS if k in kwargs}
+    refused = None  # the hub's answer where it was reached but refused (a private repo, a wrong id or revision)
     if not hub.get("local_files_only"):
         try:
             huggingface_hub.model_info(source, revision=hub.get("revision"), token=hub.get("token"))
         except HFValidationError:
             return None
-        except (HfHubHTTPError, OfflineModeIsEnabled, httpx.NetworkError):
+        except (HfHubHTTPError, OfflineModeIsEnabled, httpx.NetworkError) as error:
             hub["local_files_only"] = True  # as diffusers does; hf_hub_download would retry for half a minute
-    return json.loads(Path(huggingface_hub.hf_hub_download(source, "model_index.json", **hub)).read_text())
+            refused = error if isinstance(error, HfHubHTTPError) else None
+    try:
+        index = huggingface_hub.hf_hub_download(source, "model_index.json", **hub)
+    except LocalEntryNotFoundError:
+        if refused is None:
+            raise
+        raise OSError(f"the hub refused it ({refused}), and no copy is cached") from refused
+    try:
+        return json.loads(Path(index).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise validation.InvalidInput(f"{source}'s model_index.json is not valid JSON ({error})") from None
 
 
 def _not_loaded(source: str, error: OSError) -> OSError:
@@ -287,8 +298,8 @@ class Probe:
                 raise validation.InvalidInput("the context image given twice, as image= and context_image=: give it "
                                               "once")
             kwargs["image"] = kwargs.pop("context_image")
-        if self.family.needs_input_image and kwargs.get("image") is None:
-            self.family.check_input_images([])  # refuses, saying which image to give
+        if self.family.has_reference:  # another family's image= is no input image (FluxImg2ImgPipeline's init image)
+            self.family.check_image_argument(kwargs.get("image"), len(checked["prompts"]))
         validation.known_keywords(f"{type(self.pipeline).__name__} (generation)", kwargs,
                                   inspect.signature(self.pipeline.__call__).parameters)
         if kwargs.get("num_images_per_prompt", 1) != 1:

@@ -119,6 +119,17 @@ def test_the_python_api_refuses_the_same_input_images_with_its_own_words(models,
     family.check_input_images([_rgb(pictures[0])])  # one: taken
 
 
+@pytest.mark.parametrize("kind, chosen, match", [
+    ("flux-kontext", [0, 1], r"2 input images given \(image=\): FluxKontextPipeline takes 1 per call"),
+    ("flux2-klein", [2], r"image= number 1: Image too small: 64×48")])
+def test_a_python_generation_refuses_them_before_any_model_call(models, pictures, monkeypatch, kind, chosen, match):
+    probe = mmdit_probe.load(models[kind])
+    monkeypatch.setattr(probe.pipeline.transformer, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    images = [_rgb(pictures[i]) for i in chosen]
+    with pytest.raises(validation.InvalidInput, match=match):
+        probe.generate(PROMPT, image=images if len(images) > 1 else images[0], output_type="latent")
+
+
 REFUSED = [("flux-kontext", [0, 1], "2 input images given (--image): FluxKontextPipeline takes 1 per call; give "
                                     "--image once"),
            ("flux2-klein", [0, 2], "--image number 2: Image too small: 64×48. Both dimensions must be at least 64px; "

@@ -64,6 +64,22 @@ def test_a_hub_checkpoint_of_a_supported_class_goes_on_to_load(hub):
     assert [a[0] for a in loads] == ["someone/some-flux"]
 
 
+def test_the_hubs_own_refusal_stays_in_the_message(monkeypatch):
+    """A private repo or a wrong id: the hub answers, nothing is cached, and the answer is what the user reads."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx  # the hub's HTTP client, whose responses its errors carry
+
+    def refused(*args, **kwargs):
+        url = "https://huggingface.co/api/models/someone/private"
+        raise HfHubHTTPError(f"401 Client Error: Unauthorized for url: {url}",
+                             response=httpx.Response(401, request=httpx.Request("GET", url)))
+    monkeypatch.setattr(huggingface_hub, "model_info", refused)
+    with pytest.raises(OSError) as error:
+        mmdit_probe.load("someone/private")
+    assert "the hub refused it (401 Client Error: Unauthorized" in str(error.value)
+    assert "no copy is cached" in str(error.value)
+
+
 def test_offline_a_hub_id_gives_the_message_it_always_gave():
     with pytest.raises(OSError) as error:
         mmdit_probe.load("nobody/no-such-model")

@@ -229,3 +229,8 @@ def test_taps_keep_the_attention_backend_chosen_for_the_stock_processors(tiny_di
     tapped = {name: m.processor._attention_backend for name, m in probe.pipeline.transformer.named_modules()
               if hasattr(m, "processor")}
     assert tapped == stock and set(tapped.values()) == {stock[next(iter(stock))]} and None not in tapped.values()
+    probe.family.remove_taps()  # a backend chosen while the taps are out holds once they are back
+    probe.pipeline.transformer.set_attention_backend("_native_math")
+    probe.family.install_taps()
+    chosen = {m.processor._attention_backend for m in probe.pipeline.transformer.modules() if hasattr(m, "processor")}
+    assert chosen == {"_native_math"} or {getattr(b, "value", b) for b in chosen} == {"_native_math"}

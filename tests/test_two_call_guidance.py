@@ -171,6 +171,29 @@ def test_a_half_patches_the_calls_of_its_half(tiny_dirs, kind):
     assert second["uncond"] > 0 and second["cond"] > 0
 
 
+def test_patching_refuses_what_the_negative_prompts_cannot_give(tiny_dirs):
+    """The unconditional call's text is the negative prompt's: a shorter one on Qwen-Image has fewer positions, and
+    a list of negative prompts is one for both prompts or one each."""
+    probe = load(tiny_dirs, "qwen-image")
+    options = generation("qwen-image", negative_prompt=" ")
+    options["num_steps"] = options.pop("steps")
+    options["output"] = options.pop("output_type")
+    run = dict(hooks="v_txt", positions=["mat"], metric="distance", progress=False)
+    activation_patching(probe, "a red cat sitting on a mat", "a blue cat sitting on a mat", half="cond", **run,
+                        **options)
+    for half in ("uncond", "both"):
+        with pytest.raises(InvalidInput, match="patches the unconditional call, whose text is the negative prompt"):
+            activation_patching(probe, "a red cat sitting on a mat", "a blue cat sitting on a mat", half=half, **run,
+                                **options)
+    with pytest.raises(InvalidInput, match="3 negative prompts for the clean and corrupt prompts"):
+        activation_patching(probe, "a red cat", "a blue cat", **{**run, "positions": None},
+                            **{**options, "negative_prompt": [" ", "blurry", "dark"]})
+    one = activation_patching(probe, "a red cat", "a blue cat", **{**run, "positions": None},
+                              **{**options, "negative_prompt": [" "]})
+    same = activation_patching(probe, "a red cat", "a blue cat", **{**run, "positions": None}, **options)
+    assert torch.equal(one.values, same.values)  # one negative prompt in a list serves both, as the pipeline takes it
+
+
 @pytest.mark.parametrize("kind", ["chroma", "qwen-image", "flux2-klein"])
 def test_edit_source_row_and_tau_zero(tiny_dirs, kind):
     probe = load(tiny_dirs, kind)

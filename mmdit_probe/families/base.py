@@ -181,6 +181,14 @@ class Family:
                 raise validation.InvalidInput(f"{option} number {number}: {error}; {pipeline} refuses it: give a "
                                               f"larger image, or one closer to square") from error
 
+    def check_image_argument(self, image: Any, prompts: int) -> list:
+        """Refuse a Python call's `image=` (one image or a list) that this pipeline would not take, before any model
+        call (`check_input_images`); a family whose pipeline takes one image per prompt checks that too. Returns the
+        images as a list."""
+        images = [] if image is None else list(image) if isinstance(image, list) else [image]
+        self.check_input_images(images)
+        return images
+
     def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
         """Pipeline inputs whose prompt list the probe has resized to `rows` (activation patching's runs): unchanged
         here; a family whose pipeline takes an input per prompt (Qwen-Image-Edit's images) resizes those too."""
@@ -338,10 +346,10 @@ class Family:
             if not isinstance(module.processor, TapProcessor):
                 self._stock[a.path] = module.processor
                 if a.path not in self._tapped:
-                    tapped = self._tapped[a.path] = self.make_processor(a, module.processor)
-                    # The attention backend the user chose for the stock processor stays chosen.
-                    for setting in ("_attention_backend", "_parallel_config"):
-                        setattr(tapped, setting, getattr(module.processor, setting, None))
+                    self._tapped[a.path] = self.make_processor(a, module.processor)
+                # The attention backend chosen for the stock processor (now or since the last install) stays chosen.
+                for setting in ("_attention_backend", "_parallel_config"):
+                    setattr(self._tapped[a.path], setting, getattr(module.processor, setting, None))
                 module.set_processor(self._tapped[a.path])
         if self.has_reference and self._reference_hook is None:
             self._reference_hook = self.transformer.register_forward_pre_hook(self._set_reference_length,

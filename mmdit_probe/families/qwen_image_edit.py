@@ -94,20 +94,25 @@ class QwenImageEditFamily(QwenImageFamily):
         A single image reaches the text encoder resized as the VAE's, a list at the images' own size (diffusers
         0.42.1 resizes only a single image for it)."""
         calls = super().calls_per_step(inputs)
-        images = _images(inputs.get("image"))
-        self.check_input_images(images[:1] if images else [])  # none is refused; one image, once per prompt (below)
         prompts = inputs.get("prompt")
         n = 1 if isinstance(prompts, str) else len(prompts or [None])
-        if len(images) != n:
-            raise validation.InvalidInput(f"QwenImageEditPipeline's processor takes one input image per prompt: "
-                                          f"{n} prompts (an edit runs its source and target prompts together) and "
-                                          f"{len(images)} images; pass image=[image] * {n}")
-        if not all(_same(images[0], other) for other in images[1:]):
-            raise validation.InvalidInput("the input images differ: the probe edits one image, given once per prompt "
-                                          "(image=[img] * len(prompts))")
+        images = self.check_image_argument(inputs.get("image"), n)
         size = images[0].size
         self._vision_sizes = [self.resized(size) if not isinstance(inputs["image"], list) else size[::-1]]
         return calls
+
+    def check_image_argument(self, image: Any, prompts: int) -> list:
+        """The `image=` of a call of `prompts` prompts: one image, given once per prompt where there are several."""
+        images = _images(image)
+        self.check_input_images(images[:1] if images else [])  # none is refused; one image, once per prompt (below)
+        if len(images) != prompts:
+            raise validation.InvalidInput(f"QwenImageEditPipeline's processor takes one input image per prompt: "
+                                          f"{prompts} prompts (an edit runs its source and target prompts together) "
+                                          f"and {len(images)} images; pass image=[image] * {prompts}")
+        if not all(_same(images[0], other) for other in images[1:]):
+            raise validation.InvalidInput("the input images differ: the probe edits one image, given once per prompt "
+                                          "(image=[img] * len(prompts))")
+        return images
 
     def batch_inputs(self, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
         """One input image per prompt: a list of them is resized to `rows` (its images are one image repeated, as
@@ -176,10 +181,15 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
                                           "activation patching run their rows as one batch, so they need "
                                           "Qwen-Image-Edit instead (QwenImageEditPipeline): load Qwen/Qwen-Image-Edit "
                                           "(preset qwen-image-edit) and give it the same input image")
-        images = _images(inputs.get("image"))
-        self.check_input_images(images or [])
+        images = self.check_image_argument(inputs.get("image"), 1)
         self._vision_sizes = [self.resized(i.size, self._condition_area) for i in images]
         return calls
+
+    def check_image_argument(self, image: Any, prompts: int) -> list:
+        """One or several input images, for the one prompt of a call."""
+        images = _images(image) or []
+        self.check_input_images(images)
+        return images
 
     def image_inputs(self, images: list, rows: int) -> dict[str, Any]:
         """Every input image, as a list: the pipeline gives each its own ``Picture i: `` block and frame."""

@@ -130,6 +130,8 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
     cells = [_make_cell(specs, over, chosen) for chosen in itertools.product(*(range(len(specs[d])) for d in over))]
     for cell in cells:  # refuse unknown hooks / blocks and stream mismatches now, not mid-run
         plan.hook_names(cell.hooks, cell.blocks, cell.positions)
+    if calls == 2:
+        _check_negative_prompts(probe, inputs, cells, length)
 
     order = {name: i for i, name in enumerate(probe.hook_names)}
     pipeline = probe.pipeline
@@ -160,6 +162,29 @@ def activation_patching(probe, clean: str, corrupt: str, hooks: str | Sequence[s
         clean=references[0], corrupt=references[1], prompts=(clean, corrupt), direction=direction,
         metric=metric_name, output=output,
         joint={d: [_member(d, v) for _, v in specs[d]] for d in DIMS if d not in over})
+
+
+def _check_negative_prompts(probe, inputs: dict[str, Any], cells: list[_Cell], length: int) -> None:
+    """Where guidance is a second call per step, its text is the negative prompt's: one for both prompts or one each
+    (a one-item list is made one each, so every run keeps its prompt's), and the text positions patched in that call
+    must exist there (Qwen-Image's text is as long as the call's longest, so a shorter negative prompt has fewer)."""
+    negative = inputs.get("negative_prompt")
+    if isinstance(negative, list):
+        if len(negative) not in (1, 2):
+            raise InvalidInput(f"{len(negative)} negative prompts for the clean and corrupt prompts: give one "
+                               f"negative_prompt, or one per prompt")
+        inputs["negative_prompt"] = negative * (2 // len(negative))
+    positions = sorted({p for cell in cells if cell.half != "cond" and cell.positions and cell.positions[0] == "txt"
+                        for p in cell.positions[1]})
+    if not positions:
+        return
+    negative = inputs.get("negative_prompt") or ""
+    tables = [probe.tokens(text, length) for text in ([negative] * 2 if isinstance(negative, str) else negative)]
+    try:
+        probe.family.text_key_mask(tables, positions)
+    except InvalidInput as error:
+        raise InvalidInput(f"half 'uncond' / 'both' patches the unconditional call, whose text is the negative "
+                           f"prompt: {error}; or patch half='cond'") from None
 
 
 def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any], base: int, source: int,

@@ -10,7 +10,7 @@ s's conditional one, 2s + 1 its unconditional one. Token positions index the hoo
 
 >>> inputs = probe.inputs(["a red circle ...", "a blue circle ..."], seed=0)
 >>> with probe.model.generate(**inputs) as tracer:
-...     for step in tracer.iter[0:inputs["num_inference_steps"]]:
+...     for call in tracer.iter[0:inputs["num_inference_steps"] * probe.family.calls_per_step(inputs)]:
 ...         for block in range(probe.family.num_blocks):
 ...             patch(probe, f"blocks.{block}.attn.hook_v_img",
 ...                   lambda v: replace_rows(v, source=rows(2, v, 0), target=rows(2, v, 1)))
