@@ -219,8 +219,12 @@ def test_bad_hook_names_get_clear_errors(probe):
         probe.hook("blocks.0.attn.hook_z_img")
 
 
-def test_taps_keep_the_attention_backend_chosen_for_the_stock_processors(tiny_dirs):
+def test_taps_keep_the_attention_backend_chosen_for_the_stock_processors(tiny_dirs, monkeypatch):
     """`set_attention_backend` before `load` stays in force: the tapped processors dispatch to the same backend."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also makes its backend diffusers' process-wide default: put that back afterwards.
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     pipeline = DiffusionPipeline.from_pretrained(tiny_dirs["flux-dev"])
     pipeline.transformer.set_attention_backend("native")
     stock = {name: m.processor._attention_backend for name, m in pipeline.transformer.named_modules()
