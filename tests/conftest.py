@@ -63,3 +63,20 @@ def stock_kernel_calls(probe, inputs, monkeypatch, module):
         probe.family.install_taps()
     return calls, images
 
+
+def record_all_calls(probe, inputs, recorder):
+    """Generate with `recorder` reading every transformer call (`recorder.calls`: the steps, or two calls per step
+    where guidance is a second call); returns (maps, the pipeline's saved output)."""
+    with probe.model.generate(**inputs) as tracer:
+        for call in tracer.iter[0:recorder.calls]:
+            recorder.record(call)
+        output = probe.model.output.save()
+    return recorder.maps(), output
+
+
+def first_noise_prediction(probe, inputs):
+    """The transformer's output in the pipeline's first call on these inputs (the whole run goes on unchanged)."""
+    seen = []
+    with probe.pipeline.transformer.register_forward_hook(lambda m, a, k, out: seen.append(out[0]), with_kwargs=True):
+        probe.pipeline(**inputs)
+    return seen[0]

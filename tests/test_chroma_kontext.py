@@ -7,7 +7,7 @@ the explicit softmax(q k^T / sqrt(d) + mask) over the whole joint sequence, ever
 
 import pytest
 import torch
-from conftest import stock_kernel_calls
+from conftest import first_noise_prediction, record_all_calls, stock_kernel_calls
 from diffusers.models.transformers import transformer_flux
 
 import mmdit_probe
@@ -64,11 +64,8 @@ def explicit(q, k, mask):
 
 def record(probe, inputs, **options):
     recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, heads="all", positions="all", **options)
-    with probe.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:inputs["num_inference_steps"]]:
-            recorder.record(step)
-        output = probe.model.output.save()
-    return recorder.maps(), output.images
+    maps, output = record_all_calls(probe, inputs, recorder)
+    return maps, output.images
 
 
 def test_each_pipeline_gets_its_family(tiny_dirs):
@@ -223,17 +220,11 @@ def test_kontext_velocity_keeps_the_context_tokens(kontext):
     """The sampler's velocity is the pipeline's own first noise prediction: the latents' rows of one transformer
     call on [latents | context latents]."""
     inputs = kontext_inputs(kontext, prompts=[PROMPTS[0]])
-    seen = []
-    handle = kontext.pipeline.transformer.register_forward_hook(lambda m, a, k, out: seen.append(out[0]),
-                                                                with_kwargs=True)
-    try:
-        kontext.pipeline(**inputs)
-    finally:
-        handle.remove()
+    first = first_noise_prediction(kontext, inputs)
     velocity, sigmas = sampler_velocity(kontext, inputs)
     v = velocity(inputs["latents"], float(sigmas[0]))
     assert v.shape == inputs["latents"].shape
-    assert torch.equal(v, seen[0][:, :inputs["latents"].shape[1]])
+    assert torch.equal(v, first[:, :inputs["latents"].shape[1]])
 
 
 def test_chroma_concept_maps_leave_the_generation_unchanged(chroma):

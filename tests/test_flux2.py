@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_inputs
+from conftest import first_noise_prediction, record_all_calls, stock_kernel_calls, tiny_inputs
 from diffusers.models.transformers import transformer_flux2
 from PIL import Image
 
@@ -42,41 +42,17 @@ def non_square(probe, prompts=PROMPTS, kind=KIND, **overrides):
     return tiny_inputs(probe, kind, prompts, width=96, **overrides)  # a 4 x 6 token grid
 
 
-def stock_qk(probe, inputs, monkeypatch):
-    """The stock processors' q and k, as they hand them to `dispatch_attention_fn`, one pair per block and step,
-    with the taps removed; and the stock output."""
-    seen = []
-
-    def keep(query, key, value, **kwargs):
-        seen.append((query.detach().clone(), key.detach().clone()))
-        return dispatch(query, key, value, **kwargs)
-
-    dispatch = transformer_flux2.dispatch_attention_fn
-    probe.family.remove_taps()
-    monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", keep)
-    try:
-        images = probe.pipeline(**inputs).images
-    finally:
-        monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", dispatch)
-        probe.family.install_taps()
-    return seen, images
-
-
 def test_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypatch):
     inputs = non_square(flux2, kind=flux2.kind)
-    seen, stock = stock_qk(flux2, inputs, monkeypatch)
+    seen, stock = stock_kernel_calls(flux2, inputs, monkeypatch, transformer_flux2)
     recorder = AttentionRecorder(flux2, inputs, heads="all", positions="all", dtype=torch.float32)
-    with flux2.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:inputs["num_inference_steps"]]:
-            recorder.record(step)
-        output = flux2.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(flux2, inputs, recorder)
     assert torch.equal(output.images, stock)  # recording changes no bit either
     n_blocks, n_text = flux2.family.num_blocks, inputs["max_sequence_length"]
     assert maps.grid == (4, 6) and len(seen) == n_blocks * inputs["num_inference_steps"]
     for step in range(inputs["num_inference_steps"]):
         for block in range(n_blocks):
-            q, k = (t.double().transpose(1, 2) for t in seen[step * n_blocks + block])  # (batch, heads, tokens, d)
+            q, k = (t.double() for t in seen[step * n_blocks + block][:2])  # (batch, heads, tokens, d)
             p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
             assert p.shape[-1] == n_text + 24
             t2i, i2t = p[:, :, n_text:, :n_text], p[:, :, :n_text, n_text:].transpose(-1, -2)
@@ -86,16 +62,18 @@ def test_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypat
 
 def test_taps_change_no_output_bit(flux2, monkeypatch):
     inputs = non_square(flux2, kind=flux2.kind)
-    _, stock = stock_qk(flux2, inputs, monkeypatch)
+    _, stock = stock_kernel_calls(flux2, inputs, monkeypatch, transformer_flux2)
     assert torch.equal(flux2.pipeline(**inputs).images, stock)
     with flux2.model.generate(**inputs):
         output = flux2.model.output.save()
     assert torch.equal(output.images, stock)
 
 
-def test_patching_every_tap_with_itself_changes_nothing(flux2):
-    inputs = non_square(flux2, kind=flux2.kind)
+@pytest.mark.parametrize("references", [False, True], ids=["plain", "with_references"])
+def test_patching_every_tap_with_itself_changes_nothing(flux2, references):
+    inputs = with_references(flux2) if references else non_square(flux2, kind=flux2.kind)
     plain = flux2.pipeline(**inputs).images
+    assert not references or any(name.endswith("hook_q_ref") for name in flux2.hook_names)
     with flux2.model.generate(**inputs) as tracer:
         for _ in tracer.iter[0:inputs["num_inference_steps"]]:
             for name in flux2.hook_names:
@@ -178,15 +156,11 @@ def with_references(probe, prompts=PROMPTS, **overrides):
 
 def test_reference_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2, monkeypatch):
     inputs = with_references(flux2)
-    seen, stock = stock_qk(flux2, inputs, monkeypatch)
+    seen, stock = stock_kernel_calls(flux2, inputs, monkeypatch, transformer_flux2)
     assert torch.equal(flux2.pipeline(**inputs).images, stock)  # the taps change no bit
     kinds = ["t2i", "i2t", "r2i", "i2r", "t2r"]
     recorder = AttentionRecorder(flux2, inputs, kinds=kinds, heads="all", positions="all", dtype=torch.float32)
-    with flux2.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:inputs["num_inference_steps"]]:
-            recorder.record(step)
-        output = flux2.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(flux2, inputs, recorder)
     assert torch.equal(output.images, stock)  # nor does recording
     # The pipeline's own reference ids: T = 10 + 10 i, each reference's rows and columns from 0, in raster order.
     call = _transformer_call(flux2, inputs)
@@ -203,7 +177,7 @@ def test_reference_maps_equal_the_softmax_of_the_stock_processors_q_and_k(flux2,
     text, image, ref = slice(0, n_text), slice(n_text, n_text + n_image), slice(n_text + n_image, None)
     for step in range(inputs["num_inference_steps"]):
         for block in range(n_blocks):
-            q, k = (t.double().transpose(1, 2) for t in seen[step * n_blocks + block])  # (batch, heads, tokens, d)
+            q, k = (t.double() for t in seen[step * n_blocks + block][:2])  # (batch, heads, tokens, d)
             p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
             assert p.shape[-1] == n_text + n_image + grid[0] * grid[1]
             expected = {"t2i": p[:, :, image, text], "i2t": p[:, :, text, image].transpose(-1, -2),
@@ -217,19 +191,15 @@ def test_concepts_and_text_maps_with_references(flux2, monkeypatch):
     """Concept tokens and T2I alone (the reference taps left unread) on a run with reference tokens: the images are
     the plain ones and T2I equals the stock softmax's image x text block."""
     inputs = with_references(flux2, [PROMPTS[0]])
-    seen, plain = stock_qk(flux2, inputs, monkeypatch)
+    seen, plain = stock_kernel_calls(flux2, inputs, monkeypatch, transformer_flux2)
     recorder = AttentionRecorder(flux2, inputs, kinds=["t2i"], concepts=["cat", "red"], dtype=torch.float32,
                                  positions="all")
-    with flux2.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:inputs["num_inference_steps"]]:
-            recorder.record(step)
-        output = flux2.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(flux2, inputs, recorder)
     assert torch.equal(output.images, plain)
     assert maps.concept("cat").shape == (4, 6) and maps.reference_grid is None
     n_text = inputs["max_sequence_length"]
     for block in range(flux2.family.num_blocks):
-        q, k = (t.double().transpose(1, 2) for t in seen[block])
+        q, k = (t.double() for t in seen[block][:2])
         p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
         torch.testing.assert_close(maps.t2i[0, block].double(), p[:, :, n_text:n_text + 24, :n_text].mean(1),
                                    rtol=0, atol=2e-6)
@@ -245,19 +215,6 @@ def test_references_of_different_widths_are_refused_for_reference_maps(klein):
     AttentionRecorder(klein, inputs, kinds=["t2i"])  # maps of the other regions need no reference grid
     with pytest.raises(InvalidInput, match="carry no reference image"):
         AttentionRecorder(klein, non_square(klein), kinds=["r2i"])
-
-
-def test_patching_every_tap_with_itself_changes_nothing_with_references(flux2):
-    inputs = with_references(flux2)
-    plain = flux2.pipeline(**inputs).images
-    assert any(name.endswith("hook_q_ref") for name in flux2.hook_names)
-    with flux2.model.generate(**inputs) as tracer:
-        for _ in tracer.iter[0:inputs["num_inference_steps"]]:
-            for name in flux2.hook_names:
-                hook = flux2.hook(name)
-                hook.output = hook.output.clone()
-        output = flux2.model.output.save()
-    assert torch.equal(output.images, plain)
 
 
 def test_edit_source_row_and_tau_zero_with_references(flux2):
@@ -277,18 +234,12 @@ def test_the_velocity_keeps_the_reference_tokens(flux2):
     """The sampler's velocity is the pipeline's own first noise prediction: the latents' rows of one transformer
     call on [latents | reference latents], in the sampler's grid."""
     inputs = with_references(flux2, [PROMPTS[0]])
-    seen = []
-    handle = flux2.pipeline.transformer.register_forward_hook(lambda m, a, k, out: seen.append(out[0]),
-                                                              with_kwargs=True)
-    try:
-        flux2.pipeline(**inputs)
-    finally:
-        handle.remove()
+    first = first_noise_prediction(flux2, inputs)
     velocity, sigmas = sampler_velocity(flux2, inputs)
     grid = flux2.family.initial_noise(1, 64, 96, 0)
     v = velocity(grid, float(sigmas[0]))
-    assert v.shape == grid.shape and seen[0].shape[1] > 24
-    assert torch.equal(flux2.family.transformer_input(v), seen[0][:, :24])
+    assert v.shape == grid.shape and first.shape[1] > 24
+    assert torch.equal(flux2.family.transformer_input(v), first[:, :24])
 
 
 def test_inversion_and_solver_edits_take_references_as_context_image(klein):

@@ -7,6 +7,7 @@ caught where it hands them to `dispatch_attention_fn`, and the maps are compared
 import numpy as np
 import pytest
 import torch
+from conftest import record_all_calls
 from diffusers.models.transformers import transformer_qwenimage
 
 import mmdit_probe
@@ -85,11 +86,7 @@ def test_maps_equal_the_masked_softmax_of_the_stock_q_and_k(qwen, monkeypatch):
     n_blocks, n_steps = qwen.family.num_blocks, inputs["num_inference_steps"]
     assert len(calls) == n_blocks * n_steps and calls[0][2] is not None  # the padding is masked
     recorder = AttentionRecorder(qwen, inputs, heads="all", dtype=torch.float32)
-    with qwen.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:n_steps]:
-            recorder.record(step)
-        output = qwen.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(qwen, inputs, recorder)
     assert torch.equal(output.images, stock)  # taps and recording change no output bit
     tables = [qwen.tokens(p, LENGTH) for p in PROMPTS]
     n_text = max(len(t.real_positions) for t in tables)

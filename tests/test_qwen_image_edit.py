@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import stock_kernel_calls
+from conftest import record_all_calls, stock_kernel_calls
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.models.transformers import transformer_qwenimage
 from PIL import Image
@@ -124,11 +124,7 @@ def test_reference_maps_equal_the_masked_softmax_of_the_stock_q_and_k(probe, ima
     assert torch.equal(probe.pipeline(**inputs).images, plain)  # the taps alone change no output bit
     recorder = AttentionRecorder(probe, inputs, dtype=torch.float32, heads="all",
                                  kinds=["t2i", "i2t", "r2i", "i2r", "t2r"])
-    with probe.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:STEPS]:
-            recorder.record(step)
-        output = probe.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(probe, inputs, recorder)
     assert torch.equal(output.images, plain)  # nor does recording
     grid = probe.family.reference_grid(inputs)
     n_blocks, n_image, n_ref = probe.family.num_blocks, 16, math.prod(grid)
@@ -209,11 +205,7 @@ def test_plus_reference_maps_equal_the_softmax_of_the_stock_q_and_k(plus, image,
     inputs = plus.inputs([PROMPTS[1]], steps=STEPS, height=SIDE, width=SIDE, image=image, output_type="latent")
     calls, plain = stock_kernel_calls(plus, inputs, monkeypatch, transformer_qwenimage)
     recorder = AttentionRecorder(plus, inputs, dtype=torch.float32, heads="all", kinds=["t2i", "r2i", "i2r", "t2r"])
-    with plus.model.generate(**inputs) as tracer:
-        for step in tracer.iter[0:STEPS]:
-            recorder.record(step)
-        output = plus.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(plus, inputs, recorder)
     assert torch.equal(output.images, plain)  # taps and recording change no output bit
     n_blocks, n_text = plus.family.num_blocks, len(recorder.tables[0].real_positions)
     assert maps.reference_grid == (56, 74) and calls[0][2] is None  # one prompt: no padding, no mask

@@ -9,7 +9,7 @@ over the whole joint sequence.
 
 import pytest
 import torch
-from conftest import stock_kernel_calls
+from conftest import record_all_calls, stock_kernel_calls
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
 from PIL import Image
 
@@ -71,11 +71,7 @@ def test_both_calls_maps_equal_the_softmax_of_the_stock_q_and_k(tiny_dirs, kind,
     positions = "real" if kind == "qwen-image" else "all"
     recorder = AttentionRecorder(probe, inputs, rows="both", heads="all", positions=positions, dtype=torch.float32)
     assert recorder.calls == 2 * n_steps
-    with probe.model.generate(**inputs) as tracer:
-        for call in tracer.iter[0:recorder.calls]:
-            recorder.record(call)
-        output = probe.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(probe, inputs, recorder)
     assert torch.equal(output.images, stock)  # nor does recording both calls
     assert maps.t2i.shape[:3] == (n_steps, n_blocks, 2 * n) and maps.rows == "both"
     text = torch.tensor(maps.positions)
@@ -307,11 +303,7 @@ def test_qwen_image_edit_reference_maps_of_both_calls(monkeypatch):
     calls, stock = stock_kernel_calls(probe, inputs, monkeypatch, transformer_qwenimage)
     kinds = ["t2i", "i2r", "t2r"]  # text keys under each call's mask, reference keys, reference queries
     recorder = AttentionRecorder(probe, inputs, rows="both", heads="all", dtype=torch.float32, kinds=kinds)
-    with probe.model.generate(**inputs) as tracer:
-        for call in tracer.iter[0:recorder.calls]:
-            recorder.record(call)
-        output = probe.model.output.save()
-    maps = recorder.maps()
+    maps, output = record_all_calls(probe, inputs, recorder)
     assert torch.equal(output.images, stock)
     n, n_blocks, n_image = len(PROMPTS), probe.family.num_blocks, 16
     n_ref = maps.reference_grid[0] * maps.reference_grid[1]
