@@ -104,8 +104,8 @@ def _read_images(paths: list[str] | None) -> list:
 
 
 def _image_inputs(probe, images: list, rows: int) -> dict:
-    """The pipeline inputs carrying the --image files (checked with `Family.check_input_images`) in a call of
-    `rows` prompts."""
+    """The pipeline inputs carrying the --image files in a call of `rows` prompts (`Family.image_inputs`); none
+    without them."""
     return probe.family.image_inputs(images, rows) if images else {}
 
 
