@@ -26,7 +26,7 @@ from .. import validation
 from ..maps import AttentionMaps, normalise, smooth
 from ..metrics import HIGHER_IS_BETTER, METRICS, score_map, token_mask
 from ..validation import InvalidInput
-from .run import read_record, record_masks
+from .run import _stored_config, read_record, record_masks
 
 
 def _means(table, keys: list[str]) -> dict[tuple, float]:
@@ -103,13 +103,7 @@ def _config(out: Path) -> dict:
     if not path.is_file():
         raise InvalidInput(f"{out} is not a sweep's output folder (no config.json): give the --out of "
                            f"`mmdit-probe sweep`")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        config = error
-    if not isinstance(config, dict) or not {"blocks", "record_steps", "grids", "kinds"} <= set(config):
-        raise InvalidInput(f"{path} is not a sweep's configuration ({config!r:.80})")
-    return config
+    return _stored_config(path, keys=("blocks", "record_steps", "grids", "kinds"))
 
 
 def _top_k_vs_all(out: Path, config: dict, top_layers: list[int]) -> dict:

@@ -248,12 +248,12 @@ class PreparedSweep:
         started = time.time()
         if state.is_main_process:
             records.mkdir(parents=True, exist_ok=True)
-            _write_or_check_config(self.out, config)
+            _check_config(self.out, config, write=True)
             with written_atomically(self.out / "prompts.jsonl") as temporary:
                 temporary.write_bytes("".join(
                     json.dumps({"id": p.id, "prompt": p.prompt, "seed": p.seed}) + "\n" for p in prompts).encode())
         state.wait_for_everyone()
-        _write_or_check_config(self.out, config)  # every process: it may have been started with other options
+        _check_config(self.out, config, write=True)  # every process: it may have been started with other options
         todo = [p for p in prompts if not valid_record(records / f"{p.id}.safetensors", config)]
         done_before = len(prompts) - len(todo)
         # Nobody writes a record before everyone has listed what is left, so every process splits the same list.
@@ -415,18 +415,26 @@ def _check_out(out) -> Path:
     return out
 
 
-def _check_config(out: Path, config: SweepConfig) -> None:
-    """A rerun into `out` must have the options its config.json was made with."""
+def _stored_config(path: Path, advice: str = "", keys: tuple[str, ...] = ()) -> dict:
+    """The options a sweep's config.json holds; `InvalidInput`, ending in `advice`, for a file that is none."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = error
+    if not isinstance(config, dict) or not set(keys) <= set(config):
+        raise InvalidInput(f"{path} is not a sweep's configuration ({config!r:.80}){advice}")
+    return config
+
+
+def _check_config(out: Path, config: SweepConfig, *, write: bool = False) -> None:
+    """A rerun into `out` must have the options its config.json was made with; `write` stores them if it has none."""
     path = out / "config.json"
     if not path.exists():
+        if write:
+            with written_atomically(path) as temporary:
+                temporary.write_bytes(json.dumps(asdict(config), indent=2).encode())
         return
-    try:
-        old = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        old = error
-    if not isinstance(old, dict):
-        raise InvalidInput(f"{path} is not a sweep's configuration ({old!r:.80}): give a new --out, or delete {out} "
-                           f"to start over")
+    old = _stored_config(path, f": give a new --out, or delete {out} to start over")
     new = asdict(config)
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
@@ -434,14 +442,6 @@ def _check_config(out: Path, config: SweepConfig) -> None:
         raise ConfigMismatch(
             f"{out} holds a sweep made with other options ({path}); changed: " + "; ".join(changed)
             + f". Rerun with the original options to resume it, or give a new --out (or delete {out}) to start over.")
-
-
-def _write_or_check_config(out: Path, config: SweepConfig) -> None:
-    if (out / "config.json").exists():
-        _check_config(out, config)
-    else:
-        with written_atomically(out / "config.json") as temporary:
-            temporary.write_bytes(json.dumps(asdict(config), indent=2).encode())
 
 
 def _unscored(item: PromptItem, config: SweepConfig, **meta: str) -> tuple[None, dict[str, torch.Tensor], dict]:
