@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -64,20 +65,19 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
         raise ValueError(f"{out}/scores.parquet has no scores: no prompt had a word with a mask")
     types = ["all", *sorted(set(table.column("word_type").to_pylist()))]
 
+    scored = list(product(config["kinds"], config["grids"], METRICS))  # (kind, grid, metric) of every score
     per_type = _typed_means(table, ["kind", "grid", "metric", "word_type", "block", "step"])
     heatmaps = {f"{k}/{g}/{m}/{t}": [[per_type.get((k, g, m, t, b, s), float("nan")) for s in steps] for b in blocks]
-                for k in config["kinds"] for g in config["grids"] for m in METRICS for t in types}
+                for k, g, m in scored for t in types}
     by_block = _means(table, ["kind", "grid", "metric", "block"])
-    block_scores = {f"{k}/{g}/{m}": [by_block[(k, g, m, b)] for b in blocks]
-                    for k in config["kinds"] for g in config["grids"] for m in METRICS}
+    block_scores = {f"{k}/{g}/{m}": [by_block[(k, g, m, b)] for b in blocks] for k, g, m in scored}
     chosen = np.array(block_scores[f"{kind}/{grid}/{metric}"])
     order = np.argsort(-chosen if HIGHER_IS_BETTER[metric] else chosen, kind="stable")
     ranking = [{"block": blocks[i], "score": float(chosen[i])} for i in order]
     top_layers = [r["block"] for r in ranking[:top_k]]
     by_window = _typed_means(windows, ["kind", "grid", "metric", "window", "word_type", "block"])
     block_windows = {f"{k}/{g}/{m}/{w}/{t}": [by_window.get((k, g, m, w, t, b), float("nan")) for b in blocks]
-                     for k in config["kinds"] for g in config["grids"] for m in METRICS
-                     for w in config.get("windows", []) for t in types}
+                     for k, g, m in scored for w in config.get("windows", []) for t in types}
 
     report = {
         "model": config["model"], "prompts": int(pc.count_distinct(table.column("prompt_id")).as_py()),
