@@ -130,9 +130,8 @@ def _checked_item(item: PromptItem) -> PromptItem:
     if not isinstance(item.id, str) or not _ID.match(item.id):
         raise InvalidInput(f"the id {item.id!r} names a file, so use letters, digits, '.', '_', '-' only (starting "
                            f"with a letter or digit)")
-    if not isinstance(item.prompt, str):
-        raise InvalidInput(f"prompt={item.prompt!r} ({type(item.prompt).__name__}) is not allowed: give the prompt's "
-                           f"text (str)")
+    validation.prompt("prompt", item.prompt,
+                      message="{name}={value!r} ({type}) is not allowed: give the prompt's text (str)")
     seed = validation.integer("seed", item.seed)
     types = item.word_types
     if not isinstance(types, dict) or not all(isinstance(x, str) for pair in types.items() for x in pair):
