@@ -47,7 +47,10 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
     """The report of a finished sweep in `out` (see the module docstring); also written to out/report.json,
     the chosen blocks to out/top_layers.json."""
     out = Path(out)
-    config = _config(out)
+    if not (out / "config.json").is_file():
+        raise InvalidInput(f"{out} is not a sweep's output folder (no config.json): give the --out of "
+                           f"`mmdit-probe sweep`")
+    config = _stored_config(out / "config.json", keys=("blocks", "record_steps", "grids", "kinds"))
     blocks, steps = config["blocks"], config["record_steps"]
     # Every option is checked before anything is read or written.
     top_k = validation.top_k("top_k", top_k, len(blocks), what="blocks in the sweep")
@@ -95,15 +98,6 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
     if figures:
         _figures(report, config, out, grid)
     return report
-
-
-def _config(out: Path) -> dict:
-    """The configuration of the sweep in `out` (bad input if `out` holds none)."""
-    path = out / "config.json"
-    if not path.is_file():
-        raise InvalidInput(f"{out} is not a sweep's output folder (no config.json): give the --out of "
-                           f"`mmdit-probe sweep`")
-    return _stored_config(path, keys=("blocks", "record_steps", "grids", "kinds"))
 
 
 def _top_k_vs_all(out: Path, config: dict, top_layers: list[int]) -> dict:
