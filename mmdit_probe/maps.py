@@ -214,8 +214,6 @@ class AttentionMaps:
 
     # -- selection ----------------------------------------------------------
     def _block_index(self, blocks) -> list[int]:
-        if blocks is None:
-            return list(range(len(self.blocks)))
         if isinstance(blocks, str):
             if blocks != "top":
                 raise validation.InvalidInput(f"blocks={blocks!r}; use None (all), 'top' or a list of block indices")
@@ -226,8 +224,6 @@ class AttentionMaps:
         return _indices_in("block", blocks, self.blocks)
 
     def _step_index(self, steps) -> list[int]:
-        if steps is None:
-            return list(range(len(self.steps)))
         if isinstance(steps, slice):
             chosen = list(range(*steps.indices(max(self.steps) + 1)))
             if not chosen:
@@ -571,7 +567,9 @@ def _prompt(value, n: int, none: str | None = None) -> int:
 
 
 def _indices_in(noun: str, chosen, recorded: list[int]) -> list[int]:
-    """Where the chosen block or step indices sit among the recorded ones."""
+    """Where the chosen block or step indices sit among the recorded ones (None: all of them)."""
+    if chosen is None:
+        return list(range(len(recorded)))
     chosen = validation.index_list(f"{noun}s", chosen, what=f"recorded {noun} indices")
     for c in chosen:
         if c not in recorded:
