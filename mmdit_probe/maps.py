@@ -214,8 +214,6 @@ class AttentionMaps:
 
     # -- selection ----------------------------------------------------------
     def _block_index(self, blocks) -> list[int]:
-        if blocks is None:
-            return list(range(len(self.blocks)))
         if isinstance(blocks, str):
             if blocks != "top":
                 raise validation.InvalidInput(f"blocks={blocks!r}; use None (all), 'top' or a list of block indices")
@@ -226,8 +224,6 @@ class AttentionMaps:
         return _indices_in("block", blocks, self.blocks)
 
     def _step_index(self, steps) -> list[int]:
-        if steps is None:
-            return list(range(len(self.steps)))
         if isinstance(steps, slice):
             chosen = list(range(*steps.indices(max(self.steps) + 1)))
             if not chosen:
@@ -299,15 +295,14 @@ class AttentionMaps:
         """
         validation.choice("kind", kind, tuple(REGIONS))
         m = self.tensor(kind)[self._step_index(steps)][:, self._block_index(blocks), self._row(prompt, half)]
-        if head is not None:
-            head = validation.integer("head", head, minimum=0)
-            if self.heads == "all" and head >= m.shape[2]:
-                raise IndexError(f"head {head} out of range: the maps have heads 0..{m.shape[2] - 1}")
-        if self.heads == "all":
-            return m.float().mean(dim=2) if head is None else m[:, :, head]
-        if head is not None:
+        if head is None:
+            return m.float().mean(dim=2) if self.heads == "all" else m
+        head = validation.integer("head", head, minimum=0)
+        if self.heads != "all":
             raise ValueError("per-head maps were not recorded (heads='mean'); record with heads='all'")
-        return m
+        if head >= m.shape[2]:
+            raise IndexError(f"head {head} out of range: the maps have heads 0..{m.shape[2] - 1}")
+        return m[:, :, head]
 
     def query_columns(self, patches) -> list[int]:
         """Indices into the query dimension of I2I maps for a patch (row, col) or a list of patches."""
@@ -465,8 +460,7 @@ class AttentionMaps:
         try:
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-                names = [k for k in MAP_KINDS if k in f.keys()]
-                tensors = {k: f.get_tensor(k) for k in names}
+                tensors = {k: f.get_tensor(k) for k in MAP_KINDS if k in f.keys()}
         except Exception as error:
             raise validation.InvalidInput(f"{path} is not a readable safetensors file ({error})") from None
         if "mmdit_probe" not in metadata:
@@ -529,10 +523,10 @@ class AttentionMaps:
                 "reference": (self.reference_grid[0] * self.reference_grid[1] if self.reference_grid else 0,
                               "reference_grid")}
         axes = MAP_AXES[MAP_KINDS[kind]]
-        heads = (m.shape[3],) if kind in REGIONS and self.heads == "all" and m.ndim == 6 else ()
+        per_head = kind in REGIONS and self.heads == "all"
+        heads = (m.shape[3],) if per_head and m.ndim == 6 else ()
         blocks = ("attn2_blocks", self.attn2_blocks) if MAP_KINDS[kind] == "attn2" else ("blocks", self.blocks)
-        says = ["steps", blocks[0], "rows", *(["heads"] if kind in REGIONS and self.heads == "all" else []),
-                *(size[a][1] for a in axes)]
+        says = ["steps", blocks[0], "rows", *(["heads"] if per_head else []), *(size[a][1] for a in axes)]
         return (len(self.steps), len(blocks[1]), rows, *heads, *(size[a][0] for a in axes)), ", ".join(says)
 
     def _check_probabilities(self, kind: str, m: torch.Tensor) -> None:
@@ -560,8 +554,7 @@ class AttentionMaps:
 
 
 def _prompt(value, n: int, none: str | None = None) -> int:
-    """A prompt index, checked against the `n` prompts held; where none are held, a ValueError saying `none` (if
-    given) rather than the index's IndexError."""
+    """A prompt index checked against the `n` prompts held; with none held, ValueError(`none`) if given."""
     prompt = validation.integer("prompt", value, minimum=0)
     if n == 0 and none is not None:
         raise ValueError(none)
@@ -571,7 +564,9 @@ def _prompt(value, n: int, none: str | None = None) -> int:
 
 
 def _indices_in(noun: str, chosen, recorded: list[int]) -> list[int]:
-    """Where the chosen block or step indices sit among the recorded ones."""
+    """Where the chosen block or step indices sit among the recorded ones (None: all of them)."""
+    if chosen is None:
+        return list(range(len(recorded)))
     chosen = validation.index_list(f"{noun}s", chosen, what=f"recorded {noun} indices")
     for c in chosen:
         if c not in recorded:
