@@ -43,19 +43,13 @@ class PatchingResult:
         unknown = set(where) - set(self.dims)
         if unknown:
             raise InvalidInput(f"{sorted(unknown)} are not dimensions of this result; its dimensions are {self.dims}")
-        index = []
         for dim in self.dims:
-            if dim not in where:
-                index.append(slice(None))
-                continue
-            label = str(where[dim])
-            if label not in self.labels[dim]:
+            if dim in where and str(where[dim]) not in self.labels[dim]:
                 raise InvalidInput(f"{dim}={where[dim]!r} is not in this result; its {dim} labels are "
                                    f"{self.labels[dim]}")
-            index.append(self.labels[dim].index(label))
         if one_cell and len(where) < len(self.dims):
             raise InvalidInput(f"give a label for every dimension {self.dims} to pick one cell")
-        return tuple(index)
+        return tuple(self.labels[d].index(str(where[d])) if d in where else slice(None) for d in self.dims)
 
     def value(self, **where: Any) -> float:
         """One cell's value, e.g. ``result.value(block=5, step="late")``."""
