@@ -190,10 +190,9 @@ def _check_negative_prompts(probe, inputs: dict[str, Any], cells: list[_Cell], l
 def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any], base: int, source: int,
                order: dict[str, int], calls: int = 1) -> torch.Tensor:
     """One batched generation: [clean, corrupt, patched runs...]; returns its outputs in that order."""
-    prompts = list(inputs["prompt"])
     n = 2 + len(chunk)
     runs = [0, 1] + [base] * len(chunk)
-    run = {**inputs, "prompt": [prompts[r] for r in runs],
+    run = {**inputs, "prompt": [inputs["prompt"][r] for r in runs],
            "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))}
     if isinstance(inputs.get("negative_prompt"), list):  # one per prompt: each run keeps its prompt's
         run["negative_prompt"] = [inputs["negative_prompt"][r] for r in runs]
