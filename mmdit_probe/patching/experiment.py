@@ -189,12 +189,10 @@ def _check_negative_prompts(probe, inputs: dict[str, Any], cells: list[_Cell], l
 
 def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any], base: int, source: int,
                order: dict[str, int], calls: int = 1) -> torch.Tensor:
-    """One batched generation: [clean, corrupt, patched runs...]; returns its outputs in that order. `calls`: the
-    transformer calls per step (2: guidance as a second call, the conditional one first)."""
-    prompts = list(inputs["prompt"])
+    """One batched generation: [clean, corrupt, patched runs...]; returns its outputs in that order."""
     n = 2 + len(chunk)
     runs = [0, 1] + [base] * len(chunk)
-    run = {**inputs, "prompt": [prompts[r] for r in runs],
+    run = {**inputs, "prompt": [inputs["prompt"][r] for r in runs],
            "latents": inputs["latents"][:1].repeat(n, *[1] * (inputs["latents"].ndim - 1))}
     if isinstance(inputs.get("negative_prompt"), list):  # one per prompt: each run keeps its prompt's
         run["negative_prompt"] = [inputs["negative_prompt"][r] for r in runs]
@@ -221,8 +219,7 @@ def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any]
 def _copy(x: torch.Tensor, n: int, source: int, groups: dict[tuple, list[int]], dim: int,
           call_half: str | None = None) -> torch.Tensor:
     """`x` with each group's patched rows taking the source run's values at the group's positions. `call_half`: the
-    guidance half this call computes where guidance is a second call (one row per run; a group patches the calls of
-    its half), None where one call holds every row."""
+    half this call computes where guidance is a second call (one row per run), None where one call holds every row."""
     for (positions, half), targets in groups.items():
         if call_half is None:
             target_rows = [r for t in targets for r in rows(n, x, t, half)]

@@ -53,12 +53,7 @@ def _apply(x: torch.Tensor, target: Index, positions: Index, dim: int,
     target = torch.as_tensor(target, device=x.device)
     out = x.clone()
     new = change(take(target), take)
-    if pos is None:
-        out[target] = new
-    else:
-        region = out[target]
-        region.index_copy_(dim, pos, new)
-        out[target] = region
+    out[target] = new if pos is None else out[target].index_copy(dim, pos, new)
     return out
 
 

@@ -39,35 +39,25 @@ class PatchingResult:
     output: str
     joint: dict[str, list[Any]] = field(default_factory=dict)  # what every cell patched along unswept dims
 
-    def _index(self, where: Mapping[str, Any]) -> tuple:
+    def _index(self, where: Mapping[str, Any], one_cell: bool = False) -> tuple:
         unknown = set(where) - set(self.dims)
         if unknown:
             raise InvalidInput(f"{sorted(unknown)} are not dimensions of this result; its dimensions are {self.dims}")
-        index = []
         for dim in self.dims:
-            if dim not in where:
-                index.append(slice(None))
-                continue
-            label = str(where[dim])
-            if label not in self.labels[dim]:
+            if dim in where and str(where[dim]) not in self.labels[dim]:
                 raise InvalidInput(f"{dim}={where[dim]!r} is not in this result; its {dim} labels are "
                                    f"{self.labels[dim]}")
-            index.append(self.labels[dim].index(label))
-        return tuple(index)
+        if one_cell and len(where) < len(self.dims):
+            raise InvalidInput(f"give a label for every dimension {self.dims} to pick one cell")
+        return tuple(self.labels[d].index(str(where[d])) if d in where else slice(None) for d in self.dims)
 
     def value(self, **where: Any) -> float:
         """One cell's value, e.g. ``result.value(block=5, step="late")``."""
-        found = self.values[self._index(where)]
-        if found.ndim:
-            raise InvalidInput(f"give a label for every dimension {self.dims} to pick one cell")
-        return float(found)
+        return float(self.values[self._index(where, one_cell=True)])
 
     def cell_output(self, **where: Any) -> torch.Tensor:
         """One cell's patched output (image tensor or latents)."""
-        index = self._index(where)
-        if len(where) < len(self.dims):
-            raise InvalidInput(f"give a label for every dimension {self.dims} to pick one cell")
-        return self.outputs[index]
+        return self.outputs[self._index(where, one_cell=True)]
 
     def image(self, **where: Any):
         """One cell's patched image as PIL, e.g. ``image(block=5, step="late")``; ``image(run="clean")`` or
@@ -121,10 +111,10 @@ class PatchingResult:
             values = values.reshape(1, -1)
         elif kept != [y, x]:
             values = values.T
-        bounded = self.metric in ("projection",) or self.metric.startswith("judge")
+        bounded = self.metric == "projection" or self.metric.startswith("judge")
         fixed = ", ".join(f"{k} {v}" for k, v in where.items())
-        title = (f"{self.metric} ({self.direction}; 0 = clean, 1 = corrupt)" if bounded else
-                 f"{self.metric} ({self.direction})") + (f" at {fixed}" if fixed else "")
+        scale = "; 0 = clean, 1 = corrupt" if bounded else ""
+        title = f"{self.metric} ({self.direction}{scale})" + (f" at {fixed}" if fixed else "")
         fig = px.imshow(values, x=self.labels[x] if x else None, y=self.labels[y] if y else [""],
                         color_continuous_scale="Viridis", zmin=0 if bounded else None,
                         zmax=1 if bounded else None, text_auto=".2f", aspect="auto",

@@ -32,9 +32,8 @@ def encode(probe, image: Image.Image, height: int, width: int) -> torch.Tensor:
     pipe = probe.pipeline
     pixels = pipe.image_processor.preprocess(image, height=height, width=width)
     pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-    video = _is_video(pipe.vae)
     with torch.no_grad():
-        z = pipe.vae.encode(pixels[:, :, None] if video else pixels).latent_dist.mode()
+        z = pipe.vae.encode(pixels[:, :, None] if _is_video(pipe.vae) else pixels).latent_dist.mode()
     return probe.family.latents_from_vae(z)
 
 

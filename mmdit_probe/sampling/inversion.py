@@ -2,15 +2,9 @@
 
 The sampler integrates dx/dσ = v(x, σ) from σ = 1 (noise) to σ = 0 (image). Inversion integrates
 from σ = 0 back to 1 on the same σ grid, with the same transformer call the pipeline makes
-(`velocity.sampler_velocity`), with one step method of `steps` (`METHODS`):
-
-- "euler": plain Euler steps (one velocity per step; the paper's baseline),
-- "heun": a second-order predictor-corrector step (two velocities per step): follows the true
-  ODE more closely;
-- "fixed-point": inverts the sampler's own Euler step exactly, x_high = x_low + h v(x_high, σ_high),
-  by fixed-point iteration from the Euler guess (1 + `iterations` velocities per step);
-- "rf-solver": RF-Solver's second-order Taylor step (two velocities per step; `editing.rf_solver`),
-- "fireflow": FireFlow's midpoint step reusing the last midpoint velocity (one per step; `editing.fireflow`).
+(`velocity.sampler_velocity`), with one step method of `steps` (`METHODS`: "euler", "heun",
+"fixed-point", "rf-solver", "fireflow"; see `steps` for each). "fixed-point" inverts the sampler's own
+Euler step exactly.
 
 The first three invert the pipeline's Euler sampler; "rf-solver" and "fireflow" invert their own
 sampler (`solve.sample_latents`), which `invert(check=True)` regenerates with.

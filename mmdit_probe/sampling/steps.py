@@ -3,7 +3,7 @@ following)``. h = σ_next - σ is negative when sampling (σ: 1 -> 0) and positi
 step runs both ways.
 
 - "euler": x + h v(x, σ) (one velocity per step; the pipeline's sampler, and the paper's inversion baseline);
-- "heun": a second-order predictor-corrector step (two velocities per step);
+- "heun": a second-order predictor-corrector step (two velocities per step): follows the true ODE more closely;
 - "fixed-point": the implicit step x_next = x + h v(x_next, σ_next), by fixed-point iteration from the Euler guess
   (1 + `iterations` velocities per step): run upwards, it inverts the sampler's own Euler step exactly;
 - "rf-solver": RF-Solver's second-order Taylor step (two velocities per step; `editing.rf_solver`);
