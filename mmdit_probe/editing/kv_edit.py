@@ -43,9 +43,7 @@ from .. import names, validation
 from ..attention import AttentionRecorder
 from ..constants import GENERATION_KEYS
 from ..patching import patch
-from ..sampling.images import as_image, encode
-from ..sampling.inversion import invert_latents
-from .base import EditResult, blend_mask, edited_words, inversion_options, source_and_target, start_from
+from .base import EditResult, blend_mask, edited_words, inversion_options, source_and_target, start_from_image
 
 
 def token_mask(probe, mask, height: int, width: int) -> torch.Tensor:
@@ -99,10 +97,6 @@ def words_mask(probe, inputs: dict[str, Any], source: str, target: str, theta: f
     return torch.stack(parts).amax(dim=0)
 
 
-def _encoded(probe, image, height: int, width: int) -> torch.Tensor:
-    return encode(probe, as_image(image, (width, height)), height, width)
-
-
 def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int = 0, theta: float | None = None,
             mask_blocks: list[int] | None = None, inversion: str | None = None, iterations: int | None = None,
             **generation: Any) -> EditResult:
@@ -143,9 +137,7 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
     clean = None
     if image is not None:
         sizes = {k: generation[k] for k in GENERATION_KEYS if k in generation}
-        clean = _encoded(probe, image, height, width)
-        noise = invert_latents(probe, clean, source, method=inversion, iterations=iterations, **sizes)
-        start_from(inputs, noise, check=False)
+        clean = start_from_image(probe, inputs, image, source, method=inversion, iterations=iterations, **sizes)
     if mask is None:
         blocks = mask_blocks or probe.family.present(probe.preset.top_layers) or None
         recording = {**inputs, "output_type": "latent", "latents": inputs["latents"].clone()}
