@@ -283,26 +283,23 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
                  inject_blocks=inject_blocks, blend_blocks=blend_blocks, local_blend=local_blend,
                  source_words=source_words, target_words=target_words, latents=latents, blend_pool=blend_pool,
                  n_prev_steps=n_prev_steps, step_rounding=step_rounding, paper=paper, **generation)
-    family, inputs, theta = probe.family, plan.inputs, plan.theta
-    source_words, target_words = plan.source_words, plan.target_words
+    inputs = plan.inputs
     masks: dict[int, torch.Tensor] = {}
-    user_callback = plan.user_callback
-    region = None
-    if plan.variant in REPLACEMENTS and plan.inject_steps:
-        region = RegionReplacement(plan.variant, plan.inject_steps)
-    swapped = [_processor(probe, b) for b in plan.inject] if region is not None else []
+    replacing = plan.variant in REPLACEMENTS and plan.inject_steps
+    region = RegionReplacement(plan.variant, plan.inject_steps) if replacing else None
+    swapped = [_processor(probe, b) for b in plan.inject] if replacing else []
 
     def blend_latents(pipeline, step, timestep, tensors):
         if region is not None:
             region.step = step + 1
         latents = tensors["latents"]
         if step in masks:
-            m = family.mask_to_latents(masks[step], latents.shape[1:]).to(latents)
+            m = probe.family.mask_to_latents(masks[step], latents.shape[1:]).to(latents)
             latents = latents.clone()
             latents[1] = latents[0] + m * (latents[1] - latents[0])
-        if user_callback is None:
+        if plan.user_callback is None:
             return {"latents": latents}
-        returned = user_callback(pipeline, step, timestep, {**tensors, "latents": latents})
+        returned = plan.user_callback(pipeline, step, timestep, {**tensors, "latents": latents})
         return {"latents": latents, **(returned or {})}
 
     def inject_rows(x: torch.Tensor) -> torch.Tensor:
@@ -319,13 +316,10 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
             processor.region_replacement = region
         if plan.blend_steps:
             recorder = AttentionRecorder(probe, inputs, blocks=plan.blend_blocks, steps=plan.blend_steps,
-                                         kinds=["t2i"], rows="cond", positions=source_words + target_words,
+                                         kinds=["t2i"], rows="cond", positions=plan.source_words + plan.target_words,
                                          dtype=torch.float32)
-            tables = recorder.tables
-            columns = ([recorder.positions.index(p) for p in tables[0].positions(source_words)]
-                       if source_words else [],
-                       [recorder.positions.index(p) for p in tables[1].positions(target_words)]
-                       if target_words else [])
+            columns = [[recorder.positions.index(p) for p in table.positions(w)] if w else []
+                       for table, w in zip(recorder.tables, (plan.source_words, plan.target_words))]
         active = max([s + 1 for s in plan.inject_steps + plan.blend_steps], default=0)
         blocks = sorted(set(plan.inject) | set(recorder.blocks if recorder else []))
         with probe.model.generate(**inputs) as tracer:
@@ -340,7 +334,7 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
                     if plan.n_prev_steps is not None:
                         del history[:-plan.n_prev_steps]
                     t2i = torch.cat(history)  # blocks and steps, averaged alike
-                    parts = [blend_mask(t2i[:, r], c, recorder.grid, theta, plan.blend_pool)
+                    parts = [blend_mask(t2i[:, r], c, recorder.grid, plan.theta, plan.blend_pool)
                              for r, c in enumerate(columns) if c]
                     masks[step] = torch.stack(parts).amax(dim=0)
             output = probe.model.output.save()
@@ -354,10 +348,10 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     if maps is not None and inputs.get("output_type", "pil") == "pil":
         maps.images = list(images)
     params = {"source": source, "target": target, "seed": int(seed), "variant": plan.variant, "tau": plan.tau,
-              "eta": plan.eta, "theta": theta, "inject_blocks": plan.inject, "inject_steps": plan.inject_steps,
+              "eta": plan.eta, "theta": plan.theta, "inject_blocks": plan.inject, "inject_steps": plan.inject_steps,
               "blend_blocks": recorder.blocks if recorder else [], "blend_steps": plan.blend_steps,
-              "source_words": source_words, "target_words": target_words, "steps": inputs["num_inference_steps"],
-              "guidance": inputs["guidance_scale"], "blend_pool": plan.blend_pool,
-              "n_prev_steps": "all" if plan.n_prev_steps is None else plan.n_prev_steps,
+              "source_words": plan.source_words, "target_words": plan.target_words,
+              "steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"],
+              "blend_pool": plan.blend_pool, "n_prev_steps": "all" if plan.n_prev_steps is None else plan.n_prev_steps,
               "step_rounding": plan.step_rounding, "paper": plan.paper}
     return EditResult(images[0], images[1], [masks[s].cpu().numpy() for s in sorted(masks)], maps, params, inputs)
