@@ -123,16 +123,15 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
                                               f"with mask=: leave it out, or leave mask out")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
     probe.family.check_one_call_per_step(inputs)
-    height, width = inputs["height"], inputs["width"]
     theta = validation.fraction("theta", probe.preset.theta if theta is None else theta, " (the threshold on "
                                 "max-normalised maps)")
     if mask_blocks is not None:
         mask_blocks = probe.family.check_blocks("mask_blocks", mask_blocks, template="{name}={values} is out of range: "
                                                 "this model has blocks 0..{last}")
-    if mask is not None:
-        fg = token_mask(probe, mask, height, width)
     words = edited_words(source, target) if mask is None else ([], [])
-    if mask is None and not any(words):
+    if mask is not None:
+        fg = token_mask(probe, mask, inputs["height"], inputs["width"])
+    elif not any(words):
         raise validation.InvalidInput("the prompts differ in no word, so no mask can be made from them: give mask=")
     clean = None
     if image is not None:
