@@ -201,11 +201,9 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
         if value is not None and not local_blend:
             raise validation.InvalidInput(f"{name}= shapes the local blend's masks, and local_blend=False makes none: "
                                           f"leave {name} out, or blend")
-    if inject_blocks is not None:
-        inject_blocks = validation.index_list("inject_blocks", inject_blocks, what="block indices")
-    if blend_blocks is not None:
-        blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
     inject = _blocks(family, "inject_blocks", inject_blocks, preset.inject_blocks)
+    if blend_blocks is not None:  # its range is checked below, where blending uses it
+        blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
     if variant in REPLACEMENTS:
         lacking = [b for b in inject if not _processor(probe, b).attends]
         if lacking:
@@ -216,7 +214,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     user_callback = generation.pop("callback_on_step_end", None)
     user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
     inputs = probe.inputs([source, target], seed=seed, **generation)
-    calls = probe.family.calls_per_step(inputs)
+    calls = family.calls_per_step(inputs)
     start_from(inputs, latents)
     if user_callback is not None:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -232,7 +230,6 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
 
     length = inputs["max_sequence_length"]
     tables = [probe.tokens(source, length), probe.tokens(target, length)]
-    given = (source_words, target_words)
     source_words = _words("source_words", source_words, tables[0])
     target_words = _words("target_words", target_words, tables[1])
     if source_words is None and target_words is None:
@@ -240,13 +237,11 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
         if local_blend and eta > 0:  # their masks are needed: a word cut off by the tokenizer cannot make one
             _words("source_words (the words that differ)", source_words, tables[0])
             _words("target_words (the words that differ)", target_words, tables[1])
-    elif local_blend and given[0] is not None and given[1] is not None and not source_words and not target_words:
+    elif local_blend and source_words == [] and target_words == []:  # both given, both empty
         raise validation.InvalidInput("source_words and target_words are both empty, so no mask can be made: name "
                                       "the edited words, or pass local_blend=False")
     source_words, target_words = list(source_words or []), list(target_words or [])
-    blend_steps: list[int] = []
-    if local_blend and (source_words or target_words):
-        blend_steps = _window(eta, n_steps, step_rounding)
+    blend_steps = _window(eta, n_steps, step_rounding) if local_blend and (source_words or target_words) else []
     blend = _blocks(family, "blend_blocks", blend_blocks, preset.top_layers) if blend_steps else []
     return _Plan(inputs, variant, blend_pool, n_prev_steps, step_rounding, paper, tau, eta, theta, inject,
                  inject_steps, blend, blend_steps, source_words, target_words, user_callback, user_tensors, calls)
