@@ -337,8 +337,8 @@ def test_kv_edit_pools_pixel_masks_and_masks_from_words(tiny_dirs):
 
 @pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
 def test_kv_edit_of_a_real_image_keeps_its_encoded_background(tiny_dirs, kind):
+    from mmdit_probe.editing.base import _encoded
     from mmdit_probe.editing.inversion import invert_latents
-    from mmdit_probe.editing.kv_edit import _encoded
 
     probe = mmdit_probe.load(tiny_dirs[kind])
     gen = generation(probe, kind)

@@ -1,5 +1,6 @@
 """What every editing method shares: the result type, the edited words and their mask, the source-to-target row
-patch, both prompts' shared start, and the checked options of a real image's inversion."""
+patch, both prompts' shared start (from noise or from a real image's inversion), and the checked options of that
+inversion."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from .. import validation
 from ..maps import AttentionMaps, normalise, smooth
 from ..patching import replace_rows, rows
-from ..sampling.inversion import check_inversion
+from ..sampling.images import as_image, encode
+from ..sampling.inversion import check_inversion, invert_latents
 from ..tokens import normalise_word
 
 
@@ -66,6 +68,18 @@ def start_from(inputs: dict[str, Any], latents: torch.Tensor | None, *, check: b
         shape = tuple(inputs["latents"].shape[1:])
         validation.latents(latents, ((1, *shape), shape), "one prompt at these sizes (the edit repeats it)")
     inputs["latents"] = latents.to(inputs["latents"]).expand_as(inputs["latents"]).clone()
+
+
+def _encoded(probe, image, height: int, width: int) -> torch.Tensor:
+    return encode(probe, as_image(image, (width, height)), height, width)
+
+
+def start_from_image(probe, inputs: dict[str, Any], image, source: str, **inversion: Any) -> torch.Tensor:
+    """Source and target start from the noise that inverting `image` with the `source` prompt gives (`inversion`:
+    method, iterations and generation options of `invert_latents`); returns the image's clean latents."""
+    clean = _encoded(probe, image, inputs["height"], inputs["width"])
+    start_from(inputs, invert_latents(probe, clean, source, **inversion), check=False)
+    return clean
 
 
 def inversion_options(image, inversion: str | None, iterations: int | None) -> tuple[str | None, int | None]:

@@ -41,11 +41,9 @@ def flowedit(probe, image, source: str, target: str, *, skip: float = 0.33, sour
     inputs = probe.inputs([source, target], seed=seed, **generation)
     image = as_image(image, (inputs["width"], inputs["height"]))
     velocity, sigmas = sampler_velocity(probe, inputs)
-    guidance = inputs["guidance_scale"]
     clean = encode(probe, image, inputs["height"], inputs["width"]).to(velocity.device, velocity.dtype)
-    velocity.guidance = torch.tensor(
-        [guidance if source_guidance is None else source_guidance, guidance if target_guidance is None
-         else target_guidance], device=clean.device, dtype=clean.dtype).view(-1, *([1] * (clean.ndim - 1)))
+    scales = [inputs["guidance_scale"] if value is None else value for value in (source_guidance, target_guidance)]
+    velocity.guidance = torch.tensor(scales, device=clean.device, dtype=clean.dtype).view(-1, *([1] * (clean.ndim - 1)))
     generator = torch.Generator("cpu").manual_seed(seed)
     edited = clean.clone()
     first = int(round(skip * (len(sigmas) - 1)))

@@ -43,9 +43,7 @@ from .. import names, validation
 from ..attention import AttentionRecorder
 from ..constants import GENERATION_KEYS
 from ..patching import patch
-from ..sampling.images import as_image, encode
-from ..sampling.inversion import invert_latents
-from .base import EditResult, blend_mask, edited_words, inversion_options, source_and_target, start_from
+from .base import EditResult, blend_mask, edited_words, inversion_options, source_and_target, start_from_image
 
 
 def token_mask(probe, mask, height: int, width: int) -> torch.Tensor:
@@ -99,10 +97,6 @@ def words_mask(probe, inputs: dict[str, Any], source: str, target: str, theta: f
     return torch.stack(parts).amax(dim=0)
 
 
-def _encoded(probe, image, height: int, width: int) -> torch.Tensor:
-    return encode(probe, as_image(image, (width, height)), height, width)
-
-
 def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int = 0, theta: float | None = None,
             mask_blocks: list[int] | None = None, inversion: str | None = None, iterations: int | None = None,
             **generation: Any) -> EditResult:
@@ -129,23 +123,20 @@ def kv_edit(probe, source: str, target: str, *, mask=None, image=None, seed: int
                                               f"with mask=: leave it out, or leave mask out")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
     probe.family.check_one_call_per_step(inputs)
-    height, width = inputs["height"], inputs["width"]
     theta = validation.fraction("theta", probe.preset.theta if theta is None else theta, " (the threshold on "
                                 "max-normalised maps)")
     if mask_blocks is not None:
         mask_blocks = probe.family.check_blocks("mask_blocks", mask_blocks, template="{name}={values} is out of range: "
                                                 "this model has blocks 0..{last}")
-    if mask is not None:
-        fg = token_mask(probe, mask, height, width)
     words = edited_words(source, target) if mask is None else ([], [])
-    if mask is None and not any(words):
+    if mask is not None:
+        fg = token_mask(probe, mask, inputs["height"], inputs["width"])
+    elif not any(words):
         raise validation.InvalidInput("the prompts differ in no word, so no mask can be made from them: give mask=")
     clean = None
     if image is not None:
         sizes = {k: generation[k] for k in GENERATION_KEYS if k in generation}
-        clean = _encoded(probe, image, height, width)
-        noise = invert_latents(probe, clean, source, method=inversion, iterations=iterations, **sizes)
-        start_from(inputs, noise, check=False)
+        clean = start_from_image(probe, inputs, image, source, method=inversion, iterations=iterations, **sizes)
     if mask is None:
         blocks = mask_blocks or probe.family.present(probe.preset.top_layers) or None
         recording = {**inputs, "output_type": "latent", "latents": inputs["latents"].clone()}

@@ -201,11 +201,9 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
         if value is not None and not local_blend:
             raise validation.InvalidInput(f"{name}= shapes the local blend's masks, and local_blend=False makes none: "
                                           f"leave {name} out, or blend")
-    if inject_blocks is not None:
-        inject_blocks = validation.index_list("inject_blocks", inject_blocks, what="block indices")
-    if blend_blocks is not None:
-        blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
     inject = _blocks(family, "inject_blocks", inject_blocks, preset.inject_blocks)
+    if blend_blocks is not None:  # its range is checked below, where blending uses it
+        blend_blocks = validation.index_list("blend_blocks", blend_blocks, what="block indices")
     if variant in REPLACEMENTS:
         lacking = [b for b in inject if not _processor(probe, b).attends]
         if lacking:
@@ -216,7 +214,7 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
     user_callback = generation.pop("callback_on_step_end", None)
     user_tensors = generation.pop("callback_on_step_end_tensor_inputs", None)
     inputs = probe.inputs([source, target], seed=seed, **generation)
-    calls = probe.family.calls_per_step(inputs)
+    calls = family.calls_per_step(inputs)
     start_from(inputs, latents)
     if user_callback is not None:
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -232,7 +230,6 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
 
     length = inputs["max_sequence_length"]
     tables = [probe.tokens(source, length), probe.tokens(target, length)]
-    given = (source_words, target_words)
     source_words = _words("source_words", source_words, tables[0])
     target_words = _words("target_words", target_words, tables[1])
     if source_words is None and target_words is None:
@@ -240,13 +237,11 @@ def _plan(probe, source: str, target: str, *, seed: int = 0, variant: str = "qik
         if local_blend and eta > 0:  # their masks are needed: a word cut off by the tokenizer cannot make one
             _words("source_words (the words that differ)", source_words, tables[0])
             _words("target_words (the words that differ)", target_words, tables[1])
-    elif local_blend and given[0] is not None and given[1] is not None and not source_words and not target_words:
+    elif local_blend and source_words == [] and target_words == []:  # both given, both empty
         raise validation.InvalidInput("source_words and target_words are both empty, so no mask can be made: name "
                                       "the edited words, or pass local_blend=False")
     source_words, target_words = list(source_words or []), list(target_words or [])
-    blend_steps: list[int] = []
-    if local_blend and (source_words or target_words):
-        blend_steps = _window(eta, n_steps, step_rounding)
+    blend_steps = _window(eta, n_steps, step_rounding) if local_blend and (source_words or target_words) else []
     blend = _blocks(family, "blend_blocks", blend_blocks, preset.top_layers) if blend_steps else []
     return _Plan(inputs, variant, blend_pool, n_prev_steps, step_rounding, paper, tau, eta, theta, inject,
                  inject_steps, blend, blend_steps, source_words, target_words, user_callback, user_tensors, calls)
@@ -283,26 +278,23 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
                  inject_blocks=inject_blocks, blend_blocks=blend_blocks, local_blend=local_blend,
                  source_words=source_words, target_words=target_words, latents=latents, blend_pool=blend_pool,
                  n_prev_steps=n_prev_steps, step_rounding=step_rounding, paper=paper, **generation)
-    family, inputs, theta = probe.family, plan.inputs, plan.theta
-    source_words, target_words = plan.source_words, plan.target_words
+    inputs = plan.inputs
     masks: dict[int, torch.Tensor] = {}
-    user_callback = plan.user_callback
-    region = None
-    if plan.variant in REPLACEMENTS and plan.inject_steps:
-        region = RegionReplacement(plan.variant, plan.inject_steps)
-    swapped = [_processor(probe, b) for b in plan.inject] if region is not None else []
+    replacing = plan.variant in REPLACEMENTS and plan.inject_steps
+    region = RegionReplacement(plan.variant, plan.inject_steps) if replacing else None
+    swapped = [_processor(probe, b) for b in plan.inject] if replacing else []
 
     def blend_latents(pipeline, step, timestep, tensors):
         if region is not None:
             region.step = step + 1
         latents = tensors["latents"]
         if step in masks:
-            m = family.mask_to_latents(masks[step], latents.shape[1:]).to(latents)
+            m = probe.family.mask_to_latents(masks[step], latents.shape[1:]).to(latents)
             latents = latents.clone()
             latents[1] = latents[0] + m * (latents[1] - latents[0])
-        if user_callback is None:
+        if plan.user_callback is None:
             return {"latents": latents}
-        returned = user_callback(pipeline, step, timestep, {**tensors, "latents": latents})
+        returned = plan.user_callback(pipeline, step, timestep, {**tensors, "latents": latents})
         return {"latents": latents, **(returned or {})}
 
     def inject_rows(x: torch.Tensor) -> torch.Tensor:
@@ -319,13 +311,10 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
             processor.region_replacement = region
         if plan.blend_steps:
             recorder = AttentionRecorder(probe, inputs, blocks=plan.blend_blocks, steps=plan.blend_steps,
-                                         kinds=["t2i"], rows="cond", positions=source_words + target_words,
+                                         kinds=["t2i"], rows="cond", positions=plan.source_words + plan.target_words,
                                          dtype=torch.float32)
-            tables = recorder.tables
-            columns = ([recorder.positions.index(p) for p in tables[0].positions(source_words)]
-                       if source_words else [],
-                       [recorder.positions.index(p) for p in tables[1].positions(target_words)]
-                       if target_words else [])
+            columns = [[recorder.positions.index(p) for p in table.positions(w)] if w else []
+                       for table, w in zip(recorder.tables, (plan.source_words, plan.target_words))]
         active = max([s + 1 for s in plan.inject_steps + plan.blend_steps], default=0)
         blocks = sorted(set(plan.inject) | set(recorder.blocks if recorder else []))
         with probe.model.generate(**inputs) as tracer:
@@ -340,7 +329,7 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
                     if plan.n_prev_steps is not None:
                         del history[:-plan.n_prev_steps]
                     t2i = torch.cat(history)  # blocks and steps, averaged alike
-                    parts = [blend_mask(t2i[:, r], c, recorder.grid, theta, plan.blend_pool)
+                    parts = [blend_mask(t2i[:, r], c, recorder.grid, plan.theta, plan.blend_pool)
                              for r, c in enumerate(columns) if c]
                     masks[step] = torch.stack(parts).amax(dim=0)
             output = probe.model.output.save()
@@ -354,10 +343,10 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
     if maps is not None and inputs.get("output_type", "pil") == "pil":
         maps.images = list(images)
     params = {"source": source, "target": target, "seed": int(seed), "variant": plan.variant, "tau": plan.tau,
-              "eta": plan.eta, "theta": theta, "inject_blocks": plan.inject, "inject_steps": plan.inject_steps,
+              "eta": plan.eta, "theta": plan.theta, "inject_blocks": plan.inject, "inject_steps": plan.inject_steps,
               "blend_blocks": recorder.blocks if recorder else [], "blend_steps": plan.blend_steps,
-              "source_words": source_words, "target_words": target_words, "steps": inputs["num_inference_steps"],
-              "guidance": inputs["guidance_scale"], "blend_pool": plan.blend_pool,
-              "n_prev_steps": "all" if plan.n_prev_steps is None else plan.n_prev_steps,
+              "source_words": plan.source_words, "target_words": plan.target_words,
+              "steps": inputs["num_inference_steps"], "guidance": inputs["guidance_scale"],
+              "blend_pool": plan.blend_pool, "n_prev_steps": "all" if plan.n_prev_steps is None else plan.n_prev_steps,
               "step_rounding": plan.step_rounding, "paper": plan.paper}
     return EditResult(images[0], images[1], [masks[s].cpu().numpy() for s in sorted(masks)], maps, params, inputs)

@@ -25,12 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from .. import names, validation
 from ..constants import GENERATION_KEYS
 from ..patching import patch
-from .base import EditResult, inversion_options, source_and_target, start_from
+from .base import EditResult, inversion_options, source_and_target, start_from_image
 
 # source_and_target and inversion_options moved to .base, GENERATION_KEYS to constants; bound here one release.
 
@@ -70,15 +68,6 @@ def check_layers(probe, layers: Iterable[int] | None) -> list[int]:
                                             "{model} model has blocks 0..{last}"))
 
 
-def initial_latents(probe, image, source: str, inversion: str, iterations: int,
-                    generation: dict[str, Any]) -> torch.Tensor | None:
-    """None for a generated source; for a real image, the noise its inversion with the source prompt gives."""
-    if image is None:
-        return None
-    sizes = {k: generation[k] for k in GENERATION_KEYS if k in generation}
-    return probe.invert(image, source, method=inversion, iterations=iterations, check=False, **sizes).latents
-
-
 def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None = None, seed: int = 0,
                 image=None, inversion: str | None = None, iterations: int | None = None,
                 **generation: Any) -> EditResult:
@@ -99,7 +88,9 @@ def stable_flow(probe, source: str, target: str, *, layers: Iterable[int] | None
                                       "pass latents=")
     inputs = probe.inputs([source, target], seed=seed, **generation)  # checks every generation argument
     probe.family.check_one_call_per_step(inputs)  # the loop below patches one transformer call per step
-    start_from(inputs, initial_latents(probe, image, source, inversion, iterations, generation), check=False)
+    if image is not None:
+        sizes = {k: generation[k] for k in GENERATION_KEYS if k in generation}
+        start_from_image(probe, inputs, image, source, method=inversion, iterations=iterations, **sizes)
     with probe.model.generate(**inputs) as tracer:
         if chosen:
             for _ in tracer.iter[0:inputs["num_inference_steps"]]:

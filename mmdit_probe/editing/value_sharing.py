@@ -13,11 +13,10 @@ import torch
 
 from .. import names, validation
 from ..families import single_streams
-from ..sampling.images import as_image, decode, encode
-from ..sampling.inversion import invert_latents
+from ..sampling.images import decode
 from ..sampling.solve import solve
 from ..sampling.velocity import check_own_sampler, sampler_velocity
-from .base import EditResult, source_and_target, start_from
+from .base import EditResult, source_and_target, start_from, start_from_image
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,9 @@ def share_values(probe, source: str, target: str, defaults: ValueSharing, *, ima
     inputs = probe.inputs([source, target], seed=seed, **generation)
     n_steps = inputs["num_inference_steps"]
     inject, blocks = check_sharing(probe, source, target, defaults, inject, blocks, n_steps)
-    height, width = inputs["height"], inputs["width"]
     if image is not None:
-        clean = encode(probe, as_image(image, (width, height)), height, width)
-        latents = invert_latents(probe, clean, source, method=defaults.solver,
-                                 **{**generation, "guidance": inversion_guidance})
+        start_from_image(probe, inputs, image, source, method=defaults.solver,
+                         **{**generation, "guidance": inversion_guidance})
     start_from(inputs, latents)
 
     sharing = {"on": False}
@@ -116,7 +113,7 @@ def share_values(probe, source: str, target: str, defaults: ValueSharing, *, ima
             hooks.callback(probe.module(names.tap(b, "v_img")).register_forward_hook(share).remove)
         x = solve(velocity, inputs["latents"].to(velocity.device, velocity.dtype), sigmas, defaults.solver,
                   before_step=lambda step: sharing.update(on=step < inject))
-    images = x if output_type == "latent" else decode(probe, x, height, width)
+    images = x if output_type == "latent" else decode(probe, x, inputs["height"], inputs["width"])
     params = {"method": defaults.name, "source": source, "target": target, "seed": int(seed),
               "solver": defaults.solver, "inject_steps": list(range(inject)), "blocks": blocks, "steps": n_steps,
               "guidance": inputs["guidance_scale"], "defaults": asdict(defaults),
