@@ -36,7 +36,7 @@ from . import validation
 from .concepts import ConceptStream, check_concepts
 from .constants import CONCEPT_KINDS, KINDS, MAP_AXES, MAP_KINDS, REFERENCE_KINDS, REGIONS, ROWS
 from .families import Family
-from .kernels import attention_entropy, masked
+from .kernels import attention_entropy, query_chunks
 from .maps import AttentionMaps
 from .names import RECORDED_TAPS, RECORDED_TAPS_REFERENCE, tap
 from .tokens import normalise_word
@@ -335,17 +335,11 @@ class AttentionRecorder:
             q, lse = q[:, :, q_index], lse[:, :, q_index]
         if k_index is not None:
             k = k[:, :, k_index]
-        mask = bias(q_stream, k_stream, q_index, k_index)
-        scale = q.shape[-1] ** -0.5
-        keys = k.transpose(-1, -2)
-        chunk = max(1, self.CHUNK_BYTES // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
         parts = []
-        for start in range(0, q.shape[2], chunk):
-            logits = q[:, :, start:start + chunk] @ keys * scale
-            logits = masked(logits, mask if mask is None or mask.shape[2] == 1 else mask[:, :, start:start + chunk])
-            p = torch.exp(logits - lse[:, :, start:start + chunk].unsqueeze(-1))
+        for rows, logits in query_chunks(q, k, self.CHUNK_BYTES, bias(q_stream, k_stream, q_index, k_index)):
+            p = torch.exp(logits - lse[:, :, rows].unsqueeze(-1))
             parts.append(p.mean(dim=1) if self.heads == "mean" else p)
-        m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        m = torch.cat(parts, dim=-2)
         return m.transpose(-1, -2) if order == "kq" else m
 
     def _keep(self, name: str, call: int, block: int, blocks: list[int], m: torch.Tensor) -> None:
