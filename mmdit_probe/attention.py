@@ -148,7 +148,7 @@ class AttentionRecorder:
         # wait for the GPU (pinned memory): nothing inside the block loop synchronises.
         self._step_slot = {s: i for i, s in enumerate(sorted(self.steps))}
         self._host: dict[str, torch.Tensor] = {}
-        self._filled: dict[str, set[tuple[int, int]]] = {}
+        self._filled: dict[str, set[tuple[int, int, str | None]]] = {}  # (step, block, half)
         self._device: torch.device | None = None
         self._current: tuple[int, dict[str, dict[int, torch.Tensor]]] = (-1, {})  # this step's maps, on device
         self._index_on: dict[tuple[torch.device, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
@@ -230,14 +230,12 @@ class AttentionRecorder:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if isinstance(queries, tuple) and len(queries) == 2 and all(isinstance(s, slice) for s in queries):
-            spans = []
             for s, n, axis in zip(queries, (rows, cols), ("rows", "cols")):
                 start, stop = (0 if s.start is None else s.start), (n if s.stop is None else s.stop)
                 if not (whole(start) and whole(stop) and s.step in (None, 1) and 0 <= start < stop <= n):
                     raise validation.InvalidInput(f"queries box {axis} {s} must be slice(start, stop) with "
                                                   f"0 <= start < stop <= {n}: {forms}")
-                spans.append(range(start, stop))
-            return [r * cols + c for r in spans[0] for c in spans[1]]
+            return torch.arange(rows * cols).view(rows, cols)[queries].flatten().tolist()
         if isinstance(queries, (list, tuple)) and len(queries) == 2 and all(whole(v) for v in queries):
             queries = [queries]
         if not isinstance(queries, (list, tuple)) or not queries:

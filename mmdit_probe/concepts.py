@@ -143,12 +143,10 @@ def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> tor
     pipe = probe.pipeline
     options = {"prompt": concepts, "device": pipe._execution_device, "max_sequence_length": max_sequence_length}
     parameters = inspect.signature(pipe.encode_prompt).parameters
-    if "prompt_2" in parameters:  # SD3, Flux (Qwen-Image, Chroma and Flux.2 have one encoder)
-        options["prompt_2"] = None
-    if "prompt_3" in parameters:  # SD3
-        options["prompt_3"] = None
-    if "do_classifier_free_guidance" in parameters:  # SD3, Chroma: no negative prompts wanted
-        options["do_classifier_free_guidance"] = False
+    # SD3 and Flux have more encoders (Qwen-Image, Chroma and Flux.2 one); SD3 and Chroma would also encode
+    # negative prompts, which no concept wants.
+    extra = {"prompt_2": None, "prompt_3": None, "do_classifier_free_guidance": False}
+    options.update({name: value for name, value in extra.items() if name in parameters})
     with torch.no_grad():
         embeds = pipe.encode_prompt(**options)[0]
     return torch.stack([embeds[i, token.position] for i, token in enumerate(tokens)])
