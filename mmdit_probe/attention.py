@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from . import validation
-from .concepts import ConceptStream, check_concepts
+from .concepts import ConceptStream, check_concepts, concept_maps
 from .constants import CONCEPT_KINDS, KINDS, MAP_AXES, MAP_KINDS, REFERENCE_KINDS, REGIONS, ROWS
 from .families import Family
-from .kernels import attention_entropy, masked
+from .kernels import attention_entropy, query_chunks
 from .maps import AttentionMaps
 from .names import RECORDED_TAPS, RECORDED_TAPS_REFERENCE, tap
 from .tokens import normalise_word
@@ -148,7 +148,7 @@ class AttentionRecorder:
         # wait for the GPU (pinned memory): nothing inside the block loop synchronises.
         self._step_slot = {s: i for i, s in enumerate(sorted(self.steps))}
         self._host: dict[str, torch.Tensor] = {}
-        self._filled: dict[str, set[tuple[int, int]]] = {}
+        self._filled: dict[str, set[tuple[int, int, str | None]]] = {}  # (step, block, half)
         self._device: torch.device | None = None
         self._current: tuple[int, dict[str, dict[int, torch.Tensor]]] = (-1, {})  # this step's maps, on device
         self._index_on: dict[tuple[torch.device, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
@@ -159,8 +159,7 @@ class AttentionRecorder:
         self.concepts = None
         if concepts is not None:
             self.concepts = ConceptStream(probe, concepts, len(self.prompts), length, blocks=self.blocks,
-                                          steps=self.steps, rows=self._row_index, dtype=dtype,
-                                          calls_per_step=self.calls_per_step, halves=self._halves)
+                                          records=self.records, keep=self._keep_concepts)
             self.concepts.install()
         for processor in self._processors:
             processor.record_lse = True
@@ -231,14 +230,12 @@ class AttentionRecorder:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if isinstance(queries, tuple) and len(queries) == 2 and all(isinstance(s, slice) for s in queries):
-            spans = []
             for s, n, axis in zip(queries, (rows, cols), ("rows", "cols")):
                 start, stop = (0 if s.start is None else s.start), (n if s.stop is None else s.stop)
                 if not (whole(start) and whole(stop) and s.step in (None, 1) and 0 <= start < stop <= n):
                     raise validation.InvalidInput(f"queries box {axis} {s} must be slice(start, stop) with "
                                                   f"0 <= start < stop <= {n}: {forms}")
-                spans.append(range(start, stop))
-            return [r * cols + c for r in spans[0] for c in spans[1]]
+            return torch.arange(rows * cols).view(rows, cols)[queries].flatten().tolist()
         if isinstance(queries, (list, tuple)) and len(queries) == 2 and all(whole(v) for v in queries):
             queries = [queries]
         if not isinstance(queries, (list, tuple)) or not queries:
@@ -263,10 +260,7 @@ class AttentionRecorder:
         chosen: set[int] = set()
         for p in positions:
             if isinstance(p, str):
-                found = set()
-                for table in self.tables:
-                    if normalise_word(p) in table.words:
-                        found.update(table.positions(p))
+                found = set().union(*(t.positions(p) for t in self.tables if normalise_word(p) in t.words))
                 if not found:
                     raise KeyError(f"word {p!r} is in none of the prompts {self.prompts}")
                 chosen.update(found)
@@ -335,17 +329,11 @@ class AttentionRecorder:
             q, lse = q[:, :, q_index], lse[:, :, q_index]
         if k_index is not None:
             k = k[:, :, k_index]
-        mask = bias(q_stream, k_stream, q_index, k_index)
-        scale = q.shape[-1] ** -0.5
-        keys = k.transpose(-1, -2)
-        chunk = max(1, self.CHUNK_BYTES // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
         parts = []
-        for start in range(0, q.shape[2], chunk):
-            logits = q[:, :, start:start + chunk] @ keys * scale
-            logits = masked(logits, mask if mask is None or mask.shape[2] == 1 else mask[:, :, start:start + chunk])
-            p = torch.exp(logits - lse[:, :, start:start + chunk].unsqueeze(-1))
+        for rows, logits in query_chunks(q, k, self.CHUNK_BYTES, bias(q_stream, k_stream, q_index, k_index)):
+            p = torch.exp(logits - lse[:, :, rows].unsqueeze(-1))
             parts.append(p.mean(dim=1) if self.heads == "mean" else p)
-        m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        m = torch.cat(parts, dim=-2)
         return m.transpose(-1, -2) if order == "kq" else m
 
     def _keep(self, name: str, call: int, block: int, blocks: list[int], m: torch.Tensor) -> None:
@@ -398,6 +386,16 @@ class AttentionRecorder:
             self._keep("attn2_entropy", call, block, self.attn2_blocks,
                        attention_entropy(q, k, lse).mean(dim=1).to(self.dtype))
 
+    def _keep_concepts(self, call: int, block: int, q_img: torch.Tensor, k_concepts: torch.Tensor,
+                       image_out: torch.Tensor, concept_out: torch.Tensor) -> None:
+        """Keep one block's concept maps (`concepts.concept_maps`) at the recorded rows."""
+        rows, _ = self._indices(q_img.device, q_img.shape[0], self.step_and_half(call)[1])
+        key_mask = self.concepts.key_mask
+        maps = concept_maps(*(t[rows] for t in (q_img, k_concepts, image_out, concept_out)),
+                            None if key_mask is None else key_mask[rows])
+        for kind, m in maps.items():
+            self._keep(kind, call, block, self.blocks, m.to(self.dtype))
+
     def _mask(self, block: int, rows: torch.Tensor, n_image: int, n_text: int, half: str | None = None):
         """A function (query stream, key stream, query tokens, key tokens) -> the slice of this call's attention mask
         that the kernel applied to those logits, (row, 1, queries, keys), or None where the call had no mask (token
@@ -448,8 +446,8 @@ class AttentionRecorder:
             self.concepts.remove()
 
     def _gathered(self, name: str, blocks: list[int], steps: list[int]) -> torch.Tensor:
-        missing = [(s, b) for s in steps for b in blocks if any((s, b, h) not in self._filled[name]
-                                                                   for h in self._halves)]
+        filled = self._filled.get(name, set())
+        missing = [(s, b) for s in steps for b in blocks if any((s, b, h) not in filled for h in self._halves)]
         if missing:
             calls = " and both of its transformer calls" if len(self._halves) > 1 else ""
             raise RuntimeError(f"{name} was recorded for only some blocks of a step (missing (step, block) "
@@ -462,17 +460,14 @@ class AttentionRecorder:
     def maps(self) -> AttentionMaps:
         """Stop recording and return the maps."""
         self.close()
-        if not self._host:
+        steps = sorted({s for name in self.kinds if name in self._filled for s, _, _ in self._filled[name]})
+        if not steps:
             raise RuntimeError("nothing was recorded: call recorder.record(call) inside the trace's loop over "
                                "tracer.iter[0:recorder.calls]")
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.synchronize(self._device)  # the non-blocking copies have landed
         self._current = (-1, {})
-        steps = sorted({s for name in self.kinds if name in self._filled for s, _, _ in self._filled[name]})
-        tensors = {kind: self._gathered(kind, blocks, steps) for kind, blocks in self._kind_blocks.items()
-                   if kind in self._host}
-        if self.concepts is not None:
-            tensors.update(self.concepts.tensors(steps))
+        tensors = {kind: self._gathered(kind, blocks, steps) for kind, blocks in self._kind_blocks.items()}
         return AttentionMaps.from_tensors(
             tensors, steps=steps, blocks=self.blocks, positions=self.positions, tables=self.tables, grid=self.grid,
             rows=self.rows, heads=self.heads, top_layers=tuple(self.probe.preset.top_layers),

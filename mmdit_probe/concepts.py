@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 
 from . import validation
-from .constants import CONCEPT_KINDS
 from .tokens import Token, normalise_word
 
 
@@ -144,15 +143,26 @@ def encode_concepts(probe, concepts: list[str], max_sequence_length: int) -> tor
     pipe = probe.pipeline
     options = {"prompt": concepts, "device": pipe._execution_device, "max_sequence_length": max_sequence_length}
     parameters = inspect.signature(pipe.encode_prompt).parameters
-    if "prompt_2" in parameters:  # SD3, Flux (Qwen-Image, Chroma and Flux.2 have one encoder)
-        options["prompt_2"] = None
-    if "prompt_3" in parameters:  # SD3
-        options["prompt_3"] = None
-    if "do_classifier_free_guidance" in parameters:  # SD3, Chroma: no negative prompts wanted
-        options["do_classifier_free_guidance"] = False
+    # SD3 and Flux have more encoders (Qwen-Image, Chroma and Flux.2 one); SD3 and Chroma would also encode
+    # negative prompts, which no concept wants.
+    extra = {"prompt_2": None, "prompt_3": None, "do_classifier_free_guidance": False}
+    options.update({name: value for name, value in extra.items() if name in parameters})
     with torch.no_grad():
         embeds = pipe.encode_prompt(**options)[0]
     return torch.stack([embeds[i, token.position] for i, token in enumerate(tokens)])
+
+
+def concept_maps(q_img: torch.Tensor, k_concepts: torch.Tensor, image_out: torch.Tensor, concept_out: torch.Tensor,
+                 key_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One block's maps (module docstring), float32: "concept" (row, image token, concept) from the attention outputs
+    (row, tokens, heads x dim), "concept_xattn" from the image queries and concept keys (row, heads, tokens, dim).
+    `key_mask` (row, 1, 1, concept): which concepts a row has."""
+    scores = image_out.float() @ concept_out.float().transpose(-1, -2)
+    logits = q_img.float() @ k_concepts.float().transpose(-1, -2) * q_img.shape[-1] ** -0.5
+    if key_mask is not None:
+        spare = ~key_mask
+        scores, logits = scores.masked_fill(spare[:, 0], -torch.inf), logits.masked_fill(spare, -torch.inf)
+    return {"concept": scores.softmax(dim=-1), "concept_xattn": logits.softmax(dim=-1).mean(dim=1)}
 
 
 class ConceptSlot:
@@ -170,38 +180,37 @@ class ConceptSlot:
 
     def attend(self, cq: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
         """Concept queries over [image keys | concept keys]: the concepts' attention output (batch, concept,
-        heads x dim), before the output projection. Records the block's maps."""
+        heads x dim), before the output projection. Hands the block's maps' inputs to the recorder."""
         if self.kept is None:
             raise RuntimeError(f"block {self.block}: concept call before the block's own call")
         q, k, v, image_out = self.kept
-        mask = self.stream.key_mask
+        stream = self.stream
+        mask = stream.key_mask
         if mask is not None:  # prompts with fewer concepts: their spare slots are no keys
             mask = torch.cat([mask.new_ones(*mask.shape[:3], k.shape[2]), mask], dim=-1)
         out = F.scaled_dot_product_attention(cq, torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2),
                                              attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)
-        self.stream.record(self.block, q, ck, image_out, out)
+        if stream.records(stream.call, self.block):
+            stream.keep(stream.call, self.block, q, ck, image_out, out)
         self.kept = None
         return out
 
 
 class ConceptStream:
-    """The concept tokens' residual stream through every block, and their maps (see the module docstring).
+    """The concept tokens' residual stream through every block (see the module docstring), for a recorder.
 
-    rows: a function from the batch size and the call's guidance half to the rows to record (the recorder's
-    `_row_index`). calls_per_step: 2 where guidance is a second transformer call per step (`Family.calls_per_step`),
-    whose `halves` recorded ("cond", "uncond": in row order) are kept; (None,) with one call per step.
-    `install()` adds the hooks, `remove()` takes them away; `tensors()` gives the recorded maps as
-    {kind: (step, block, row, image token, concept)} on the CPU.
+    blocks: the recorded blocks (the stream runs up to the last). records(call, block): whether the recorder keeps
+    that block's maps in that transformer call; keep(call, block, q_img, k_concepts, image_out, concept_out) keeps
+    them (`concept_maps`). Calls are counted within the generation, as `tracer.iter` counts them. `install()` adds
+    the hooks, `remove()` takes them away.
     """
 
     def __init__(self, probe, concepts, n_prompts: int, max_sequence_length: int, *, blocks: list[int],
-                 steps: set[int], rows: Callable[[int, str | None], torch.Tensor], dtype: torch.dtype = torch.float16,
-                 calls_per_step: int = 1, halves: tuple[str | None, ...] = (None,)) -> None:
+                 records: Callable[[int, int], bool], keep: Callable[..., None]) -> None:
         self.probe = probe
         self.concepts = check_concepts(concepts, n_prompts)  # one list per prompt
-        self.blocks, self.steps, self.rows, self.dtype = blocks, steps, rows, dtype
-        self.calls_per_step, self.halves = calls_per_step, halves
+        self.blocks, self.records, self.keep = blocks, records, keep
         words = list(dict.fromkeys(w for c in self.concepts for w in c))
         encoded = encode_concepts(probe, words, max_sequence_length)
         # Each prompt's concepts in slots 0..len-1; a shorter list's spare slots are masked out everywhere.
@@ -212,8 +221,9 @@ class ConceptStream:
         self.state: torch.Tensor | None = None  # the concept stream entering the next block
         self.key_mask: torch.Tensor | None = None  # (batch, 1, 1, slots): which concept keys a row has
         self.rotary = None  # Flux: the identity rotation of zero ids, one row per concept
-        self.call, self.step, self.half = -1, -1, None
-        self._maps: dict[str, dict[tuple[int, int, str | None], torch.Tensor]] = {k: {} for k in CONCEPT_KINDS}
+        # The transformer call in progress and the last block whose concept call it needs (-1: none).
+        self.call, self.last = -1, -1
+        self._timesteps = None  # the scheduler's, at the last call
         self._handles: list = []
         self._inside = False
 
@@ -243,12 +253,12 @@ class ConceptStream:
 
     def _start(self, transformer, args, kwargs) -> None:
         """Each transformer call starts the concept stream from the context embedder, like the text."""
-        self.call += 1
-        if self.calls_per_step == 1:
-            self.step = self.call
-        else:
-            self.step, second = divmod(self.call, 2)
-            self.half = ("cond", "uncond")[second]
+        # Each pipeline call sets the scheduler's timesteps anew: counted from there, a transformer call made between
+        # building the recorder and the generation moves no map to another step or guidance half.
+        timesteps = self.probe.pipeline.scheduler.timesteps
+        self.call = 0 if timesteps is not self._timesteps else self.call + 1
+        self._timesteps = timesteps
+        self.last = self.blocks[-1] if self.records(self.call, self.blocks[-1]) else -1
         text = kwargs.get("encoder_hidden_states")
         if text is None:
             raise RuntimeError("the transformer was called without encoder_hidden_states as a keyword; concept "
@@ -271,7 +281,7 @@ class ConceptStream:
         def hook(block, args, kwargs, output):
             if self._inside or self.state is None:
                 return None
-            if self.step not in self.steps or self.half not in self.halves or index > self.blocks[-1]:
+            if index > self.last:
                 # No map of this call reads the stream from here on, and the next call starts it afresh.
                 processors[0].concepts.kept = None
                 return None
@@ -279,7 +289,7 @@ class ConceptStream:
                 raise RuntimeError("concept tokens need the blocks called with keywords, as the pipelines call them")
             hidden = kwargs["hidden_states"]
             dummy = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])
-            call, take = self.probe.family.concept_call(index, kwargs, self.state, dummy)
+            call, _ = self.probe.family.concept_call(index, kwargs, self.state, dummy)
             if call.get("image_rotary_emb") is not None:
                 call["image_rotary_emb"] = self.rotary
             self._inside = True
@@ -296,31 +306,3 @@ class ConceptStream:
                     p.concept_mode = False
             return None
         return hook
-
-    # -- maps ---------------------------------------------------------------
-    def record(self, block: int, q_img: torch.Tensor, k_concepts: torch.Tensor, image_out: torch.Tensor,
-               concept_out: torch.Tensor) -> None:
-        if self.step not in self.steps or block not in self.blocks:
-            return
-        rows = self.rows(q_img.shape[0], self.half).to(q_img.device)
-        scores = image_out[rows].float() @ concept_out[rows].float().transpose(-1, -2)
-        logits = q_img[rows].float() @ k_concepts[rows].float().transpose(-1, -2) * q_img.shape[-1] ** -0.5
-        if self.key_mask is not None:
-            spare = ~self.key_mask[rows]
-            scores, logits = scores.masked_fill(spare[:, 0], -torch.inf), logits.masked_fill(spare, -torch.inf)
-        key = (self.step, block, self.half)
-        self._maps["concept"][key] = scores.softmax(dim=-1).to(self.dtype)
-        self._maps["concept_xattn"][key] = logits.softmax(dim=-1).mean(dim=1).to(self.dtype)
-
-    def tensors(self, steps: list[int]) -> dict[str, torch.Tensor]:
-        """The maps of these steps and every chosen block: {kind: (step, block, row, image token, concept)}, the
-        recorded halves' rows one after the other."""
-        found = {}
-        for kind, maps in self._maps.items():
-            missing = [(s, b) for s in steps for b in self.blocks if any((s, b, h) not in maps for h in self.halves)]
-            if missing:
-                raise RuntimeError(f"{kind} maps are missing for (step, block) {missing[:5]}: the concept stream "
-                                   f"did not run through every recorded block")
-            found[kind] = torch.stack([torch.stack([torch.cat([maps[(s, b, h)] for h in self.halves])
-                                                    for b in self.blocks]) for s in steps]).cpu()
-        return found

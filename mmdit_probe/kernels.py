@@ -37,6 +37,19 @@ def masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return logits + mask
 
 
+def query_chunks(q: torch.Tensor, k: torch.Tensor, budget: int, mask: torch.Tensor | None = None):
+    """(query slice, logits q k^T / sqrt(d) of those queries, masked as `masked` does) for (batch, heads, tokens, dim)
+    inputs, over query chunks whose float32 logits stay within `budget` bytes."""
+    scale = q.shape[-1] ** -0.5
+    chunk = max(1, budget // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
+    keys = k.transpose(-1, -2)
+    for start in range(0, q.shape[2], chunk):
+        rows = slice(start, start + chunk)
+        # A mask may broadcast over the queries (size 1 there: a key mask).
+        rows_mask = mask if mask is None or mask.shape[2] == 1 else mask[:, :, rows]
+        yield rows, masked(q[:, :, rows] @ keys * scale, rows_mask)
+
+
 def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28,
                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """log-sum-exp over keys of q k^T / sqrt(d) for (batch, heads, tokens, dim) inputs, with `attn_mask`
@@ -45,21 +58,8 @@ def chunked_logsumexp(q: torch.Tensor, k: torch.Tensor, budget: int = 2**28,
     In float32 (as the recorder's logits are: half-precision logits would not match them), over
     query chunks whose logits stay within `budget` bytes.
     """
-    scale = q.shape[-1] ** -0.5
-    batch, heads, _, _ = q.shape
-    chunk = max(1, budget // (4 * batch * heads * k.shape[2]))
-    keys = k.float().transpose(-1, -2)
-    parts = []
-    for start in range(0, q.shape[2], chunk):
-        logits = (q[:, :, start:start + chunk].float() @ keys) * scale
-        # A mask may broadcast over the queries (size 1 there: a key mask).
-        mask = attn_mask if attn_mask is None or attn_mask.shape[2] == 1 else attn_mask[:, :, start:start + chunk]
-        parts.append(torch.logsumexp(masked(logits, mask), dim=-1))
-    return torch.cat(parts, dim=2)
-
-
-def _scale(q: torch.Tensor) -> float:
-    return 1.0 / math.sqrt(q.shape[-1])  # as `scaled_dot_product_attention` computes it
+    chunks = query_chunks(q.float(), k.float(), budget, attn_mask)
+    return torch.cat([torch.logsumexp(logits, dim=-1) for _, logits in chunks], dim=2)
 
 
 def _flash_cpu(q, k, v, mask=None):
@@ -70,27 +70,22 @@ def _flash_cpu(q, k, v, mask=None):
 
 
 def _flash_cuda(q, k, v):
-    # `scaled_dot_product_attention` pads the head dimension to a multiple of 8 for this kernel.
+    # `scaled_dot_product_attention` pads the head dimension to a multiple of 8 for this kernel, and keeps the
+    # unpadded dimension's scale, computed as it computes it.
     d = q.shape[-1]
     pad = (0, -d % 8)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-        *(F.pad(t, pad) if pad[1] else t for t in (q, k, v)), 0.0, False, False, scale=_scale(q))[:2]
+        *(F.pad(t, pad) if pad[1] else t for t in (q, k, v)), 0.0, False, False, scale=1.0 / math.sqrt(d))[:2]
     return out[..., :d], lse
-
-
-def _efficient(q, k, v):
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-
-
-def _cudnn(q, k, v):
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
 
 
 _FUSED: dict[tuple[str, SDPBackend], Callable] = {
     ("cpu", SDPBackend.FLASH_ATTENTION): _flash_cpu,
     ("cuda", SDPBackend.FLASH_ATTENTION): _flash_cuda,
-    ("cuda", SDPBackend.EFFICIENT_ATTENTION): _efficient,
-    ("cuda", SDPBackend.CUDNN_ATTENTION): _cudnn,
+    ("cuda", SDPBackend.EFFICIENT_ATTENTION):
+        lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2],
+    ("cuda", SDPBackend.CUDNN_ATTENTION):
+        lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2],
 }
 _trusted: dict[tuple, bool] = {}
 
@@ -124,7 +119,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if attn_mask is not None and q.device.type != "cpu":
         backend = None  # the CUDA kernels take masks padded their own way: the chunked normaliser stays exact
     mask_key = None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))
-    key = (str(q.device), q.dtype, backend, tuple(q.shape), tuple(k.shape), *((mask_key,) if mask_key else ()))
+    key = (str(q.device), q.dtype, backend, tuple(q.shape), tuple(k.shape), mask_key)
     if backend is not None and _trusted.get(key, True):
         out, lse = _FUSED[(q.device.type, backend)](q, k, v, *((attn_mask,) if attn_mask is not None else ()))
         lse = lse.squeeze(-1) if lse.ndim == 4 else lse  # cuDNN keeps a trailing singleton
@@ -143,14 +138,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, budget: int = 2**28) -> torch.Tensor:
     """Entropy of each query's softmax attention, lse - sum_j p_j s_j, in query chunks: (batch, heads, tokens)."""
-    scale = q.shape[-1] ** -0.5
-    chunk = max(1, budget // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
-    parts = []
-    for start in range(0, q.shape[2], chunk):
-        logits = q[:, :, start:start + chunk] @ k.transpose(-1, -2) * scale
-        normaliser = lse[:, :, start:start + chunk]
-        parts.append(normaliser - (torch.exp(logits - normaliser.unsqueeze(-1)) * logits).sum(-1))
-    return torch.cat(parts, dim=2)
+    return torch.cat([lse[:, :, rows] - (torch.exp(logits - lse[:, :, rows].unsqueeze(-1)) * logits).sum(-1)
+                      for rows, logits in query_chunks(q, k, budget)], dim=2)
 
 
 def _no_key(mask: torch.Tensor) -> torch.Tensor:

@@ -320,3 +320,25 @@ def test_qwen_image_edit_reference_maps_of_both_calls(monkeypatch):
                             "t2r": p[:, :, ref][..., text]}
                 for kind, m in expected.items():
                     torch.testing.assert_close(maps.tensor(kind)[step, block, rows].double(), m, rtol=0, atol=2e-6)
+
+
+def test_a_transformer_call_before_the_generation_moves_no_concept_map(tiny_dirs):
+    """The concept stream counts the transformer calls of the generation, as `tracer.iter` does: one more call between
+    building the recorder and the trace (an odd one: it would swap the halves) leaves every concept map in place."""
+    probe = load(tiny_dirs, "chroma")
+    inputs = probe.inputs(PROMPTS, seed=0, **generation("chroma"))
+    options = {"rows": "both", "positions": [0, 1, 2], "dtype": torch.float32, "concepts": ["cat", "dog"]}
+    expected, _ = record_all_calls(probe, inputs, AttentionRecorder(probe, inputs, **options))
+    n = len(PROMPTS)
+    for kind in ("concept", "concept_xattn"):  # the halves differ: a swap would show
+        assert not torch.equal(expected.tensor(kind)[:, :, :n], expected.tensor(kind)[:, :, n:])
+    call = {}
+    transformer = probe.pipeline.transformer
+    with transformer.register_forward_pre_hook(lambda m, a, kw: call.update(kw), with_kwargs=True):
+        probe.pipeline(**inputs)
+    recorder = AttentionRecorder(probe, inputs, **options)
+    with torch.no_grad():
+        transformer(**call)  # the last call of that run, once more, after the recorder's hooks are in
+    maps, _ = record_all_calls(probe, inputs, recorder)
+    for kind in ("t2i", "concept", "concept_xattn"):
+        assert torch.equal(maps.tensor(kind), expected.tensor(kind))
