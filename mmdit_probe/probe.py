@@ -233,14 +233,11 @@ class Probe:
 
     def hook(self, name: str):
         """The nnsight envoy of a hook point: read `.output`, or assign to it, inside a trace."""
-        envoy = self.model
-        for part in self.module_path(name).split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-        return envoy
+        return self.model.get(self.module_path(name))
 
     def module(self, name: str) -> torch.nn.Module:
         """The torch module of a hook point (for plain forward hooks, outside nnsight)."""
-        return self.pipeline.transformer.get_submodule(self.module_path(name).removeprefix("transformer."))
+        return self.pipeline.transformer.get_submodule(self.family.tap_path(name))
 
     # -- inputs -------------------------------------------------------------
     def tokens(self, prompt: str, max_sequence_length: int | None = None) -> TokenTable:
