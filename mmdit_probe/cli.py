@@ -84,9 +84,8 @@ def _move_into(staging: Path, folder: Path) -> None:
 
 
 def _read_images(paths: list[str] | None) -> list:
-    """The --image files as RGB PIL images, read before the model loads as the model cards' examples read them
-    (diffusers' `load_image`: EXIF orientation applied, then RGB); modes whose values RGB would clip (16-bit,
-    float) are refused, as in the Python API (`validation.real_image`)."""
+    """The --image files as RGB PIL images, read before the model loads as diffusers' `load_image` reads them (EXIF
+    orientation applied, then RGB), refusing the modes RGB would clip, as the Python API does (`real_image`)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     images = []

@@ -242,7 +242,7 @@ class Probe:
     # -- inputs -------------------------------------------------------------
     def tokens(self, prompt: str, max_sequence_length: int | None = None) -> TokenTable:
         """The token table of a prompt: position, encoder, piece and word of every real token."""
-        validation.prompt("prompt", prompt, message="{name}={value!r} is not allowed: give the prompt (str)")
+        validation.prompt("prompt", prompt)
         length = (self.preset.max_sequence_length if max_sequence_length is None
                   else validation.positive_int("max_sequence_length", max_sequence_length))
         return tokenize(prompt, self.family.text_segments(length), self.pipeline)
