@@ -32,6 +32,7 @@ from .constants import EDIT_METHODS, FAMILY_TITLES, STEP_ROUNDINGS
 from .entry_points import ArgumentParser, checking, run_command
 from .entry_points import fraction as _fraction
 from .entry_points import positive as _positive
+from .tokens import FUNCTION_WORDS
 from .validation import InvalidInput, real_image
 
 # Light imports only at the top: `--help` and argument errors never import torch.
@@ -83,9 +84,8 @@ def _move_into(staging: Path, folder: Path) -> None:
 
 
 def _read_images(paths: list[str] | None) -> list:
-    """The --image files as RGB PIL images, read before the model loads as the model cards' examples read them
-    (diffusers' `load_image`: EXIF orientation applied, then RGB); modes whose values RGB would clip (16-bit,
-    float) are refused, as in the Python API (`validation.real_image`)."""
+    """The --image files as RGB PIL images, read before the model loads as diffusers' `load_image` reads them (EXIF
+    orientation applied, then RGB), refusing the modes RGB would clip, as the Python API does (`real_image`)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     images = []
@@ -101,12 +101,6 @@ def _read_images(paths: list[str] | None) -> list:
             raise InvalidInput(f"--image {path} could not be read as an image ({error}): give a PNG, JPEG, ... "
                                f"file") from error
     return images
-
-
-def _image_inputs(probe, images: list, rows: int) -> dict:
-    """The pipeline inputs carrying the --image files in a call of `rows` prompts (`Family.image_inputs`); none
-    without them."""
-    return probe.family.image_inputs(images, rows) if images else {}
 
 
 def _load(model: str):
@@ -127,13 +121,6 @@ def _info(args: argparse.Namespace) -> None:
         print(table)
 
 
-def _content_words(table) -> list[str]:
-    from .tokens import FUNCTION_WORDS
-
-    return [w for w in dict.fromkeys(table.words)
-            if w not in FUNCTION_WORDS and any(t.word == w for t in table.tokens)]
-
-
 def _maps(args: argparse.Namespace) -> None:
     folder = Path(args.out)
     edit = [(folder / "edit", EDIT_FILES)] if args.edit is not None else []
@@ -142,8 +129,8 @@ def _maps(args: argparse.Namespace) -> None:
     with checking():
         probe = _load(args.model)
         probe.family.check_input_images(images, cli=True)
-        image = _image_inputs(probe, images, 1)
-        pair = _image_inputs(probe, images, 2) if args.edit is not None else {}  # the edit's source and target
+        image = probe.family.image_inputs(images, 1) if images else {}
+        pair = probe.family.image_inputs(images, 2) if images and args.edit is not None else {}  # source and target
         probe.check_generation(args.prompt, seed=args.seed, steps=args.steps, **image)
         table = probe.tokens(args.prompt)
         if args.words:
@@ -151,7 +138,8 @@ def _maps(args: argparse.Namespace) -> None:
                 table.positions(word)  # names the prompt's words, or says the word was cut off
             words = list(args.words)
         else:
-            words = _content_words(table)
+            words = [w for w in dict.fromkeys(table.words)
+                     if w not in FUNCTION_WORDS and any(t.word == w for t in table.tokens)]
             if not words:
                 raise InvalidInput(f"the prompt {args.prompt!r} has no content words to map (a, the, on, ... are "
                                    f"left out): give a prompt that names something, or --words")
@@ -189,15 +177,15 @@ def _maps(args: argparse.Namespace) -> None:
 def _edit(args: argparse.Namespace) -> None:
     folder = Path(args.out)
     _check_out(args.overwrite, (folder, EDIT_FILES))
-    options = {k: v for k, v in (("tau", args.tau), ("eta", args.eta), ("theta", args.theta), ("paper", args.paper),
-                                 ("step_rounding", args.step_rounding), ("blend_pool", args.blend_pool),
-                                 ("n_prev_steps", args.n_prev_steps)) if v is not None}
+    options = {k: getattr(args, k) for k in ("tau", "eta", "theta", "paper", "step_rounding", "blend_pool",
+                                             "n_prev_steps") if getattr(args, k) is not None}
     options.update(seed=args.seed, steps=args.steps, variant=args.variant, local_blend=not args.no_blend)
     images = _read_images(args.image)
     with checking():
         probe = _load(args.model)
         probe.family.check_input_images(images, cli=True)
-        options.update(_image_inputs(probe, images, 2))  # the edit runs its source and target prompts together
+        if images:
+            options.update(probe.family.image_inputs(images, 2))  # the edit runs source and target together
         from .editing.qk_injection import check_edit
 
         check_edit(probe, args.source, args.target, **options)
@@ -244,8 +232,6 @@ def parser() -> argparse.ArgumentParser:
     maps.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the preset's)")
     maps.add_argument("--words", nargs="+", help="words to show (default: the prompt's content words)")
     maps.add_argument("--edit", metavar="TARGET", help="also edit the image into this prompt (writes DIR/edit/)")
-    maps.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
-    maps.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     maps.set_defaults(run=_maps)
 
     edit = commands.add_parser("edit", help="edit an image by prompt: q/k injection plus local blending")
@@ -269,9 +255,10 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--blend-pool", type=_positive, help="odd side of the max-pool before thresholding (1: none)")
     edit.add_argument("--n-prev-steps", type=lambda t: t if t == "all" else _positive(t),
                       help="masks from the maps of the last N blended steps, or 'all' (default 1)")
-    edit.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
-    edit.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     edit.set_defaults(run=_edit)
+    for sub in (maps, edit):  # the options both end with
+        sub.add_argument("--image", action="append", metavar="PATH", help=IMAGE_HELP)
+        sub.add_argument("--overwrite", action="store_true", help="replace files already in --out")
 
     from .sweep.commands import add_commands as add_sweep_commands  # light: the sweep imports lazily
 

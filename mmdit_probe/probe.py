@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from .families import Family, family_for, family_name_for_class
 from .maps import AttentionMaps
 from .presets import PRESETS, Preset, find_preset
 from .presets import preset as find_named_preset
-from .tokens import TokenTable, tokenize
+from .tokens import TokenTable, tokenize, warn_unknown_characters
 
 if TYPE_CHECKING:
     from .editing import EditResult, VitalLayers
@@ -68,18 +67,22 @@ class _PipelineModel(DiffusionModel):
 _HUB_KEYWORDS = ("cache_dir", "force_download", "token", "local_files_only", "revision")
 
 
-def _check_index(config: Any, index: str) -> None:
-    """A pipeline's model_index.json names a pipeline class this package takes: refused before any weights load."""
+def _pipeline_index(path: str | Path, label: str) -> dict:
+    """A model_index.json that names a pipeline class this package takes: refused before any weights load."""
+    fix = "save the pipeline again (save_pretrained) or fix the file"
+    try:
+        config = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise validation.InvalidInput(f"{label} is not valid JSON ({error}): {fix}") from None
     if not isinstance(config, dict) or "_class_name" not in config:
-        raise validation.InvalidInput(f"{index} names no pipeline class (\"_class_name\"): save the pipeline "
-                                      f"again (save_pretrained) or fix the file")
+        raise validation.InvalidInput(f"{label} names no pipeline class (\"_class_name\"): {fix}")
     family_name_for_class(config["_class_name"])
+    return config
 
 
-def _hub_index(source: str, kwargs: dict[str, Any]) -> dict | None:
-    """A hub checkpoint's model_index.json, fetched alone as `from_pretrained` fetches it (the hub asked once, the
-    local cache where it cannot be reached; an `OSError` where neither has it); None where `source` is no repo id,
-    which `from_pretrained` then names as it does."""
+def _hub_index(source: str, kwargs: dict[str, Any]) -> str | None:
+    """Where a hub checkpoint's model_index.json lies, fetched alone as `from_pretrained` fetches it (the hub asked
+    once, else the local cache; an `OSError` where neither has it); None where `source` is no repo id."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
     from huggingface_hub.utils import httpx  # the HTTP client the hub's functions use
@@ -95,24 +98,11 @@ def _hub_index(source: str, kwargs: dict[str, Any]) -> dict | None:
             hub["local_files_only"] = True  # as diffusers does; hf_hub_download would retry for half a minute
             refused = error if isinstance(error, HfHubHTTPError) else None
     try:
-        index = huggingface_hub.hf_hub_download(source, "model_index.json", **hub)
+        return huggingface_hub.hf_hub_download(source, "model_index.json", **hub)
     except LocalEntryNotFoundError:
         if refused is None:
             raise
         raise OSError(f"the hub refused it ({refused}), and no copy is cached") from refused
-    try:
-        return json.loads(Path(index).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise validation.InvalidInput(f"{source}'s model_index.json is not valid JSON ({error})") from None
-
-
-def _not_loaded(source: str, error: OSError) -> OSError:
-    return OSError(
-        f"could not load {source!r}: {error}\n"
-        f"Without network access, download the checkpoint on a machine that has it "
-        f"(e.g. `hf download {source} --local-dir DIR`) and call mmdit_probe.load('DIR'). "
-        f"Known presets: {', '.join(PRESETS)}."
-    )
 
 
 def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
@@ -125,26 +115,23 @@ def _from_pretrained(source: str, **kwargs: Any) -> DiffusionPipeline:
         index = local / "model_index.json"
         if not index.exists():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
-        try:
-            config = json.loads(index.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise validation.InvalidInput(f"{index} is not valid JSON ({error}): save the pipeline again "
-                                          f"(save_pretrained) or fix the file") from None
-        _check_index(config, str(index))
         # A component saved as absent (e.g. SD3 without T5) must be passed as None to load.
-        for name, spec in config.items():
+        for name, spec in _pipeline_index(index, str(index)).items():
             if spec == [None, None]:
                 kwargs.setdefault(name, None)
         with internal_deprecations_hidden():
             return DiffusionPipeline.from_pretrained(local, use_safetensors=True, **kwargs)
     try:
-        config = None if "dduf_file" in kwargs else _hub_index(source, kwargs)  # a DDUF archive holds its own
-        if config is not None:
-            _check_index(config, f"{source}'s model_index.json")
+        index = None if "dduf_file" in kwargs else _hub_index(source, kwargs)  # a DDUF archive holds its own
+        if index is not None:
+            _pipeline_index(index, f"{source}'s model_index.json")
         with internal_deprecations_hidden():
             return DiffusionPipeline.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as error:
-        raise _not_loaded(source, error) from error
+        raise OSError(f"could not load {source!r}: {error}\n"
+                      f"Without network access, download the checkpoint on a machine that has it "
+                      f"(e.g. `hf download {source} --local-dir DIR`) and call mmdit_probe.load('DIR'). "
+                      f"Known presets: {', '.join(PRESETS)}.") from error
 
 
 def _dtype_keyword() -> str:
@@ -246,19 +233,16 @@ class Probe:
 
     def hook(self, name: str):
         """The nnsight envoy of a hook point: read `.output`, or assign to it, inside a trace."""
-        envoy = self.model
-        for part in self.module_path(name).split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-        return envoy
+        return self.model.get(self.module_path(name))
 
     def module(self, name: str) -> torch.nn.Module:
         """The torch module of a hook point (for plain forward hooks, outside nnsight)."""
-        return self.pipeline.transformer.get_submodule(self.module_path(name).removeprefix("transformer."))
+        return self.pipeline.transformer.get_submodule(self.family.tap_path(name))
 
     # -- inputs -------------------------------------------------------------
     def tokens(self, prompt: str, max_sequence_length: int | None = None) -> TokenTable:
         """The token table of a prompt: position, encoder, piece and word of every real token."""
-        validation.prompt("prompt", prompt, message="{name}={value!r} is not allowed: give the prompt (str)")
+        validation.prompt("prompt", prompt)
         length = (self.preset.max_sequence_length if max_sequence_length is None
                   else validation.positive_int("max_sequence_length", max_sequence_length))
         return tokenize(prompt, self.family.text_segments(length), self.pipeline)
@@ -313,29 +297,9 @@ class Probe:
                 raise validation.InvalidInput(f"max_sequence_length={kwargs['max_sequence_length']} is not allowed: "
                                               f"T5 takes at most {T5_MAX_TOKENS} tokens")
         validation.choice("output_type", kwargs.get("output_type", "pil"), OUTPUT_TYPES)
-        self._warn_unknown_characters(checked["prompts"], kwargs.get("max_sequence_length"))
+        length = kwargs.get("max_sequence_length") or self.preset.max_sequence_length
+        warn_unknown_characters(checked["prompts"], self.family.text_segments(length), self.pipeline)
         return {**checked, **kwargs}
-
-    def _warn_unknown_characters(self, prompts: list[str], max_sequence_length: int | None) -> None:
-        """Warn when a tokenizer turns characters it does not know into its unknown token: the model sees
-        something else than the prompt (the toy tokenizer maps them to end-of-text)."""
-        length = max_sequence_length or self.preset.max_sequence_length
-        for segment in self.family.text_segments(length):
-            tokenizer = getattr(self.pipeline, segment.tokenizer, None)
-            if tokenizer is None or getattr(self.pipeline, segment.text_encoder, None) is None:
-                continue
-            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's (Flux.2 dev) own tokenizer
-            unknown = tokenizer.unk_token_id
-            if unknown is None:
-                continue
-            for prompt in prompts:
-                enc = tokenizer(prompt, max_length=segment.length, truncation=True, return_offsets_mapping=True)
-                lost = sorted({prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-                               if i == unknown and b > a})
-                if lost:
-                    warnings.warn(f"the {segment.encoder} tokenizer does not know {', '.join(map(repr, lost))} in "
-                                  f"the prompt {prompt!r}: it reads {tokenizer.unk_token!r} there, which changes the "
-                                  f"image; rephrase with characters it knows", UserWarning, stacklevel=4)
 
     def inputs(self, prompts: str | list[str], *, seed: int = 0, same_noise: bool = True,
                steps: int | None = None, guidance: float | None = None, height: int | None = None,

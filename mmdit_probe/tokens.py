@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from dataclasses import dataclass
 
 # Words too common to be worth a map by default (figures and widgets start from the others).
@@ -93,13 +94,21 @@ class TokenTable:
                 f"<th>word</th></tr>{cells}</table>")
 
 
+def _tokenizer(pipeline, segment):
+    """The tokenizer of a text segment (a processor's own, Flux.2 dev's); None where its text encoder is absent."""
+    tokenizer = getattr(pipeline, segment.tokenizer, None)
+    if tokenizer is None or getattr(pipeline, segment.text_encoder, None) is None:
+        return None
+    return getattr(tokenizer, "tokenizer", tokenizer)
+
+
 def tokenize(prompt: str, segments, pipeline) -> TokenTable:
     """Tokenize as the pipeline does (padding to each segment's length) and attach words."""
     spans = [(m.start(), m.end(), m.group(0).lower(), i) for i, m in enumerate(_WORD.finditer(prompt))]
     tokens: list[Token] = []
     for segment in segments:
-        tokenizer = getattr(pipeline, segment.tokenizer, None)
-        if tokenizer is None or getattr(pipeline, segment.text_encoder, None) is None:
+        tokenizer = _tokenizer(pipeline, segment)
+        if tokenizer is None:
             continue  # e.g. SD3 without T5: zero rows, no tokens
         text, shift = prompt, 0
         if segment.template is not None:
@@ -111,7 +120,6 @@ def tokenize(prompt: str, segments, pipeline) -> TokenTable:
                 raise ValueError(f"the chat template changes the prompt {prompt!r} (Flux.2 dev drops '[IMG]'); "
                                  f"its words cannot be found: rephrase the prompt")
             shift = len(prefix)
-            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor tokenizes with its tokenizer
         enc = tokenizer(text, padding="max_length", max_length=segment.length + segment.drop, truncation=True,
                         return_offsets_mapping=True, add_special_tokens=segment.template is None)
         pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"])
@@ -123,3 +131,21 @@ def tokenize(prompt: str, segments, pipeline) -> TokenTable:
             tokens.append(Token(segment.start + i - segment.drop, segment.encoder, piece, *word))
     total = segments[-1].start + segments[-1].length if segments else 0
     return TokenTable(prompt, tokens, total)
+
+
+def warn_unknown_characters(prompts: list[str], segments, pipeline) -> None:
+    """Warn where a tokenizer reads characters of a prompt as its unknown token: the model sees something else than
+    the prompt (the toy tokenizer reads them as end-of-text)."""
+    for segment in segments:
+        tokenizer = _tokenizer(pipeline, segment)
+        unknown = None if tokenizer is None else tokenizer.unk_token_id
+        if unknown is None:
+            continue
+        for prompt in prompts:
+            enc = tokenizer(prompt, max_length=segment.length, truncation=True, return_offsets_mapping=True)
+            lost = sorted({prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+                           if i == unknown and b > a})
+            if lost:
+                warnings.warn(f"the {segment.encoder} tokenizer does not know {', '.join(map(repr, lost))} in the "
+                              f"prompt {prompt!r}: it reads {tokenizer.unk_token!r} there, which changes the image; "
+                              f"rephrase with characters it knows", UserWarning, stacklevel=4)

@@ -81,19 +81,27 @@ def choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     return value
 
 
+def items(name: str, value: Any, item, *, one: str, empty: str, each: str) -> list:
+    """One item (`item(value)` is true) or a non-empty list of items. The messages end with `one` (what to give
+    instead of a non-list), `empty` (after "name=[]") and `each` (after "name", for an item that is not one)."""
+    found = [value] if item(value) else value
+    if isinstance(found, (str, bytes, dict)) or not isinstance(found, Iterable):
+        raise InvalidInput(f"{name}={value!r} is not allowed: give {one}")
+    found = list(found)
+    if not found:
+        raise InvalidInput(f"{name}=[] {empty}")
+    for x in found:
+        if not item(x):
+            raise InvalidInput(f"{name} {each}; got {x!r} ({type(x).__name__})")
+    return found
+
+
 def index_list(name: str, values: Any, *, what: str = "indices") -> list[int]:
     """A non-empty list of distinct whole numbers (one whole number is a list of one)."""
-    if _is_int(values):
-        return [int(values)]
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise InvalidInput(f"{name}={values!r} is not allowed: give a whole number or a list of {what}")
-    values = list(values)
-    if not values:
-        raise InvalidInput(f"{name}=[] selects nothing: give at least one of the {what}, or leave {name} out for all")
-    bad = [v for v in values if not _is_int(v)]
-    if bad:
-        raise InvalidInput(f"{name} must hold whole numbers ({what}); got {bad[0]!r} ({type(bad[0]).__name__})")
-    ints = [int(v) for v in values]
+    found = items(name, values, _is_int, one=f"a whole number or a list of {what}",
+                  empty=f"selects nothing: give at least one of the {what}, or leave {name} out for all",
+                  each=f"must hold whole numbers ({what})")
+    ints = [int(v) for v in found]
     duplicates = sorted({v for v in ints if ints.count(v) > 1})
     if duplicates:
         raise InvalidInput(f"{name} names {duplicates} more than once: give each of the {what} once")
@@ -119,19 +127,13 @@ def blocks(name: str, values: Any, n_blocks: int, *, model: str = "the model", t
 
 def word_list(name: str, words: Any) -> list[str | int]:
     """One word (or word index), or a non-empty list of them."""
-    if isinstance(words, str) or _is_int(words):
-        words = [words]
-    if isinstance(words, bytes) or not isinstance(words, Iterable):
-        raise InvalidInput(f"{name}={words!r} is not allowed: give a word, a word index, or a list of them")
-    words = list(words)
-    if not words:
-        raise InvalidInput(f"{name}=[] selects no word: give at least one word of the prompt")
-    for w in words:
-        if not (isinstance(w, str) or _is_int(w)):
-            raise InvalidInput(f"{name} must hold words (str) or word indices (int); got {w!r}")
-        if isinstance(w, str) and not w.strip():
-            raise InvalidInput(f"{name} holds an empty word: give words of the prompt")
-    return [w if isinstance(w, str) else int(w) for w in words]
+    found = items(name, words, lambda w: isinstance(w, str) or _is_int(w),
+                  one="a word, a word index, or a list of them",
+                  empty="selects no word: give at least one word of the prompt",
+                  each="must hold words (str) or word indices (int)")
+    if any(isinstance(w, str) and not w.strip() for w in found):
+        raise InvalidInput(f"{name} holds an empty word: give words of the prompt")
+    return [w if isinstance(w, str) else int(w) for w in found]
 
 
 PROMPT_MESSAGE = "{name}={value!r} is not allowed: give a prompt (str)"
@@ -146,18 +148,8 @@ def prompt(name: str, value: Any, *, empty_ok: bool = True, message: str = PROMP
 
 
 def strings(name: str, value: Any, *, one: str, empty: str, each: str) -> list[str]:
-    """One str or a non-empty list of them. The messages end with `one` (what to give instead of a non-list),
-    `empty` (after "name=[]") and `each` (after "name", for an item that is no str)."""
-    found = [value] if isinstance(value, str) else value
-    if isinstance(found, (bytes, dict)) or not isinstance(found, Iterable):
-        raise InvalidInput(f"{name}={value!r} is not allowed: give {one}")
-    found = list(found)
-    if not found:
-        raise InvalidInput(f"{name}=[] {empty}")
-    for item in found:
-        if not isinstance(item, str):
-            raise InvalidInput(f"{name} {each}; got {item!r} ({type(item).__name__})")
-    return found
+    """One str or a non-empty list of them (messages as `items`)."""
+    return items(name, value, lambda x: isinstance(x, str), one=one, empty=empty, each=each)
 
 
 def prompts(value: Any, name: str = "prompts") -> list[str]:
