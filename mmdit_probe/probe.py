@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,10 +69,7 @@ _HUB_KEYWORDS = ("cache_dir", "force_download", "token", "local_files_only", "re
 def _pipeline_index(path: str | Path, label: str) -> dict:
     """A model_index.json that names a pipeline class this package takes: refused before any weights load."""
     fix = "save the pipeline again (save_pretrained) or fix the file"
-    try:
-        config = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise validation.InvalidInput(f"{label} is not valid JSON ({error}): {fix}") from None
+    config = validation.json_file(path, fix, label)
     if not isinstance(config, dict) or "_class_name" not in config:
         raise validation.InvalidInput(f"{label} names no pipeline class (\"_class_name\"): {fix}")
     family_name_for_class(config["_class_name"])
@@ -198,7 +194,11 @@ def _top_layers(chosen: Sequence[int] | str | Path, family: Family) -> tuple[int
         path = Path(chosen)
         if not path.is_file():
             raise FileNotFoundError(f"top_layers={str(chosen)!r}: give block indices or a sweep's top_layers.json")
-        chosen = json.loads(path.read_text())["top_layers"]
+        fix = "give block indices or the top_layers.json a sweep report wrote"
+        stored = validation.json_file(path, fix, label=f"top_layers={str(path)!r}")
+        if not isinstance(stored, dict) or "top_layers" not in stored:
+            raise validation.InvalidInput(f"top_layers={str(path)!r} holds no \"top_layers\" list: {fix}")
+        chosen = stored["top_layers"]
     return tuple(family.check_blocks("top_layers", chosen))
 
 

@@ -135,11 +135,7 @@ def _labels(labels: str | Path | dict | None) -> dict | None:
         if not path.is_file():
             raise validation.InvalidInput(f"labels file {path} does not exist: give a labels.json "
                                           f"({{\"NAME\": \"dog\", ...}}) or leave labels out")
-        try:
-            labels = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise validation.InvalidInput(f"labels file {path} is not valid JSON ({error}): give one object "
-                                          f"{{\"NAME\": \"dog\", ...}}") from None
+        labels = validation.json_file(path, "give one object {\"NAME\": \"dog\", ...}", label=f"labels file {path}")
         if not isinstance(labels, dict):
             raise validation.InvalidInput(f"labels file {path} holds a {type(labels).__name__}: give one object "
                                           f"{{\"NAME\": \"dog\", ...}}")

@@ -12,9 +12,11 @@ ValueError: steps=0 is not allowed: give a whole number >= 1 (or leave steps out
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -187,6 +189,15 @@ def one_call_per_step(inputs: dict[str, Any]) -> None:
         raise InvalidInput("true CFG (true_cfg_scale > 1 with a negative_prompt: Flux, Qwen-Image) runs the "
                            "transformer twice per step, and this path takes one transformer call as the whole "
                            "velocity: run it without (guidance 1); recording, patching and probe.edit take it")
+
+
+def json_file(path: str | Path, fix: str, label: str | None = None) -> Any:
+    """The JSON value in the file at `path`; `InvalidInput` "`label` (default: the path) is not valid JSON (...):
+    `fix`" where the file holds none."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidInput(f"{label or path} is not valid JSON ({error}): {fix}") from None
 
 
 def image_size(name: str, value: Any, multiple: int) -> int:

@@ -133,3 +133,12 @@ def test_top_layers_override_the_preset(tiny_dirs, tmp_path):
         mmdit_probe.load(tiny_dirs["sd3"], top_layers=[7])
     with pytest.raises(FileNotFoundError, match="top_layers.json"):
         mmdit_probe.load(tiny_dirs["sd3"], top_layers="nowhere.json")
+
+
+@pytest.mark.parametrize("text, says", [("{", "is not valid JSON"), ('{"model": "x"}', 'holds no "top_layers" list'),
+                                        ("[1]", 'holds no "top_layers" list')])
+def test_a_top_layers_file_that_is_no_sweep_report_is_bad_input(tiny_dirs, tmp_path, text, says):
+    path = tmp_path / "top_layers.json"
+    path.write_text(text)
+    with pytest.raises(mmdit_probe.validation.InvalidInput, match=says):
+        mmdit_probe.load(tiny_dirs["sd3"], top_layers=path)

@@ -47,10 +47,10 @@ def sweep_report(out: str | Path, *, top_k: int = 5, metric: str = "soft_iou", g
     """The report of a finished sweep in `out` (see the module docstring); also written to out/report.json,
     the chosen blocks to out/top_layers.json."""
     out = Path(out)
+    fix = "give the --out of `mmdit-probe sweep`"
     if not (out / "config.json").is_file():
-        raise InvalidInput(f"{out} is not a sweep's output folder (no config.json): give the --out of "
-                           f"`mmdit-probe sweep`")
-    config = _stored_config(out / "config.json", keys=("blocks", "record_steps", "grids", "kinds"))
+        raise InvalidInput(f"{out} is not a sweep's output folder (no config.json): {fix}")
+    config = _stored_config(out / "config.json", fix, keys=("blocks", "record_steps", "grids", "kinds"))
     blocks, steps = config["blocks"], config["record_steps"]
     # Every option is checked before anything is read or written.
     top_k = validation.top_k("top_k", top_k, len(blocks), what="blocks in the sweep")

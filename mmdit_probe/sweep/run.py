@@ -414,14 +414,11 @@ def _check_out(out) -> Path:
     return out
 
 
-def _stored_config(path: Path, advice: str = "", keys: tuple[str, ...] = ()) -> dict:
-    """The options a sweep's config.json holds; `InvalidInput`, ending in `advice`, for a file that is none."""
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        config = error
+def _stored_config(path: Path, fix: str, keys: tuple[str, ...] = ()) -> dict:
+    """The options a sweep's config.json holds; `InvalidInput`, ending in `fix`, for a file that is none."""
+    config = validation.json_file(path, fix)
     if not isinstance(config, dict) or not set(keys) <= set(config):
-        raise InvalidInput(f"{path} is not a sweep's configuration ({config!r:.80}){advice}")
+        raise InvalidInput(f"{path} is not a sweep's configuration ({config!r:.80}): {fix}")
     return config
 
 
@@ -433,7 +430,7 @@ def _check_config(out: Path, config: SweepConfig, *, write: bool = False) -> Non
             with written_atomically(path) as temporary:
                 temporary.write_bytes(json.dumps(asdict(config), indent=2).encode())
         return
-    old = _stored_config(path, f": give a new --out, or delete {out} to start over")
+    old = _stored_config(path, f"give a new --out, or delete {out} to start over")
     new = asdict(config)
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
