@@ -54,6 +54,9 @@ class Family:
     image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
     # Classifier-free guidance runs as one doubled batch [uncond | cond] when guidance > 1.
     batched_guidance = True
+    # Whether guidance_scale > 1 runs classifier-free guidance as a second transformer call per step instead
+    # (`calls_per_step`: Chroma, Flux.2 Klein base models).
+    two_call_guidance = False
     # diffusers can fuse the q/k/v projections (`fuse_qkv_projections()`) and the stock processors use them.
     fuses_qkv = True
     min_steps, min_steps_why = 1, ""  # the fewest denoising steps whose schedule is defined
@@ -112,7 +115,16 @@ class Family:
         2
         """
         validation.skip_layer_guidance(inputs)
-        return 2 if validation.true_cfg(inputs) else 1
+        inputs = self.with_pipeline_defaults(inputs)
+        two_call_cfg = self.two_call_guidance and inputs["guidance_scale"] > 1
+        return 2 if two_call_cfg or validation.true_cfg(inputs) else 1
+
+    def with_pipeline_defaults(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """These pipeline inputs with the pipeline's own defaults for the guidance scales they leave out, which a
+        call without them runs at (ChromaPipeline's guidance_scale 5.0, QwenImagePipeline's true_cfg_scale 4.0)."""
+        parameters = inspect.signature(type(self.pipeline).__call__).parameters
+        return {**{key: parameters[key].default for key in ("guidance_scale", "true_cfg_scale") if key in parameters},
+                **inputs}
 
     def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
         """Refuse inputs with guidance as a second transformer call per step (`calls_per_step`), for the paths that
@@ -196,7 +208,7 @@ class Family:
 
     def doubles_batch(self, inputs: dict[str, Any]) -> bool:
         """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""
-        return self.batched_guidance and inputs.get("guidance_scale", 1.0) > 1
+        return self.batched_guidance and self.with_pipeline_defaults(inputs)["guidance_scale"] > 1
 
     @staticmethod
     def bypass_output(module, args, kwargs, output):

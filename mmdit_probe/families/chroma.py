@@ -26,13 +26,10 @@ class ChromaFamily(FluxFamily):
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer", "text_encoder", 0, max_sequence_length)]
 
+    # Two calls at guidance_scale > 1: the prompt's, then the negative prompt's ("" by default), each with its own
+    # attention mask.
+    two_call_guidance = True
     second_call = "Chroma's classifier-free guidance, guidance_scale > 1"
-
-    def calls_per_step(self, inputs: dict[str, Any]) -> int:
-        """Two calls at guidance_scale > 1: the prompt's, then the negative prompt's ("" by default), each with its own
-        attention mask."""
-        calls = super().calls_per_step(inputs)
-        return 2 if inputs.get("guidance_scale", 1.0) > 1 else calls
 
     def bypass(self, block: int):
         """Make one block hand on its inputs unchanged; a single-stream block takes and returns the joint sequence."""

@@ -184,13 +184,11 @@ class Flux2Family(DoubleAndSingleBlocks):
             return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         return Family.bypass_output(module, args, kwargs, output)
 
-    def calls_per_step(self, inputs: dict[str, Any]) -> int:
-        """Two calls for a Klein base model (`is_distilled` False in its config) at guidance_scale > 1: the prompt's,
+    @property
+    def two_call_guidance(self) -> bool:
+        """A Klein base model (`is_distilled` False in its config) runs two calls at guidance_scale > 1: the prompt's,
         then the empty negative prompt's (`Flux2KleinPipeline.do_classifier_free_guidance`)."""
-        calls = super().calls_per_step(inputs)
-        pipe = self.pipeline
-        base = type(pipe).__name__ == "Flux2KleinPipeline" and not pipe.config.is_distilled
-        return 2 if base and inputs.get("guidance_scale", 1.0) > 1 else calls
+        return type(self.pipeline).__name__ == "Flux2KleinPipeline" and not self.pipeline.config.is_distilled
 
     # -- text --------------------------------------------------------------
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
