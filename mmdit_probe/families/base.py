@@ -129,11 +129,7 @@ class Family:
     def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
         """Refuse inputs with guidance as a second transformer call per step (`calls_per_step`), for the paths that
         take one call as the whole velocity (sampling, inversion, and the editors other than q/k injection)."""
-        if self.calls_per_step(inputs) > 1:
-            raise validation.InvalidInput(
-                f"these inputs run guidance as a second transformer call per step (the transformer runs twice per "
-                f"step: {self.second_call}), and this path takes one transformer call as the whole velocity: use "
-                f"guidance 1 here; recording, activation patching and the q/k editor (probe.edit) take two-call runs")
+        validation.one_call_per_step(inputs, self.calls_per_step(inputs), self.second_call)
 
     # What makes guidance a second transformer call in this family, for messages.
     second_call = "true CFG, true_cfg_scale > 1 with a negative_prompt"
