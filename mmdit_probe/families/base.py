@@ -211,8 +211,11 @@ class Family:
         """A forward hook replacing a block's output by its inputs, in the order every MM-DiT block of diffusers
         returns them: (encoder_hidden_states, hidden_states) for SD3's JointTransformerBlock (also its last,
         context-pre-only block, whose text output is unused), FluxTransformerBlock and FluxSingleTransformerBlock
-        (diffusers 0.42)."""
+        (diffusers 0.42). A block returning one tensor (Chroma's and Flux.2's single-stream blocks: the joint
+        [text | image] sequence, which they also take alone) gets its input back."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if isinstance(output, torch.Tensor):
+            return hidden
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
         return text, hidden
 

@@ -31,15 +31,6 @@ class ChromaFamily(FluxFamily):
     two_call_guidance = True
     second_call = "Chroma's classifier-free guidance, guidance_scale > 1"
 
-    def bypass(self, block: int):
-        """Make one block hand on its inputs unchanged; a single-stream block takes and returns the joint sequence."""
-        if not self.is_single(block):
-            return super().bypass(block)
-        module = self.transformer.get_submodule(self.block_path(block))
-        return module.register_forward_hook(
-            lambda m, args, kwargs, output: kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-            with_kwargs=True)
-
     def concept_call(self, block: int, call: dict[str, Any], state, dummy):
         """A single-stream block's concept call: the concepts then the dummy image as its one joint sequence, the
         prompt's mask left out (it is the prompt's, not the concepts'); its output's concept rows are the new state."""

@@ -27,7 +27,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import validation
-from .base import Attention, DoubleAndSingleBlocks, Family, TextSegment
+from .base import Attention, DoubleAndSingleBlocks, TextSegment
 from .flux import FluxTapProcessor, reference_tokens
 
 
@@ -106,13 +106,6 @@ class Flux2Family(DoubleAndSingleBlocks):
     def __init__(self, pipeline) -> None:
         super().__init__(pipeline)
         self._text_length: int | None = None
-
-    @staticmethod
-    def bypass_output(module, args, kwargs, output):
-        """Single-stream blocks return the joint [text | image] sequence alone: hand on its input."""
-        if isinstance(output, torch.Tensor):
-            return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return Family.bypass_output(module, args, kwargs, output)
 
     @property
     def two_call_guidance(self) -> bool:
