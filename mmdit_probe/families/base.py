@@ -406,6 +406,23 @@ class DoubleAndSingleBlocks(Family):
     def is_single(self, block: int) -> bool:
         return self.check_block(block) >= self.num_double
 
+    def install_taps(self) -> None:
+        """`Family.install_taps`, and hooks telling the single-stream blocks' processors how many rows of their joint
+        [text | image] sequence are text: the transformer call's text length (Chroma's and Flux.2's blocks take the
+        joint sequence alone), or the text a block is handed itself (Flux.1's blocks; Flux.2's in a concept call)."""
+        super().install_taps()
+        if not self._hooks:  # Family.remove_taps removes them with the taps
+            self._hooks = [module.register_forward_pre_hook(self._set_text_length, with_kwargs=True)
+                           for module in (self.transformer, *self.transformer.single_transformer_blocks)]
+
+    def _set_text_length(self, module, args, kwargs) -> None:
+        # Bound by the signature: Chroma's single-stream blocks take another argument where Flux.1's take the text.
+        arguments = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        text = arguments.get("encoder_hidden_states")
+        if text is not None:
+            for processor in self._tapped.values() if module is self.transformer else [module.attn.processor]:
+                processor.text_length = text.shape[1]
+
     def block_labels(self) -> list[str]:
         """A name per block: its global index, and whether it is double- or single-stream."""
         return [f"{b} double" if b < self.num_double else f"{b} single {b - self.num_double}"

@@ -43,15 +43,3 @@ class ChromaFamily(FluxFamily):
         call = {k: v for k, v in call.items() if k != "attention_mask"}
         call["hidden_states"] = torch.cat([state, dummy], dim=1)
         return call, lambda output: output[:, :state.shape[1]]
-
-    def _set_text_length(self, transformer, args, kwargs) -> None:
-        n = kwargs["encoder_hidden_states"].shape[1]
-        for processor in self._tapped.values():
-            processor.text_length = n  # read by the single-stream blocks' processors only
-
-    def install_taps(self) -> None:
-        # The base's block hooks read a text argument Chroma's single-stream blocks do not take: one transformer hook
-        # gives them the text length instead.
-        super(FluxFamily, self).install_taps()
-        if not self._hooks:  # Family.remove_taps removes it with the taps
-            self._hooks = [self.transformer.register_forward_pre_hook(self._set_text_length, with_kwargs=True)]

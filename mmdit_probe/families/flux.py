@@ -22,7 +22,7 @@ class FluxTapProcessor(TapProcessor):
     """`FluxAttnProcessor` with taps, for double-stream and single-stream blocks.
 
     A single-stream block hands its attention one joint [text | image] sequence; the family sets
-    `text_length` before each call (see `FluxFamily.install_taps`). Where the family has a reference
+    `text_length` before each call (see `DoubleAndSingleBlocks.install_taps`). Where the family has a reference
     region (Kontext), the image stream ends with `reference_length` reference tokens, tapped as the
     "ref" stream; the family sets that length before each transformer call.
     Attention runs through diffusers' `dispatch_attention_fn`, so GPU backends stay selectable.
@@ -145,11 +145,6 @@ def _joint_mask(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
     return mask.expand(batch, -1, tokens, tokens)  # -1: a per-head mask keeps its heads
 
 
-def _set_text_length(block, args, kwargs) -> None:
-    encoder_hidden_states = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    block.attn.processor.text_length = encoder_hidden_states.shape[1]
-
-
 class FluxFamily(DoubleAndSingleBlocks):
     name = "flux"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
@@ -171,9 +166,3 @@ class FluxFamily(DoubleAndSingleBlocks):
 
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
         return FluxTapProcessor(self.streams(attention))
-
-    def install_taps(self) -> None:
-        super().install_taps()
-        if not self._hooks:
-            self._hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
-                           for block in self.transformer.single_transformer_blocks]

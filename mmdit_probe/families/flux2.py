@@ -59,7 +59,7 @@ class Flux2SingleTapProcessor(Flux2TapProcessor):
     """`Flux2ParallelSelfAttnProcessor` (single-stream blocks) with taps. One fused projection gives q/k/v and
     the MLP input; out taps hold the attention output before the fused output projection, which mixes it with
     the MLP's. The block sets `text_length`, the joint sequence's text rows, before each call (see
-    `Flux2Family.install_taps`)."""
+    `DoubleAndSingleBlocks.install_taps`)."""
 
     def forward(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
         n_text = self.text_length
@@ -102,10 +102,6 @@ class Flux2Family(DoubleAndSingleBlocks):
     has_reference = True
     max_input_images = None  # the pipelines take a list of any length (BFL recommends at most 6 for dev, 4 for Klein)
     second_call = "Flux.2 Klein base models' classifier-free guidance, guidance_scale > 1"
-
-    def __init__(self, pipeline) -> None:
-        super().__init__(pipeline)
-        self._text_length: int | None = None
 
     @property
     def two_call_guidance(self) -> bool:
@@ -221,21 +217,3 @@ class Flux2Family(DoubleAndSingleBlocks):
     def make_processor(self, attention: Attention, stock) -> Flux2TapProcessor:
         single = attention.block >= self.num_double
         return (Flux2SingleTapProcessor if single else Flux2DoubleTapProcessor)(self.streams(attention))
-
-    def _before_transformer(self, transformer, args, kwargs) -> None:
-        """Each transformer call: note the text length for the single-stream blocks, which receive the joint sequence
-        alone (the base class's hook sets the reference tokens)."""
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        self._text_length = text.shape[1]
-
-    def _before_single(self, block, args, kwargs) -> None:
-        # A concept call hands the concept stream as encoder_hidden_states; the pipeline's calls hand none.
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        block.attn.processor.text_length = text.shape[1] if text is not None else self._text_length
-
-    def install_taps(self) -> None:
-        super().install_taps()
-        if not self._hooks:
-            self._hooks = [self.transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)]
-            self._hooks += [block.register_forward_pre_hook(self._before_single, with_kwargs=True)
-                            for block in self.transformer.single_transformer_blocks]
