@@ -79,9 +79,7 @@ class QwenImageEditFamily(QwenImageFamily):
         images = _images(inputs.get("image"))
         if images is None:
             return None
-        height, width = self.resized(images[0].size)
-        side = self.pipeline.vae_scale_factor * 2
-        return height // side, width // side
+        return self.grid(*self.resized(images[0].size))
 
     def calls_per_step(self, inputs: dict[str, Any]) -> int:
         """As Qwen-Image's; also checks the input images against the prompts (inputs without one are refused: the
