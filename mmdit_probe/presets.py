@@ -147,16 +147,13 @@ def paper(p: Preset, reading: str = "printed") -> Preset:
     return replace(p, top_layers=top, **{**PAPER_EDIT["flux"], **PAPER_EDIT.get(p.family, {})})
 
 
+# The preset whose settings a family's unknown checkpoints get.
+_FAMILY_PRESETS = {"sd3": "sd3-medium", "flux": "flux.1-dev", "qwen_image": "qwen-image",
+                   "qwen_image_edit": "qwen-image-edit", "qwen_image_edit_plus": "qwen-image-edit-2509",
+                   "chroma": "chroma1-hd", "flux-kontext": "flux.1-kontext-dev", "flux2": "flux.2-dev"}
 FAMILY_DEFAULTS: dict[str, Preset] = {
-    "sd3": replace(PRESETS["sd3-medium"], name="sd3 (family defaults)", hub_id=None),
-    "flux": replace(PRESETS["flux.1-dev"], name="flux (family defaults)", hub_id=None),
-    "qwen_image": replace(PRESETS["qwen-image"], name="qwen_image (family defaults)", hub_id=None),
-    "qwen_image_edit": replace(PRESETS["qwen-image-edit"], name="qwen_image_edit (family defaults)", hub_id=None),
-    "qwen_image_edit_plus": replace(PRESETS["qwen-image-edit-2509"], name="qwen_image_edit_plus (family defaults)",
-                                    hub_id=None),
-    "chroma": replace(PRESETS["chroma1-hd"], name="chroma (family defaults)", hub_id=None),
-    "flux-kontext": replace(PRESETS["flux.1-kontext-dev"], name="flux-kontext (family defaults)", hub_id=None),
-    "flux2": replace(PRESETS["flux.2-dev"], name="flux2 (family defaults)", hub_id=None),
+    family: replace(PRESETS[name], name=f"{family} (family defaults)", hub_id=None)
+    for family, name in _FAMILY_PRESETS.items()
 }
 
 _HUB_IDS = {p.hub_id.lower(): p for p in PRESETS.values() if p.hub_id}
@@ -188,8 +185,18 @@ def find_preset(source: str | None, family: str, transformer_config=None) -> Pre
     return FAMILY_DEFAULTS[family]
 
 
+# Checkpoints that their family and transformer shape (num_layers, num_single_layers, num_attention_heads) name.
+# The pipeline class tells Qwen-Image-Edit from Edit-2509 (QwenImageEditPlusPipeline); the transformer is Qwen-Image's.
+# Edit-2511 runs on the Plus pipeline too, and gets 2509's preset: its shape is the same.
+_SHAPES = {("qwen_image", (60, None, 24)): "qwen-image", ("qwen_image_edit", (60, None, 24)): "qwen-image-edit",
+           ("qwen_image_edit_plus", (60, None, 24)): "qwen-image-edit-2509", ("chroma", (19, 38, 24)): "chroma1-hd",
+           ("flux-kontext", (19, 38, 24)): "flux.1-kontext-dev", ("flux2", (8, 48, 48)): "flux.2-dev"}
+
+
 def _by_shape(family: str, config, source: str) -> Preset | None:
-    layers, heads = config.get("num_layers"), config.get("num_attention_heads")
+    layers, heads, single = config.get("num_layers"), config.get("num_attention_heads"), config.get("num_single_layers")
+    if (family, (layers, single, heads)) in _SHAPES:
+        return PRESETS[_SHAPES[family, (layers, single, heads)]]
     if family == "sd3" and (layers, heads) == (24, 24):
         return PRESETS["sd3.5-medium" if config.get("dual_attention_layers") else "sd3-medium"]
     if family == "sd3" and (layers, heads) == (38, 38):
@@ -197,22 +204,8 @@ def _by_shape(family: str, config, source: str) -> Preset | None:
         return PRESETS["sd3.5-large-turbo" if "turbo" in source else "sd3.5-large"]
     if family == "sd3" and (layers, heads, config.get("sample_size")) == (6, 6, 32):
         return PRESETS["toy"]  # a toy model from a training run (python -m mmdit_probe.toy.train --export)
-    if family == "flux" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
+    if family == "flux" and (layers, single, heads) == (19, 38, 24):
         return PRESETS["flux.1-dev" if config.get("guidance_embeds") else "flux.1-schnell"]
-    if family == "qwen_image" and (layers, heads) == (60, 24):
-        return PRESETS["qwen-image"]
-    # The pipeline class tells Edit from Edit-2509 (QwenImageEditPlusPipeline); the transformer is Qwen-Image's.
-    # Edit-2511 runs on the Plus pipeline too, and gets 2509's preset: its shape is the same.
-    if family == "qwen_image_edit" and (layers, heads) == (60, 24):
-        return PRESETS["qwen-image-edit"]
-    if family == "qwen_image_edit_plus" and (layers, heads) == (60, 24):
-        return PRESETS["qwen-image-edit-2509"]
-    if family == "chroma" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
-        return PRESETS["chroma1-hd"]
-    if family == "flux-kontext" and (layers, config.get("num_single_layers"), heads) == (19, 38, 24):
-        return PRESETS["flux.1-kontext-dev"]
-    if family == "flux2" and (layers, config.get("num_single_layers"), heads) == (8, 48, 48):
-        return PRESETS["flux.2-dev"]
     if family == "flux2" and not config.get("guidance_embeds"):
         # Klein (no guidance embedding); only the name tells 9B from 4B.
         return PRESETS["flux.2-klein-9b" if "9b" in source else "flux.2-klein-4b"]

@@ -181,14 +181,18 @@ def true_cfg(inputs: dict[str, Any]) -> bool:
     return inputs.get("true_cfg_scale", 1.0) > 1 and negative
 
 
-def one_call_per_step(inputs: dict[str, Any]) -> None:
+def one_call_per_step(inputs: dict[str, Any], calls: int | None = None,
+                      second_call: str = "true CFG, true_cfg_scale > 1 with a negative_prompt (Flux, Qwen-Image)"
+                      ) -> None:
     """Refuse options that add transformer calls per step, for the paths that take one call as the whole velocity
-    (sampling, inversion and the editors built on them)."""
+    (sampling, inversion and the editors built on them): from the options alone, before any model call, or from a
+    family's `calls` per step and what makes its `second_call` (`Family.check_one_call_per_step`)."""
     skip_layer_guidance(inputs)
-    if true_cfg(inputs):
-        raise InvalidInput("true CFG (true_cfg_scale > 1 with a negative_prompt: Flux, Qwen-Image) runs the "
-                           "transformer twice per step, and this path takes one transformer call as the whole "
-                           "velocity: run it without (guidance 1); recording, patching and probe.edit take it")
+    if (1 + true_cfg(inputs) if calls is None else calls) > 1:
+        raise InvalidInput(f"these inputs run guidance as a second transformer call per step (the transformer runs "
+                           f"twice per step: {second_call}), and this path takes one transformer call as the whole "
+                           f"velocity: use guidance 1 here; recording, activation patching and the q/k editor "
+                           f"(probe.edit) take two-call runs")
 
 
 def json_file(path: str | Path, fix: str, label: str | None = None) -> Any:

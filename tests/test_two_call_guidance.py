@@ -342,3 +342,24 @@ def test_a_transformer_call_before_the_generation_moves_no_concept_map(tiny_dirs
     maps, _ = record_all_calls(probe, inputs, recorder)
     for kind in ("t2i", "concept", "concept_xattn"):
         assert torch.equal(maps.tensor(kind), expected.tensor(kind))
+
+
+@pytest.mark.parametrize("kind", ["chroma", "qwen-image", "flux2-klein"])
+def test_inputs_without_a_guidance_scale_count_the_calls_the_pipeline_runs(tiny_dirs, kind):
+    probe = load(tiny_dirs, kind)
+    negative = {"negative_prompt": " "} if kind == "qwen-image" else {}  # one prompt, one negative prompt
+    inputs = probe.inputs(PROMPTS[:1], seed=0, **generation(kind, **negative))
+    bare = {k: v for k, v in inputs.items() if k not in ("guidance_scale", "true_cfg_scale")}
+    calls = []
+    with probe.pipeline.transformer.register_forward_pre_hook(lambda *args: calls.append(1)):
+        probe.pipeline(**bare)
+    # The pipelines' own defaults: ChromaPipeline guidance_scale 5.0, QwenImagePipeline true_cfg_scale 4.0 (with a
+    # negative prompt), Flux2KleinPipeline guidance_scale 4.0: two calls per step each.
+    assert len(calls) == 2 * inputs["num_inference_steps"]
+    assert probe.family.calls_per_step(bare) == 2
+
+
+def test_a_doubled_batch_without_a_guidance_scale_is_the_pipelines_default():
+    sd3 = mmdit_probe.load(mmdit_probe.testing.tiny_pipeline("sd3"))
+    assert sd3.family.with_pipeline_defaults({}) == {"guidance_scale": 7.0}  # StableDiffusion3Pipeline's default
+    assert sd3.family.doubles_batch({}) and not sd3.family.doubles_batch({"guidance_scale": 1.0})

@@ -54,6 +54,9 @@ class Family:
     image_first: bool  # joint sequence order: [image | text] (SD3) or [text | image] (Flux)
     # Classifier-free guidance runs as one doubled batch [uncond | cond] when guidance > 1.
     batched_guidance = True
+    # Whether guidance_scale > 1 runs classifier-free guidance as a second transformer call per step instead
+    # (`calls_per_step`: Chroma, Flux.2 Klein base models).
+    two_call_guidance = False
     # diffusers can fuse the q/k/v projections (`fuse_qkv_projections()`) and the stock processors use them.
     fuses_qkv = True
     min_steps, min_steps_why = 1, ""  # the fewest denoising steps whose schedule is defined
@@ -112,16 +115,21 @@ class Family:
         2
         """
         validation.skip_layer_guidance(inputs)
-        return 2 if validation.true_cfg(inputs) else 1
+        inputs = self.with_pipeline_defaults(inputs)
+        two_call_cfg = self.two_call_guidance and inputs["guidance_scale"] > 1
+        return 2 if two_call_cfg or validation.true_cfg(inputs) else 1
+
+    def with_pipeline_defaults(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """These pipeline inputs with the pipeline's own defaults for the guidance scales they leave out, which a
+        call without them runs at (ChromaPipeline's guidance_scale 5.0, QwenImagePipeline's true_cfg_scale 4.0)."""
+        parameters = inspect.signature(type(self.pipeline).__call__).parameters
+        return {**{key: parameters[key].default for key in ("guidance_scale", "true_cfg_scale") if key in parameters},
+                **inputs}
 
     def check_one_call_per_step(self, inputs: dict[str, Any]) -> None:
         """Refuse inputs with guidance as a second transformer call per step (`calls_per_step`), for the paths that
         take one call as the whole velocity (sampling, inversion, and the editors other than q/k injection)."""
-        if self.calls_per_step(inputs) > 1:
-            raise validation.InvalidInput(
-                f"these inputs run guidance as a second transformer call per step (the transformer runs twice per "
-                f"step: {self.second_call}), and this path takes one transformer call as the whole velocity: use "
-                f"guidance 1 here; recording, activation patching and the q/k editor (probe.edit) take two-call runs")
+        validation.one_call_per_step(inputs, self.calls_per_step(inputs), self.second_call)
 
     # What makes guidance a second transformer call in this family, for messages.
     second_call = "true CFG, true_cfg_scale > 1 with a negative_prompt"
@@ -196,15 +204,18 @@ class Family:
 
     def doubles_batch(self, inputs: dict[str, Any]) -> bool:
         """Whether the pipeline runs these inputs' classifier-free guidance as a doubled batch ([uncond | cond])."""
-        return self.batched_guidance and inputs.get("guidance_scale", 1.0) > 1
+        return self.batched_guidance and self.with_pipeline_defaults(inputs)["guidance_scale"] > 1
 
     @staticmethod
     def bypass_output(module, args, kwargs, output):
         """A forward hook replacing a block's output by its inputs, in the order every MM-DiT block of diffusers
         returns them: (encoder_hidden_states, hidden_states) for SD3's JointTransformerBlock (also its last,
         context-pre-only block, whose text output is unused), FluxTransformerBlock and FluxSingleTransformerBlock
-        (diffusers 0.42)."""
+        (diffusers 0.42). A block returning one tensor (Chroma's and Flux.2's single-stream blocks: the joint
+        [text | image] sequence, which they also take alone) gets its input back."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if isinstance(output, torch.Tensor):
+            return hidden
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
         return text, hidden
 
@@ -394,6 +405,23 @@ class DoubleAndSingleBlocks(Family):
 
     def is_single(self, block: int) -> bool:
         return self.check_block(block) >= self.num_double
+
+    def install_taps(self) -> None:
+        """`Family.install_taps`, and hooks telling the single-stream blocks' processors how many rows of their joint
+        [text | image] sequence are text: the transformer call's text length (Chroma's and Flux.2's blocks take the
+        joint sequence alone), or the text a block is handed itself (Flux.1's blocks; Flux.2's in a concept call)."""
+        super().install_taps()
+        if not self._hooks:  # Family.remove_taps removes them with the taps
+            self._hooks = [module.register_forward_pre_hook(self._set_text_length, with_kwargs=True)
+                           for module in (self.transformer, *self.transformer.single_transformer_blocks)]
+
+    def _set_text_length(self, module, args, kwargs) -> None:
+        # Bound by the signature: Chroma's single-stream blocks take another argument where Flux.1's take the text.
+        arguments = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        text = arguments.get("encoder_hidden_states")
+        if text is not None:
+            for processor in self._tapped.values() if module is self.transformer else [module.attn.processor]:
+                processor.text_length = text.shape[1]
 
     def block_labels(self) -> list[str]:
         """A name per block: its global index, and whether it is double- or single-stream."""

@@ -26,22 +26,10 @@ class ChromaFamily(FluxFamily):
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
         return [TextSegment("t5", "tokenizer", "text_encoder", 0, max_sequence_length)]
 
+    # Two calls at guidance_scale > 1: the prompt's, then the negative prompt's ("" by default), each with its own
+    # attention mask.
+    two_call_guidance = True
     second_call = "Chroma's classifier-free guidance, guidance_scale > 1"
-
-    def calls_per_step(self, inputs: dict[str, Any]) -> int:
-        """Two calls at guidance_scale > 1: the prompt's, then the negative prompt's ("" by default), each with its own
-        attention mask."""
-        calls = super().calls_per_step(inputs)
-        return 2 if inputs.get("guidance_scale", 1.0) > 1 else calls
-
-    def bypass(self, block: int):
-        """Make one block hand on its inputs unchanged; a single-stream block takes and returns the joint sequence."""
-        if not self.is_single(block):
-            return super().bypass(block)
-        module = self.transformer.get_submodule(self.block_path(block))
-        return module.register_forward_hook(
-            lambda m, args, kwargs, output: kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-            with_kwargs=True)
 
     def concept_call(self, block: int, call: dict[str, Any], state, dummy):
         """A single-stream block's concept call: the concepts then the dummy image as its one joint sequence, the
@@ -55,15 +43,3 @@ class ChromaFamily(FluxFamily):
         call = {k: v for k, v in call.items() if k != "attention_mask"}
         call["hidden_states"] = torch.cat([state, dummy], dim=1)
         return call, lambda output: output[:, :state.shape[1]]
-
-    def _set_text_length(self, transformer, args, kwargs) -> None:
-        n = kwargs["encoder_hidden_states"].shape[1]
-        for processor in self._tapped.values():
-            processor.text_length = n  # read by the single-stream blocks' processors only
-
-    def install_taps(self) -> None:
-        # The base's block hooks read a text argument Chroma's single-stream blocks do not take: one transformer hook
-        # gives them the text length instead.
-        super(FluxFamily, self).install_taps()
-        if not self._hooks:  # Family.remove_taps removes it with the taps
-            self._hooks = [self.transformer.register_forward_pre_hook(self._set_text_length, with_kwargs=True)]

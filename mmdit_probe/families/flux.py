@@ -6,6 +6,8 @@ RoPE is applied to the joint q/k after the norms, so the q/k taps hold rotated v
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
@@ -20,13 +22,16 @@ class FluxTapProcessor(TapProcessor):
     """`FluxAttnProcessor` with taps, for double-stream and single-stream blocks.
 
     A single-stream block hands its attention one joint [text | image] sequence; the family sets
-    `text_length` before each call (see `FluxFamily.install_taps`). Where the family has a reference
+    `text_length` before each call (see `DoubleAndSingleBlocks.install_taps`). Where the family has a reference
     region (Kontext), the image stream ends with `reference_length` reference tokens, tapped as the
     "ref" stream; the family sets that length before each transformer call.
     Attention runs through diffusers' `dispatch_attention_fn`, so GPU backends stay selectable.
     """
 
     attends = True
+    # The stock processor makes the attention output's slices contiguous before the output projections (Flux.1's
+    # does, Flux.2's does not): the same values, and the stock rounding.
+    contiguous_outputs = True
 
     def __init__(self, streams: tuple[str, ...] = STREAMS) -> None:
         super().__init__(streams)
@@ -40,12 +45,12 @@ class FluxTapProcessor(TapProcessor):
                 image_rotary_emb=None, **kwargs):
         if self.concept_mode:
             return self._concepts_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, hidden_states, "img"))
+        q, k, v = _heads(attn, hidden_states, "img")
         q, k = attn.norm_q(q), attn.norm_k(k)
 
         joint = attn.added_kv_proj_dim is not None
         if joint:
-            tq, tk, tv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, encoder_hidden_states, "txt"))
+            tq, tk, tv = _heads(attn, encoder_hidden_states, "txt")
             tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
             q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
             n_text = encoder_hidden_states.shape[1]
@@ -56,10 +61,19 @@ class FluxTapProcessor(TapProcessor):
 
         if image_rotary_emb is not None:
             q, k = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (q, k))
+        text, image, n_image = self._attend(q, k, v, n_text, attention_mask)
+        if joint:
+            if self.contiguous_outputs:
+                image, text = image.contiguous(), text.contiguous()
+            image = self._tap_image_out(attn.to_out[1](attn.to_out[0](image)), n_image)
+            return image, self.hook_out_txt(attn.to_add_out(text))
+        image = self._tap_image_out(image, n_image)  # the image output's taps fire first, as in every family
+        return torch.cat([self.hook_out_txt(text), image], dim=1)
 
-        reference = REFERENCE in self.streams
+    def _attend(self, q, k, v, n_text: int, attention_mask):
+        """(text, image stream, image tokens): the attention outputs (batch, tokens, heads x dim) of q, k, v (batch,
+        tokens, heads, dim) after their taps; the image stream's rows are the image's, then the reference tokens'."""
         q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
-
         mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
 
         def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
@@ -74,39 +88,53 @@ class FluxTapProcessor(TapProcessor):
         out = self.attend_joint(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), n_text, n_image, stock,
                                 mask).transpose(1, 2)
         out = out.flatten(2, 3).to(q.dtype)
-        text, image = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
             image_rows = slice(n_text, n_text + n_image)
-            self.concepts.keep(*(t[:, image_rows].transpose(1, 2) for t in (q, k, v)), image[:, :n_image])
-        if joint:
-            image = self._tap_image_out(attn.to_out[1](attn.to_out[0](image.contiguous())), n_image, reference)
-            text = attn.to_add_out(text.contiguous())
-            return image, self.hook_out_txt(text)
-        image = self._tap_image_out(image, n_image, reference)
-        return torch.cat([self.hook_out_txt(text), image], dim=1)
+            self.concepts.keep(*(t[:, image_rows].transpose(1, 2) for t in (q, k, v)), out[:, image_rows])
+        return out[:, :n_text], out[:, n_text:], n_image
 
-    def _tap_image_out(self, image: torch.Tensor, n_image: int, reference: bool) -> torch.Tensor:
+    def _tap_image_out(self, image: torch.Tensor, n_image: int) -> torch.Tensor:
         """The image stream's output through its taps: the image tokens', then the reference tokens'. The output
         projection has run on the whole stream, as in the stock processor, so its rounding is the stock one."""
-        if not reference:
+        if REFERENCE not in self.streams:
             return self.hook_out_img(image)
         return torch.cat([self.hook_out_img(image[:, :n_image]), self.hook_out_ref(image[:, n_image:])], dim=1)
 
     def _concepts_forward(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
         """The block's concept call: the concept tokens, projected and normed as the text is (single-stream
-        blocks: the first `text_length` rows), rotated by the identity rotation of zero ids, attend to the image
-        keys kept from the block's own call and to each other. The dummy image gets zeros. No taps."""
+        blocks: the first `text_length` rows), attend as `_concept_attention` says. The dummy image gets zeros."""
         joint = attn.added_kv_proj_dim is not None
         concepts = encoder_hidden_states if joint else hidden_states[:, :self.text_length]
         stream = "txt" if joint else "img"  # single-stream blocks project text with the image projections
-        cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, concepts, stream))
+        cq, ck, cv = _heads(attn, concepts, stream)
         cq, ck = (attn.norm_added_q(cq), attn.norm_added_k(ck)) if joint else (attn.norm_q(cq), attn.norm_k(ck))
-        if image_rotary_emb is not None:
-            cq, ck = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (cq, ck))
-        out = self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
+        out = self._concept_attention(cq, ck, cv, image_rotary_emb)
         if joint:
             return torch.zeros_like(hidden_states), attn.to_add_out(out)
         return torch.cat([out, torch.zeros_like(hidden_states[:, self.text_length:])], dim=1)
+
+    def _concept_attention(self, cq, ck, cv, image_rotary_emb) -> torch.Tensor:
+        """The concept call's attention: concept q/k/v (normed like the text) rotated by the identity rotation of
+        zero ids, over the image keys kept from the block's own call and the concept keys. No taps."""
+        if image_rotary_emb is not None:
+            cq, ck = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (cq, ck))
+        return self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
+
+
+def _heads(attn, states: torch.Tensor, stream: str) -> tuple[torch.Tensor, ...]:
+    """One stream's q, k, v projections, (batch, tokens, heads, dim)."""
+    return tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, states, stream))
+
+
+def reference_tokens(call: dict[str, Any]) -> int:
+    """The reference tokens of a Flux.1 Kontext or Flux.2 transformer call (its keyword arguments): the image-stream
+    tokens whose first RoPE axis is not 0 (the generated image's is; Kontext's context image is at 1, Flux.2's
+    reference i at T = 10 + 10 i, `Flux2Pipeline._prepare_image_ids`)."""
+    ids = call.get("img_ids")
+    if ids is None:
+        return 0
+    ids = ids[0] if ids.ndim == 3 else ids  # 3-D ids are deprecated, still taken: every row has the same ids
+    return int((ids[:, 0] != 0).sum())
 
 
 def _joint_mask(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
@@ -115,11 +143,6 @@ def _joint_mask(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
     if mask.ndim == 2:
         mask = mask[:, None, None, :]
     return mask.expand(batch, -1, tokens, tokens)  # -1: a per-head mask keeps its heads
-
-
-def _set_text_length(block, args, kwargs) -> None:
-    encoder_hidden_states = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    block.attn.processor.text_length = encoder_hidden_states.shape[1]
 
 
 class FluxFamily(DoubleAndSingleBlocks):
@@ -143,9 +166,3 @@ class FluxFamily(DoubleAndSingleBlocks):
 
     def make_processor(self, attention: Attention, stock) -> FluxTapProcessor:
         return FluxTapProcessor(self.streams(attention))
-
-    def install_taps(self) -> None:
-        super().install_taps()
-        if not self._hooks:
-            self._hooks = [block.register_forward_pre_hook(_set_text_length, with_kwargs=True)
-                           for block in self.transformer.single_transformer_blocks]

@@ -24,111 +24,42 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import validation
-from ..kernels import attention_with_lse
-from ..taps import TapProcessor, project_qkv
-from .base import Attention, DoubleAndSingleBlocks, Family, TextSegment
-from .flux import _joint_mask
-
-# Reference images sit at T = 10 + 10 i on RoPE's first axis (`Flux2Pipeline._prepare_image_ids`); the generated
-# image at T = 0.
-_TIME_AXIS = 0
+from .base import Attention, DoubleAndSingleBlocks, TextSegment
+from .flux import FluxTapProcessor, reference_tokens
 
 
-def _ids(call: dict[str, Any]) -> torch.Tensor | None:
-    ids = call.get("img_ids")
-    return None if ids is None else (ids[0] if ids.ndim == 3 else ids)  # every row has the same ids
-
-
-class Flux2TapProcessor(TapProcessor):
-    """Shared part of Flux.2's tapped processors: taps, attention (with its log-sum-exp while recording) and the
-    concept stream's share, over q/k/v of the joint [text | image | reference] sequence after norms and RoPE. The
-    image stream ends with `reference_length` reference tokens, which the family sets before each transformer call.
+class Flux2TapProcessor(FluxTapProcessor):
+    """Shared part of Flux.2's tapped processors, Flux.1's (`FluxTapProcessor`): taps, attention (with its
+    log-sum-exp while recording) and the concept stream's share, over q/k/v of the joint [text | image | reference]
+    sequence after norms and RoPE. The image stream ends with `reference_length` reference tokens, which the family
+    sets before each transformer call.
 
     Attention runs through diffusers' `dispatch_attention_fn`, as in `Flux2AttnProcessor`, so GPU backends stay
     selectable.
     """
 
-    attends = True
-
-    def __init__(self, streams) -> None:
-        super().__init__(streams)
-        self.reference_length = 0
+    contiguous_outputs = False
 
     def _attend(self, q, k, v, n_text: int, attention_mask):
-        """(text, image stream) attention outputs (batch, tokens, heads x dim) of q, k, v (batch, tokens, heads,
-        dim); the image stream's rows are the image's, then the reference tokens'."""
-        q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
-        mask = None if attention_mask is None else _joint_mask(attention_mask, q.shape[0], q.shape[1])
-
-        def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
-            if self.record_lse:
-                if attention_mask is not None:
-                    raise NotImplementedError("attention maps cannot be recorded with an attention mask")
-                return attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-            return out.transpose(1, 2), None
-
-        out = self.attend_joint(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), n_text, n_image, stock,
-                                mask).transpose(1, 2)
-        out = out.flatten(2, 3).to(q.dtype)
-        if self.concepts is not None:
-            self.concepts.keep(*(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)),
-                               out[:, n_text:n_text + n_image])
-        return out[:, :n_text], out[:, n_text:]
-
-    def _tap_image_out(self, image: torch.Tensor) -> torch.Tensor:
-        """The image stream's output through its taps: the image tokens', then the reference tokens'."""
-        n_image = image.shape[1] - self.reference_length
-        image, ref = self.hook_out_img(image[:, :n_image]), self.hook_out_ref(image[:, n_image:])
-        return torch.cat([image, ref], dim=1) if self.reference_length else image
-
-    def _concept_attention(self, cq, ck, cv, image_rotary_emb):
-        """The concept call's attention: concept q/k/v (normed like the text) rotated by the identity rotation of
-        zero ids, over the image keys kept from the block's own call and the concept keys. No taps."""
-        if image_rotary_emb is not None:
-            cq = apply_rotary_emb(cq, image_rotary_emb, sequence_dim=1)
-            ck = apply_rotary_emb(ck, image_rotary_emb, sequence_dim=1)
-        return self.concepts.attend(*(t.transpose(1, 2) for t in (cq, ck, cv))).to(cq.dtype)
+        # Flux.2's pipelines pass no mask, and the recorder reads none of this family's.
+        if self.record_lse and attention_mask is not None:
+            raise NotImplementedError("attention maps cannot be recorded with an attention mask")
+        return super()._attend(q, k, v, n_text, attention_mask)
 
 
 class Flux2DoubleTapProcessor(Flux2TapProcessor):
-    """`Flux2AttnProcessor` (double-stream blocks) with taps; out taps after each stream's output projection."""
-
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                **kwargs):
-        if self.concept_mode:
-            cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim))
-                          for t in project_qkv(attn, encoder_hidden_states, "txt"))
-            out = self._concept_attention(attn.norm_added_q(cq), attn.norm_added_k(ck), cv, image_rotary_emb)
-            return torch.zeros_like(hidden_states), attn.to_add_out(out)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, hidden_states, "img"))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        tq, tk, tv = (t.unflatten(-1, (-1, attn.head_dim)) for t in project_qkv(attn, encoder_hidden_states, "txt"))
-        tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
-        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        text, image = self._attend(q, k, v, encoder_hidden_states.shape[1], attention_mask)
-        text = attn.to_add_out(text)
-        image = attn.to_out[1](attn.to_out[0](image))
-        return self._tap_image_out(image), self.hook_out_txt(text)
+    """`Flux2AttnProcessor` (double-stream blocks) with taps: Flux.1's double-stream processor, whose operations it
+    runs in the same order; out taps after each stream's output projection."""
 
 
 class Flux2SingleTapProcessor(Flux2TapProcessor):
     """`Flux2ParallelSelfAttnProcessor` (single-stream blocks) with taps. One fused projection gives q/k/v and
     the MLP input; out taps hold the attention output before the fused output projection, which mixes it with
     the MLP's. The block sets `text_length`, the joint sequence's text rows, before each call (see
-    `Flux2Family.install_taps`)."""
-
-    def __init__(self, streams) -> None:
-        super().__init__(streams)
-        self.text_length: int | None = None
+    `DoubleAndSingleBlocks.install_taps`)."""
 
     def forward(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **kwargs):
         n_text = self.text_length
@@ -152,10 +83,9 @@ class Flux2SingleTapProcessor(Flux2TapProcessor):
             out = self._concept_attention(q, k, v, image_rotary_emb)
         else:
             if image_rotary_emb is not None:
-                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-            text, image = self._attend(q, k, v, n_text, attention_mask)
-            image = self._tap_image_out(image)  # the image output's taps fire first, as in every family
+                q, k = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (q, k))
+            text, image, n_image = self._attend(q, k, v, n_text, attention_mask)
+            image = self._tap_image_out(image, n_image)  # the image output's taps fire first, as in every family
             out = torch.cat([self.hook_out_txt(text), image], dim=1)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
@@ -173,24 +103,11 @@ class Flux2Family(DoubleAndSingleBlocks):
     max_input_images = None  # the pipelines take a list of any length (BFL recommends at most 6 for dev, 4 for Klein)
     second_call = "Flux.2 Klein base models' classifier-free guidance, guidance_scale > 1"
 
-    def __init__(self, pipeline) -> None:
-        super().__init__(pipeline)
-        self._text_length: int | None = None
-
-    @staticmethod
-    def bypass_output(module, args, kwargs, output):
-        """Single-stream blocks return the joint [text | image] sequence alone: hand on its input."""
-        if isinstance(output, torch.Tensor):
-            return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return Family.bypass_output(module, args, kwargs, output)
-
-    def calls_per_step(self, inputs: dict[str, Any]) -> int:
-        """Two calls for a Klein base model (`is_distilled` False in its config) at guidance_scale > 1: the prompt's,
+    @property
+    def two_call_guidance(self) -> bool:
+        """A Klein base model (`is_distilled` False in its config) runs two calls at guidance_scale > 1: the prompt's,
         then the empty negative prompt's (`Flux2KleinPipeline.do_classifier_free_guidance`)."""
-        calls = super().calls_per_step(inputs)
-        pipe = self.pipeline
-        base = type(pipe).__name__ == "Flux2KleinPipeline" and not pipe.config.is_distilled
-        return 2 if base and inputs.get("guidance_scale", 1.0) > 1 else calls
+        return type(self.pipeline).__name__ == "Flux2KleinPipeline" and not self.pipeline.config.is_distilled
 
     # -- text --------------------------------------------------------------
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
@@ -210,10 +127,7 @@ class Flux2Family(DoubleAndSingleBlocks):
                                                   add_generation_prompt=False)
 
     # -- reference images ----------------------------------------------------
-    def reference_length(self, call: dict[str, Any]) -> int:
-        """The reference tokens of a transformer call: the image-stream tokens whose RoPE time is not 0."""
-        ids = _ids(call)
-        return 0 if ids is None else int((ids[:, _TIME_AXIS] != 0).sum())
+    reference_length = staticmethod(reference_tokens)
 
     def reference_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
         """Each reference image's token grid, in order, as `Flux2Pipeline.__call__` sizes it: shrunk to 1024^2
@@ -303,24 +217,3 @@ class Flux2Family(DoubleAndSingleBlocks):
     def make_processor(self, attention: Attention, stock) -> Flux2TapProcessor:
         single = attention.block >= self.num_double
         return (Flux2SingleTapProcessor if single else Flux2DoubleTapProcessor)(self.streams(attention))
-
-    def _before_transformer(self, transformer, args, kwargs) -> None:
-        """Each transformer call: note the text length for the single-stream blocks, which receive the joint sequence
-        alone, and the reference tokens for every block."""
-        n = self.reference_length(kwargs)
-        for processor in self._tapped.values():
-            processor.reference_length = n
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        self._text_length = text.shape[1]
-
-    def _before_single(self, block, args, kwargs) -> None:
-        # A concept call hands the concept stream as encoder_hidden_states; the pipeline's calls hand none.
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        block.attn.processor.text_length = text.shape[1] if text is not None else self._text_length
-
-    def install_taps(self) -> None:
-        super().install_taps()
-        if not self._hooks:
-            self._hooks = [self.transformer.register_forward_pre_hook(self._before_transformer, with_kwargs=True)]
-            self._hooks += [block.register_forward_pre_hook(self._before_single, with_kwargs=True)
-                            for block in self.transformer.single_transformer_blocks]

@@ -13,12 +13,7 @@ from typing import Any
 import torch
 
 from .. import validation
-from .flux import FluxFamily
-
-
-def _ids(call: dict[str, Any]) -> torch.Tensor | None:
-    ids = call.get("img_ids")
-    return None if ids is None else (ids[0] if ids.ndim == 3 else ids)  # 3-D ids are deprecated, still taken
+from .flux import FluxFamily, reference_tokens
 
 
 class FluxKontextFamily(FluxFamily):
@@ -26,10 +21,7 @@ class FluxKontextFamily(FluxFamily):
     pipeline_classes = ("FluxKontextPipeline",)
     has_reference = True
 
-    def reference_length(self, call: dict[str, Any]) -> int:
-        """The reference tokens of a transformer call: the image-stream tokens whose RoPE axis 0 is not 0."""
-        ids = _ids(call)
-        return 0 if ids is None else int((ids[:, 0] != 0).sum())
+    reference_length = staticmethod(reference_tokens)
 
     def reference_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
         """The context image's token grid as `FluxKontextPipeline.__call__` sizes it: the image's own size, or with

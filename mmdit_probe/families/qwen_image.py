@@ -104,17 +104,8 @@ class QwenImageTapProcessor(TapProcessor):
             if self.concepts is not None:
                 self._concept_freqs = text_freqs[:1]
 
-        # Taps see (batch, heads, tokens, dim) like every family's; the transposes are views, so a tap that changes
-        # nothing leaves the attention inputs bit-identical.
-        reference = REFERENCE in self.streams
-        n_image = hidden_states.shape[1] - (self.reference_length if reference else 0)
-        image = self.tap_qkv("img", *(t[:, :n_image].transpose(1, 2) for t in (q, k, v)))
-        stream = image
-        if reference:
-            ref = self.tap_qkv(REFERENCE, *(t[:, n_image:].transpose(1, 2) for t in (q, k, v)))
-            stream = [torch.cat([i, r], dim=2) for i, r in zip(image, ref)]
-        text = self.tap_qkv("txt", *(t.transpose(1, 2) for t in (tq, tk, tv)))
-        q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, stream))
+        q, k, v = (torch.cat([t, i], dim=1) for t, i in zip((tq, tk, tv), (q, k, v)))
+        q, k, v, n_image = self.tap_joint(q, k, v, n_text, self.reference_length)
 
         def stock():  # in the taps' layout, (batch, heads, tokens, dim): transposes of views, so bit-identical
             if self.record_lse and mask is None:
@@ -128,13 +119,14 @@ class QwenImageTapProcessor(TapProcessor):
         out = out.flatten(2, 3).to(q.dtype)
         text_out, image_out = out[:, :n_text], out[:, n_text:]
         if self.concepts is not None:
-            self.concepts.keep(*image, image_out[:, :n_image])
+            self.concepts.keep(*(t[:, n_text:n_text + n_image].transpose(1, 2) for t in (q, k, v)),
+                               image_out[:, :n_image])
         image_out = attn.to_out[0](image_out.contiguous())
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)
         # The output projection has run on the whole stream, as in the stock processor: the stock rounding.
         image_out = (torch.cat([self.hook_out_img(image_out[:, :n_image]), self.hook_out_ref(image_out[:, n_image:])],
-                               dim=1) if reference else self.hook_out_img(image_out))
+                               dim=1) if REFERENCE in self.streams else self.hook_out_img(image_out))
         return image_out, self.hook_out_txt(attn.to_add_out(text_out.contiguous()))
 
     def _concepts_forward(self, attn, hidden_states, encoder_hidden_states):
@@ -177,9 +169,13 @@ class QwenImageFamily(Family):
                 for i in range(len(self.transformer.transformer_blocks))]
 
     def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
-        pipe = self.pipeline
         return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length,
-                            template=pipe.prompt_template_encode.format, drop=pipe.prompt_template_encode_start_idx)]
+                            template=self.chat_template().format, drop=self.pipeline.prompt_template_encode_start_idx)]
+
+    def chat_template(self) -> str:
+        """The chat template the pipeline puts the prompt in ("{}" marks it); its first
+        `prompt_template_encode_start_idx` tokens are dropped."""
+        return self.pipeline.prompt_template_encode
 
     def embed_text(self, embeds: torch.Tensor) -> torch.Tensor:
         """The transformer's own text input: RMSNorm, then the linear `txt_in`."""

@@ -23,7 +23,6 @@ import math
 from typing import Any
 
 from .. import validation
-from .base import TextSegment
 from .qwen_image import QwenImageFamily
 
 # What the pipeline resizes the input image to, in pixels (`QwenImageEditPipeline.__call__`, diffusers 0.42).
@@ -80,14 +79,12 @@ class QwenImageEditFamily(QwenImageFamily):
         images = _images(inputs.get("image"))
         if images is None:
             return None
-        height, width = self.resized(images[0].size)
-        side = self.pipeline.vae_scale_factor * 2
-        return height // side, width // side
+        return self.grid(*self.resized(images[0].size))
 
     def calls_per_step(self, inputs: dict[str, Any]) -> int:
         """As Qwen-Image's; also checks the input images against the prompts (inputs without one are refused: the
         pipeline needs it) and takes the size the text encoder sees them at, which sets how many vision tokens the
-        text holds (`text_segments`).
+        text holds (`chat_template`).
 
         The pipeline's processor takes one image per prompt: a batch of prompts needs ``image=[img] * len(prompts)``
         (the editors' source and target rows: two), one image repeated (the rows the probe adds take the first's).
@@ -138,14 +135,11 @@ class QwenImageEditFamily(QwenImageFamily):
         counts = self.pipeline.processor._get_num_multimodal_tokens(image_sizes=[size or self._vision_sizes[0]])
         return int(counts["num_image_tokens"][0])
 
-    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+    def chat_template(self) -> str:
         """The Edit template with as many ``<|image_pad|>`` as the processor writes for the input image, its first
         `prompt_template_encode_start_idx` (64) tokens dropped: positions 0.. are the vision tokens, then the
         prompt. The pipeline does not cut the text at `max_sequence_length`; the table covers that many positions."""
-        pipe = self.pipeline
-        template = pipe.prompt_template_encode.replace(_IMAGE_PAD, _IMAGE_PAD * self.vision_tokens())
-        return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length, template=template.format,
-                            drop=pipe.prompt_template_encode_start_idx)]
+        return self.pipeline.prompt_template_encode.replace(_IMAGE_PAD, _IMAGE_PAD * self.vision_tokens())
 
 
 class QwenImageEditPlusFamily(QwenImageEditFamily):
@@ -172,7 +166,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
 
     def calls_per_step(self, inputs: dict[str, Any]) -> int:
         """As Qwen-Image's; refuses a batch of prompts (the pipeline does) and inputs without an input image, and
-        takes each input image's size as the text encoder sees it (`text_segments`)."""
+        takes each input image's size as the text encoder sees it (`chat_template`)."""
         calls = QwenImageFamily.calls_per_step(self, inputs)
         prompts = inputs.get("prompt")
         if not isinstance(prompts, str) and len(prompts or [None]) != 1:
@@ -195,12 +189,9 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
         """Every input image, as a list: the pipeline gives each its own ``Picture i: `` block and frame."""
         return {"image": list(images)}
 
-    def text_segments(self, max_sequence_length: int) -> list[TextSegment]:
+    def chat_template(self) -> str:
         """The template with the pipeline's ``Picture i: `` block per input image before the prompt (vision tokens
         counted for the images last given), its first 64 tokens dropped."""
-        pipe = self.pipeline
         pictures = "".join(f"Picture {i + 1}: <|vision_start|>{_IMAGE_PAD * self.vision_tokens(size)}<|vision_end|>"
                            for i, size in enumerate(self._vision_sizes))
-        template = pipe.prompt_template_encode.replace("{}", pictures + "{}")
-        return [TextSegment("qwen", "tokenizer", "text_encoder", 0, max_sequence_length, template=template.format,
-                            drop=pipe.prompt_template_encode_start_idx)]
+        return self.pipeline.prompt_template_encode.replace("{}", pictures + "{}")
