@@ -289,17 +289,14 @@ class ConceptStream:
                 raise RuntimeError("concept tokens need the blocks called with keywords, as the pipelines call them")
             hidden = kwargs["hidden_states"]
             dummy = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])
-            call, _ = self.probe.family.concept_call(index, kwargs, self.state, dummy)
+            call, new_state = self.probe.family.concept_call(index, kwargs, self.state, dummy)
             if call.get("image_rotary_emb") is not None:
                 call["image_rotary_emb"] = self.rotary
             self._inside = True
             for p in processors:
                 p.concept_mode = True
             try:
-                out = block(**call)
-                # (text, image) from joint blocks, None for the text after SD3's last (context_pre_only) block; the
-                # joint [text | image] sequence from Flux.2's single-stream blocks.
-                self.state = out[0] if isinstance(out, tuple) else out[:, :self.state.shape[1]]
+                self.state = new_state(block(**call))
             finally:
                 self._inside = False
                 for p in processors:

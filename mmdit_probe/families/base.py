@@ -227,8 +227,10 @@ class Family:
     def concept_call(self, block: int, call: dict[str, Any], state: torch.Tensor, dummy: torch.Tensor):
         """A block's concept call (`mmdit_probe.concepts`): its keyword arguments with the concept stream `state` as
         the text and the one-token `dummy` as the image, and a function taking the block's output to the new state.
-        Every MM-DiT block of diffusers 0.42 here takes both streams and returns the text first."""
-        return {**call, "hidden_states": dummy, "encoder_hidden_states": state}, lambda output: output[0]
+        Every MM-DiT block of diffusers 0.42 here takes both streams; joint blocks return (text, image), the text None
+        after SD3's last (context_pre_only) block; Flux.2's single-stream blocks return the joint [text | image]."""
+        call = {**call, "hidden_states": dummy, "encoder_hidden_states": state}
+        return call, lambda output: output[0] if isinstance(output, tuple) else output[:, :state.shape[1]]
 
     # -- hook points -------------------------------------------------------
     def streams(self, attention: Attention) -> tuple[str, ...]:
