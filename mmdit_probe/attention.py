@@ -36,6 +36,7 @@ from . import validation
 from .concepts import ConceptStream, check_concepts, concept_maps
 from .constants import CONCEPT_KINDS, KINDS, MAP_AXES, MAP_KINDS, REFERENCE_KINDS, REGIONS, ROWS
 from .families import Family
+from .families.base import step_and_half
 from .kernels import attention_entropy, query_chunks
 from .maps import AttentionMaps
 from .names import RECORDED_TAPS, RECORDED_TAPS_REFERENCE, tap
@@ -300,10 +301,7 @@ class AttentionRecorder:
     def step_and_half(self, call: int) -> tuple[int, str | None]:
         """The denoising step of a transformer call, and its guidance half where guidance is a second call (None where
         one call holds every row)."""
-        if self.calls_per_step == 1:
-            return call, None
-        step, second = divmod(call, 2)
-        return step, ("cond", "uncond")[second]
+        return step_and_half(call, self.calls_per_step)
 
     def records(self, call: int, block: int) -> bool:
         """Whether `record_block(call, block)` records anything (a chosen block and step, a recorded half)."""

@@ -37,6 +37,7 @@ import torch
 from .. import names, validation
 from ..attention import AttentionRecorder
 from ..constants import EDIT_METHODS, REPLACEMENTS, STEP_ROUNDINGS, VARIANTS
+from ..families.base import step_and_half
 from ..kernels import region_attention
 from ..patching import patch, replace_rows, rows
 from ..presets import PAPER_READINGS
@@ -319,12 +320,12 @@ def edit(probe, source: str, target: str, *, seed: int = 0, variant: str = "qiki
         blocks = sorted(set(plan.inject) | set(recorder.blocks if recorder else []))
         with probe.model.generate(**inputs) as tracer:
             for call in tracer.iter[0:active * plan.calls]:
-                step, second = divmod(call, plan.calls)  # a second call is the unconditional one
+                step, half = step_and_half(call, plan.calls)
                 active_step = step in plan.inject_steps
                 injected = VARIANTS.get(plan.variant, ()) if active_step else ()
                 _inject_and_record(probe, call, blocks, plan.inject, injected, recorder, inject_rows,
                                    sourced if active_step else ())
-                if recorder is not None and step in plan.blend_steps and not second:
+                if recorder is not None and step in plan.blend_steps and half != "uncond":
                     history.append(recorder.step_maps(call))  # (block, row, image, text): rows are [source, target]
                     if plan.n_prev_steps is not None:
                         del history[:-plan.n_prev_steps]

@@ -45,6 +45,20 @@ def single_streams(family) -> int:
     return family.num_blocks - getattr(family, "num_double", family.num_blocks)
 
 
+def step_and_half(call: int, calls_per_step: int) -> tuple[int, str | None]:
+    """The denoising step of a transformer call (counted as `tracer.iter` counts them) and, where guidance runs as a
+    second call per step (`Family.calls_per_step`), its guidance half: the pipelines call the conditional half first.
+    None where one call holds every row.
+
+    >>> step_and_half(5, 2)
+    (2, 'uncond')
+    """
+    if calls_per_step == 1:
+        return call, None
+    step, second = divmod(call, calls_per_step)
+    return step, ("cond", "uncond")[second]
+
+
 class Family:
     """Base adapter. Subclasses differ only in layout facts and their processor classes."""
 

@@ -38,6 +38,7 @@ import torch
 from .. import validation
 from .._lazy import lazy
 from ..constants import DIMS, DIRECTIONS, HALVES, OUTPUTS  # noqa: F401  (HALVES: moved to constants, stays here)
+from ..families.base import step_and_half
 from ..validation import InvalidInput
 from .metrics import Metric, distance, projection
 from .plan import _Cell, _make_cell, _member, _Planner
@@ -207,8 +208,7 @@ def _run_chunk(probe, plan: _Planner, chunk: list[_Cell], inputs: dict[str, Any]
                 by_step.setdefault(step, {}).setdefault(name, {}).setdefault((positions, cell.half), []).append(2 + i)
     with probe.model.generate(**run) as tracer:
         for call in tracer.iter[0:(max(by_step) + 1) * calls]:
-            step, second = divmod(call, calls)
-            half = None if calls == 1 else ("cond", "uncond")[second]
+            step, half = step_and_half(call, calls)
             for name, groups in sorted(by_step.get(step, {}).items(), key=lambda site: order[site[0]]):
                 dim = token_dim(name)
                 patch(probe, name, lambda x, g=groups, d=dim, h=half: _copy(x, n, source, g, d, h))
