@@ -398,11 +398,11 @@ class AttentionRecorder:
         """A function (query stream, key stream, query tokens, key tokens) -> the slice of this call's attention mask
         that the kernel applied to those logits, (row, 1, queries, keys), or None where the call had no mask (token
         indices within each stream; None: all of them). Only the slices are copied, never the whole mask. Two
-        sources: the mask a processor kept from the call (Chroma's), or the family's text key mask (Qwen-Image's
-        padding: rows are [uncond | cond] or cond, so a row's prompt is row % prompts; the negative prompts' in a
-        second, unconditional call)."""
+        sources: the mask a processor kept from the call (Chroma's own, or one given through
+        `joint_attention_kwargs`), or the family's text key mask (Qwen-Image's padding: rows are [uncond | cond] or
+        cond, so a row's prompt is row % prompts; the negative prompts' in a second, unconditional call)."""
         processor = self._processor_of[block]
-        mask = getattr(processor, "recorded_mask", None) if self.probe.family.masks_attention else None
+        mask = getattr(processor, "recorded_mask", None)
         key_mask = self._key_mask[half]
         if mask is None and key_mask is None:
             return lambda query, key, q_index, k_index: None

@@ -4,8 +4,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import tiny_inputs
+from conftest import record_all_calls, stock_kernel_calls, tiny_inputs
+from diffusers.models.transformers import transformer_flux, transformer_flux2
 
+import mmdit_probe
 from mmdit_probe.attention import AttentionRecorder
 from mmdit_probe.maps import AttentionMaps, normalise, smooth
 
@@ -179,3 +181,37 @@ def test_sd35_attn2_entropy_only_on_request(tiny_dirs, tmp_path):
     assert default.attn2_entropy is None and default.attn2_blocks == []
     with pytest.raises(ValueError, match="none of the chosen blocks has an image-only attn2"):
         AttentionRecorder(probe, inputs, blocks=[1], attn2=True)
+
+
+@pytest.mark.parametrize("kind", ["flux-dev", "flux-kontext", "flux2-klein"])
+def test_a_mask_given_through_joint_attention_kwargs_is_in_the_maps(tiny_dirs, kind, monkeypatch):
+    """Flux.1's pipelines hand `joint_attention_kwargs={"attention_mask": ...}` to every attention call (Flux.2's
+    `attention_kwargs`); the maps must apply it as the kernel does (they once did so for Chroma's own mask only, gave
+    unmasked maps on Flux.1 and refused Flux.2)."""
+    probe = mmdit_probe.load(tiny_dirs[kind])
+    inputs = tiny_inputs(probe, kind, PROMPTS)
+    n_text = inputs["max_sequence_length"]
+    module = transformer_flux2 if kind.startswith("flux2") else transformer_flux
+    stock_calls, _ = stock_kernel_calls(probe, inputs, monkeypatch, module)
+    n_tokens = stock_calls[0][1].shape[2]
+    mask = torch.ones(len(PROMPTS), 1, 1, n_tokens, dtype=torch.bool)  # keys kept, in the joint [text | image] order
+    mask[0, ..., 3:n_text] = False
+    mask[1, ..., 5:n_text] = False
+    inputs["attention_kwargs" if kind.startswith("flux2") else "joint_attention_kwargs"] = {"attention_mask": mask}
+    calls, stock = stock_kernel_calls(probe, inputs, monkeypatch, module)
+    assert all(m is not None for _, _, m in calls)
+    recorder = AttentionRecorder(probe, inputs, heads="all", positions="all", dtype=torch.float32)
+    maps, output = record_all_calls(probe, inputs, recorder)
+    assert torch.equal(output.images, stock)  # recording changes no bit under the mask either
+    n_blocks, n_image = probe.family.num_blocks, maps.t2i.shape[-2]
+    for step in range(inputs["num_inference_steps"]):
+        for block in range(n_blocks):
+            q, k, m = calls[step * n_blocks + block]
+            logits = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+            p = logits.masked_fill(~m, -torch.inf).softmax(dim=-1)
+            text, image = slice(0, n_text), slice(n_text, n_text + n_image)
+            torch.testing.assert_close(maps.t2i[step, block].double(), p[:, :, image, text], rtol=0, atol=2e-6)
+            torch.testing.assert_close(maps.i2t[step, block].double(), p[:, :, text, image].transpose(-1, -2),
+                                       rtol=0, atol=2e-6)
+    first = maps.t2i[:, :, 0]  # the mask took part: the first prompt's image queries see only text keys 0..2
+    assert (first[..., 3:] == 0).all() and (first[..., :3] > 0).all()

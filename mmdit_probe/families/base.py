@@ -83,7 +83,8 @@ class Family:
     needs_input_image = False
     # Said where more input images are given than `max_input_images`: which model of the family takes more.
     more_images_hint = ""
-    # Whether the pipeline passes an attention mask (Chroma's padded text): recorded maps apply it as the kernel does.
+    # Whether the pipeline itself passes an attention mask (Chroma's padded text). Recorded maps apply any mask a call
+    # hands the kernel, this one or a user's (`joint_attention_kwargs`), as the kernel does.
     masks_attention = False
 
     def __init__(self, pipeline) -> None:

@@ -43,12 +43,6 @@ class Flux2TapProcessor(FluxTapProcessor):
 
     contiguous_outputs = False
 
-    def _attend(self, q, k, v, n_text: int, attention_mask):
-        # Flux.2's pipelines pass no mask, and the recorder reads none of this family's.
-        if self.record_lse and attention_mask is not None:
-            raise NotImplementedError("attention maps cannot be recorded with an attention mask")
-        return super()._attend(q, k, v, n_text, attention_mask)
-
 
 class Flux2DoubleTapProcessor(Flux2TapProcessor):
     """`Flux2AttnProcessor` (double-stream blocks) with taps: Flux.1's double-stream processor, whose operations it
