@@ -189,7 +189,9 @@ class Family:
                                           f"leave {option} out, or load a model that takes one (Flux.1 Kontext, "
                                           f"Flux.2, Qwen-Image-Edit)")
         if not images and self.needs_input_image:
-            raise validation.InvalidInput(f"{pipeline} ({self.name}) edits an input image: give {give}")
+            raise validation.InvalidInput(f"{pipeline} ({self.name}) edits an input image: give {give}. Inversion, "
+                                          f"edit_image, image_maps, the real-image editors and sweeps pass none, so "
+                                          f"they do not run on this model")
         most = self.max_input_images
         if most is not None and len(images) > most:
             raise validation.InvalidInput(f"{len(images)} input images given ({option}): {pipeline} takes {most} per "
