@@ -98,6 +98,14 @@ class TapProcessor(nn.Module):
         q, k, v = (torch.cat([t.transpose(1, 2), i.transpose(1, 2)], dim=1) for t, i in zip(text, image))
         return q, k, v, n_image
 
+    def tap_image_out(self, image: torch.Tensor, n_image: int) -> torch.Tensor:
+        """The image stream's attention output (batch, tokens, features) through its taps: the image tokens', then the
+        reference tokens'. The output projection has run on the whole stream, as in the stock processors, so its
+        rounding is the stock one."""
+        if REFERENCE not in self.streams:
+            return self.hook_out_img(image)
+        return torch.cat([self.hook_out_img(image[:, :n_image]), self.hook_out_ref(image[:, n_image:])], dim=1)
+
     def attend_joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_text: int, n_image: int,
                      stock: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
                      mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..kernels import attention_with_lse
-from ..names import REFERENCE, STREAMS
+from ..names import STREAMS
 from ..taps import TapProcessor, project_qkv
 from .base import Attention, DoubleAndSingleBlocks, TextSegment
 
@@ -65,9 +65,9 @@ class FluxTapProcessor(TapProcessor):
         if joint:
             if self.contiguous_outputs:
                 image, text = image.contiguous(), text.contiguous()
-            image = self._tap_image_out(attn.to_out[1](attn.to_out[0](image)), n_image)
+            image = self.tap_image_out(attn.to_out[1](attn.to_out[0](image)), n_image)
             return image, self.hook_out_txt(attn.to_add_out(text))
-        image = self._tap_image_out(image, n_image)  # the image output's taps fire first, as in every family
+        image = self.tap_image_out(image, n_image)  # the image output's taps fire first, as in every family
         return torch.cat([self.hook_out_txt(text), image], dim=1)
 
     def _attend(self, q, k, v, n_text: int, attention_mask):
@@ -92,13 +92,6 @@ class FluxTapProcessor(TapProcessor):
             image_rows = slice(n_text, n_text + n_image)
             self.concepts.keep(*(t[:, image_rows].transpose(1, 2) for t in (q, k, v)), out[:, image_rows])
         return out[:, :n_text], out[:, n_text:], n_image
-
-    def _tap_image_out(self, image: torch.Tensor, n_image: int) -> torch.Tensor:
-        """The image stream's output through its taps: the image tokens', then the reference tokens'. The output
-        projection has run on the whole stream, as in the stock processor, so its rounding is the stock one."""
-        if REFERENCE not in self.streams:
-            return self.hook_out_img(image)
-        return torch.cat([self.hook_out_img(image[:, :n_image]), self.hook_out_ref(image[:, n_image:])], dim=1)
 
     def _concepts_forward(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
         """The block's concept call: the concept tokens, projected and normed as the text is (single-stream

@@ -79,7 +79,7 @@ class Flux2SingleTapProcessor(Flux2TapProcessor):
             if image_rotary_emb is not None:
                 q, k = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (q, k))
             text, image, n_image = self._attend(q, k, v, n_text, attention_mask)
-            image = self._tap_image_out(image, n_image)  # the image output's taps fire first, as in every family
+            image = self.tap_image_out(image, n_image)  # the image output's taps fire first, as in every family
             out = torch.cat([self.hook_out_txt(text), image], dim=1)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 

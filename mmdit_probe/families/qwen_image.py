@@ -22,7 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .. import validation
 from ..kernels import attention_with_lse, chunked_logsumexp
-from ..names import REFERENCE, STREAMS
+from ..names import STREAMS
 from ..taps import TapProcessor, project_qkv, qk_norms
 from .base import Attention, Family, TextSegment
 
@@ -124,9 +124,7 @@ class QwenImageTapProcessor(TapProcessor):
         image_out = attn.to_out[0](image_out.contiguous())
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)
-        # The output projection has run on the whole stream, as in the stock processor: the stock rounding.
-        image_out = (torch.cat([self.hook_out_img(image_out[:, :n_image]), self.hook_out_ref(image_out[:, n_image:])],
-                               dim=1) if REFERENCE in self.streams else self.hook_out_img(image_out))
+        image_out = self.tap_image_out(image_out, n_image)
         return image_out, self.hook_out_txt(attn.to_add_out(text_out.contiguous()))
 
     def _concepts_forward(self, attn, hidden_states, encoder_hidden_states):
