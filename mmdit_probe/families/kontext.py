@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from .. import validation
 from .flux import FluxFamily, reference_tokens
 
 
@@ -45,10 +44,3 @@ class FluxKontextFamily(FluxFamily):
         """The pipeline sizes its output to `max_area` (default 1024^2), whatever height and width say: keep the
         asked size."""
         return {"max_area": height * width}
-
-    def check_reference(self, inputs: dict[str, Any]) -> tuple[int, int]:
-        """The reference grid of inputs that must carry a context image, else `InvalidInput`."""
-        grid = self.reference_grid(inputs)
-        if grid is None:
-            raise validation.InvalidInput("reference maps need a context image: pass image=... (the image to edit)")
-        return grid
