@@ -446,6 +446,9 @@ class AttentionRecorder:
     def _gathered(self, name: str, blocks: list[int], steps: list[int]) -> torch.Tensor:
         filled = self._filled.get(name, set())
         missing = [(s, b) for s in steps for b in blocks if any((s, b, h) not in filled for h in self._halves)]
+        if missing and name in CONCEPT_KINDS:  # the concept stream fills these, not `record`
+            raise RuntimeError(f"{name} maps are missing for (step, block) {missing[:5]}: the concept stream did not "
+                               f"run through every recorded block")
         if missing:
             calls = " and both of its transformer calls" if len(self._halves) > 1 else ""
             raise RuntimeError(f"{name} was recorded for only some blocks of a step (missing (step, block) "

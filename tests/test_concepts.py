@@ -274,6 +274,18 @@ def test_concepts_need_recording(tiny_dirs):
         probe.generate(PROMPT, concepts=["circle"])
 
 
+def test_concept_maps_the_stream_did_not_make_are_said_to_be_missing(tiny_dirs):
+    probe = mmdit_probe.load(tiny_dirs["flux-dev"])
+    inputs = probe.inputs(["a red cat"], seed=0, steps=2, height=64, width=64, output_type="latent")
+    recorder = AttentionRecorder(probe, inputs, concepts=["cat", "red"])
+    recorder.concepts.remove()  # the stream's hooks gone: record() still fills t2i and i2t, nothing fills concept maps
+    with probe.model.generate(**inputs) as tracer:
+        for call in tracer.iter[0:recorder.calls]:
+            recorder.record(call)
+    with pytest.raises(RuntimeError, match="concept maps are missing .* the concept stream did not run"):
+        recorder.maps()
+
+
 def test_real_image_maps_by_noise_and_by_inversion(probe, kind):
     from mmdit_probe.image_maps import image_maps
 
